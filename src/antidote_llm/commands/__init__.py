@@ -1,0 +1,1 @@
+"""CLI subcommands; see antidote_llm.cli."""

