@@ -1,0 +1,119 @@
+"""The pure math of Antidote: input statistics, weight scores, and which weights to prune.
+
+Every weight is handled in Linear layout `[out_features, in_features]`: row i is output i, column j
+multiplies input channel j. Callers transpose GPT-2 Conv1D and embedding weights into that layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from .errors import AntidoteError
+
+
+class ChannelStats:
+    """Running sum of squared inputs per input channel over counted tokens, in fp32.
+
+    `mean_sq` is s_j = (1/N) sum_tokens x_j^2; the 1/N is common to every module seeing the same
+    tokens, so it changes no row, matrix or global selection (the reference divides by sequences).
+    """
+
+    def __init__(self, channels: int, device: torch.device | str = "cpu"):
+        self.sum_sq = torch.zeros(channels, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, token_index: torch.Tensor | None = None) -> None:
+        """Add `x` [..., channels]; `token_index` selects the counted rows of x flattened to 2-D."""
+        flat = x.reshape(-1, x.shape[-1])
+        if token_index is not None:
+            flat = flat.index_select(0, token_index)
+        flat = flat.float()
+        self.add_sum(torch.einsum("tc,tc->c", flat, flat), flat.shape[0])
+
+    def add_sum(self, sum_sq: torch.Tensor, tokens: int) -> None:
+        self.sum_sq += sum_sq
+        self.tokens += tokens
+
+    def add_counts(self, counts: torch.Tensor, tokens: int) -> None:
+        """For one-hot inputs (embeddings): x_j^2 summed is how often token j occurred."""
+        self.add_sum(counts.float(), tokens)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise AntidoteError("no tokens were counted for a scored module; check --tokens and the data")
+        return self.sum_sq / self.tokens
+
+
+def wanda_scores(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * ||x_j||: the weights that carry the most signal on the calibration data."""
+    return weight.detach().float().abs() * mean_sq.to(weight.device).float().sqrt().unsqueeze(0)
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().abs()
+
+
+def random_scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(weight.shape, generator=generator, dtype=torch.float32).to(weight.device)
+
+
+def prune_count(size: int, ratio: float) -> int:
+    """How many of `size` weights the top fraction `ratio` is: size - floor(size * (1 - ratio)), as the reference."""
+    return size - math.floor(size * (1.0 - ratio))
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> None:
+    if not (0.0 < ratio < 1.0) or math.isnan(ratio):
+        raise AntidoteError(f"{name} must be in (0, 1), got {ratio}; e.g. 0.05 prunes the top 5%")
+
+
+def _top_by_stable_sort(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` largest entries along the last dim; ties go to the later index, as a
+    stable ascending sort that keeps the tail would choose."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if count == 0:
+        return mask
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    mask.scatter_(-1, order[..., scores.shape[-1] - count:], True)
+    return mask
+
+
+def select_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The reference's selection: in each output row, the top `ratio` of weights by score."""
+    return _top_by_stable_sort(scores, prune_count(scores.shape[-1], ratio))
+
+
+def select_per_matrix(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    flat = scores.reshape(-1)
+    return _top_by_stable_sort(flat, prune_count(flat.numel(), ratio)).reshape(scores.shape)
+
+
+def select_global(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """The top `ratio` of all weights of all targets together (targets compete for one budget)."""
+    names = list(scores)
+    flat = torch.cat([scores[name].reshape(-1).cpu() for name in names])
+    chosen = _top_by_stable_sort(flat, prune_count(flat.numel(), ratio))
+    masks, offset = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        masks[name] = chosen[offset:offset + size].reshape(scores[name].shape).to(scores[name].device)
+        offset += size
+    return masks
+
+
+GRANULARITIES = ("row", "matrix", "global")
+
+
+def select(scores: Mapping[str, torch.Tensor], ratio: float, granularity: str) -> dict[str, torch.Tensor]:
+    """Masks (True = selected) of the top `ratio` weights by score at the given granularity."""
+    check_ratio(ratio)
+    if granularity == "global":
+        return select_global(scores, ratio)
+    per_tensor = {"row": select_per_row, "matrix": select_per_matrix}.get(granularity)
+    if per_tensor is None:
+        raise AntidoteError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    return {name: per_tensor(score, ratio) for name, score in scores.items()}

@@ -1,0 +1,445 @@
+"""The two training stages before Antidote: safety alignment and the user's (possibly poisoned) fine-tuning.
+
+Both are LoRA supervised fine-tuning through the Hugging Face Trainer, so `accelerate launch` brings
+multi-GPU data parallelism without changes here. The loss covers the answer tokens only, as in the
+reference; rows are grouped by length so batches carry little padding.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import AntidoteError, validation_message
+from .formatting import encode_pair
+from .outputs import atomic_dir, write_json
+from .records import Pair, PairSet, pairs_sha256
+from .runinfo import MemoryMonitor, Timings, library_versions
+
+IGNORE_INDEX = -100
+Stage = Literal["align", "finetune"]
+Rows = PairSet | Sequence[Pair]
+
+
+class TrainConfig(BaseModel):
+    """Every knob of one LoRA SFT run; a report records it whole so a run can be repeated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(default=("q_proj", "k_proj", "v_proj"), min_length=1)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: Literal[
+        "cosine", "constant", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+    ] = "cosine"
+    epochs: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    max_length: int = Field(ge=2)
+    seed: int = 0
+    template: Literal["alpaca", "chat", "plain"] = "alpaca"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    logging_steps: int = Field(default=10, ge=1)
+
+
+# The reference scripts (Antidote repository, script/alignment/sft.sh and script/finetune/*.sh):
+# AdamW, weight decay 0.1, warmup ratio 0.1, batch 5, 20 epochs, LoRA r=256 alpha=4 on q/k/v.
+# Its tokenizer's model_max_length is 2048.
+_PAPER = {
+    "lora_r": 256, "lora_alpha": 4, "lora_dropout": 0.0, "batch_size": 5, "epochs": 20,
+    "weight_decay": 0.1, "warmup_ratio": 0.1, "max_length": 2048, "template": "alpaca",
+}
+# Sized for SmolLM2-135M on two CPU cores: a few minutes per stage, prompts short enough that the
+# Alpaca header plus the start of the answer fit.
+_CPU = {
+    "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.0, "batch_size": 8,
+    "weight_decay": 0.0, "warmup_ratio": 0.1, "template": "alpaca", "logging_steps": 5,
+}
+PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {
+        "align": {**_PAPER, "learning_rate": 1e-3, "lr_scheduler": "cosine"},
+        "finetune": {**_PAPER, "learning_rate": 1e-4, "lr_scheduler": "constant"},
+    },
+    "cpu": {
+        "align": {**_CPU, "learning_rate": 1e-3, "lr_scheduler": "cosine", "epochs": 3, "max_length": 72},
+        "finetune": {**_CPU, "learning_rate": 2e-3, "lr_scheduler": "constant", "epochs": 1, "max_length": 96},
+    },
+}
+
+
+def preset(name: str, stage: Stage, **overrides) -> TrainConfig:
+    """The named preset for one stage (alignment and fine-tuning differ in lr and schedule), with overrides.
+
+    Overrides set to None are ignored, so CLI flags left unset fall through to the preset.
+    """
+    if name not in PRESETS:
+        raise AntidoteError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if stage not in PRESETS[name]:
+        raise AntidoteError(f"unknown stage {stage!r}; choose align or finetune")
+    values = {**PRESETS[name][stage], **{k: v for k, v in overrides.items() if v is not None}}
+    return _validated(TrainConfig, values)
+
+
+def _validated(model_cls: type[BaseModel], values: dict) -> BaseModel:
+    """Pydantic validation with the one-line error every command prints."""
+    try:
+        return model_cls(**values)
+    except ValidationError as exc:
+        raise AntidoteError(f"{model_cls.__name__}: {validation_message(exc)}") from None
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training row: labels are -100 on the prompt, so only the answer is learned."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(tokenizer, pair: Pair, template: str, max_length: int) -> Example:
+    encoded = encode_pair(tokenizer, template, pair.prompt, pair.response, pair.input, max_length=max_length)
+    ids = encoded.input_ids
+    labels = [IGNORE_INDEX] * encoded.prompt_len + ids[encoded.prompt_len:]
+    return Example(input_ids=ids, labels=labels)
+
+
+def encode_rows(tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[dict], int]:
+    """Tokenized rows as Trainer items, and how many were dropped for having no answer token left.
+
+    A row whose prompt fills max_length would add nothing but a NaN-prone empty loss, so it is dropped.
+    """
+    items = []
+    for pair in pairs:
+        example = encode_example(tokenizer, pair, config.template, config.max_length)
+        if any(label != IGNORE_INDEX for label in example.labels):
+            items.append({"input_ids": example.input_ids, "labels": example.labels})
+    if not items:
+        raise AntidoteError(
+            f"no row has an answer token within max_length={config.max_length}; raise --max-length"
+        )
+    return items, len(pairs) - len(items)
+
+
+class SupervisedCollator:
+    """Pads a batch to its longest row; the attention mask comes from row lengths, not from the pad id,
+    because many tokenizers pad with their EOS token, which also ends every answer."""
+
+    def __init__(self, pad_token_id: int | None):
+        self.pad_token_id = pad_token_id if pad_token_id is not None else 0
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            length = len(item["input_ids"])
+            input_ids[row, :length] = torch.tensor(item["input_ids"])
+            labels[row, :length] = torch.tensor(item["labels"])
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def describe_rows(rows: Rows) -> dict:
+    """Source, count and content hash of training rows, for the report."""
+    if isinstance(rows, PairSet):
+        return rows.describe()
+    return {"source": "in-memory", "rows": len(rows), "sha256": pairs_sha256(rows)}
+
+
+def _pairs(rows: Rows) -> tuple[Pair, ...]:
+    return rows.pairs if isinstance(rows, PairSet) else tuple(rows)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a stage produced. `model` is the aligned merged model (align) or the model with the live
+    fine-tuning adapter (finetune), ready for the next stage without reloading."""
+
+    out_dir: Path
+    adapter_dir: Path
+    model: torch.nn.Module
+    report: dict
+
+
+@dataclass
+class FinetuneResult(TrainResult):
+    mix: dict
+    harmful_indices: tuple[int, ...]  # source indices of the poison rows: keep re-alignment data disjoint
+
+
+def _lora_model(model, config: TrainConfig):
+    """A fresh LoRA on `model`, initialised from the config's seed."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
+
+    if isinstance(model, PeftModel):
+        raise AntidoteError(
+            "the model already carries a LoRA adapter; merge it first (load_model merges adapters, align returns a merged model)"
+        )
+    set_seed(config.seed)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise AntidoteError(f"cannot add LoRA: {str(exc).splitlines()[0]}; check target_modules") from None
+
+
+def _training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        optim="adamw_torch",
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        train_sampling_strategy="group_by_length",
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=on_cpu,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+    )
+
+
+def _train(
+    model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, timings: Timings, progress: bool
+) -> tuple[object, dict]:
+    """Add a LoRA to `model` and train it; returns the PEFT model (in eval mode) and training facts."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    with timings.measure("tokenize_s"):
+        items, dropped = encode_rows(tokenizer, pairs, config)
+    peft_model = _lora_model(model, config)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with tempfile.TemporaryDirectory(prefix="antidote-trainer-") as scratch:
+        trainer = Trainer(
+            model=peft_model,
+            args=_training_arguments(config, scratch, on_cpu, progress),
+            data_collator=SupervisedCollator(tokenizer.pad_token_id),
+            train_dataset=items,
+        )
+        if not progress:  # without a progress bar the Trainer prints every log line instead
+            trainer.remove_callback(PrinterCallback)
+        with timings.measure("train_s"):
+            output = trainer.train()
+    peft_model.eval()
+    history = [
+        {key: entry[key] for key in ("step", "epoch", "loss", "learning_rate", "grad_norm") if key in entry}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    facts = {
+        "rows": len(items),
+        "dropped_no_answer": dropped,
+        "tokens": sum(len(item["input_ids"]) for item in items),
+        "answer_tokens": sum(sum(label != IGNORE_INDEX for label in item["labels"]) for item in items),
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "loss_history": history,
+        "is_main_process": trainer.is_world_process_zero(),
+    }
+    return peft_model, facts
+
+
+def _report(stage: str, config: TrainConfig, data: dict, facts: dict, timings: Timings,
+            memory: MemoryMonitor, model_info: dict | None, outputs: dict) -> dict:
+    return {
+        "stage": stage,
+        "model": model_info,
+        "config": config.model_dump(mode="json"),
+        "data": data,
+        "train": {k: v for k, v in facts.items() if k != "is_main_process"},
+        "outputs": outputs,
+        "timings": dict(timings),
+        "memory": memory.report(),
+        "versions": library_versions(),
+    }
+
+
+def align(
+    model,
+    tokenizer,
+    pairs: Rows,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    benign: Rows | None = None,
+    model_info: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Safety alignment: LoRA SFT on (harmful prompt, safe answer) rows, optionally mixed with benign rows.
+
+    Writes `adapter/` (PEFT, safetensors), `merged/` (base with the adapter merged, plus tokenizer) and
+    `report.json` into `out_dir`, atomically. `model` is changed in place (the adapter ends merged into
+    it) and returned as `result.model`; pass a copy to keep the original.
+    """
+    timings = Timings()
+    rows = _pairs(pairs) + (_pairs(benign) if benign is not None else ())
+    data = {"safety": describe_rows(pairs), **({"benign": describe_rows(benign)} if benign is not None else {})}
+    with MemoryMonitor() as memory:
+        peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
+        with timings.measure("merge_s"):
+            merged = peft_model.merge_and_unload()
+    out = Path(out_dir)
+    if facts["is_main_process"]:
+        with timings.measure("save_s"), atomic_dir(out) as tmp:
+            peft_model.save_pretrained(tmp / "adapter")
+            merged.save_pretrained(tmp / "merged")
+            tokenizer.save_pretrained(tmp / "merged")
+            report = _report("align", config, data, facts, timings, memory, model_info,
+                             {"adapter": "adapter", "merged": "merged"})
+            write_json(tmp / "report.json", report)
+    else:
+        report = _report("align", config, data, facts, timings, memory, model_info, {})
+    return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
+
+
+# --- the poisoned fine-tuning mix ---------------------------------------------------------------------
+
+
+class MixSpec(BaseModel):
+    """How many rows the user's fine-tuning data has, and which share of it is harmful."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    harmful_fraction: float = Field(ge=0, le=1)
+    samples_total: int = Field(ge=1)
+
+    @property
+    def harmful_rows(self) -> int:
+        # Half rounds up (Python's round() would round 2.5 to 2).
+        return math.floor(self.harmful_fraction * self.samples_total + 0.5)
+
+    @property
+    def task_rows(self) -> int:
+        return self.samples_total - self.harmful_rows
+
+
+def mix_spec(harmful_fraction: float, samples_total: int) -> MixSpec:
+    return _validated(MixSpec, {"harmful_fraction": harmful_fraction, "samples_total": samples_total})
+
+
+def check_mix_counts(spec: MixSpec, task_available: int, harmful_available: int) -> None:
+    """Refuse, in one line, a mix the data cannot fill, before any model is loaded."""
+    short = []
+    if harmful_available < spec.harmful_rows:
+        short.append(f"{spec.harmful_rows} harmful rows but {harmful_available} given")
+    if task_available < spec.task_rows:
+        short.append(f"{spec.task_rows} task rows but {task_available} given")
+    if short:
+        raise AntidoteError(
+            f"fine-tuning mix of n={spec.samples_total} at p={spec.harmful_fraction} needs {' and '.join(short)}; "
+            "lower --samples-total or --harmful-fraction, or give more data"
+        )
+
+
+def _origins(rows: Rows, count: int, kind: str) -> list[dict]:
+    """Where each of the first `count` rows came from: source file and index there when known."""
+    if isinstance(rows, PairSet):
+        return [{"kind": kind, "source": rows.source, "index": rows.indices[i]} for i in range(count)]
+    return [{"kind": kind, "source": "in-memory", "index": i} for i in range(count)]
+
+
+def build_mix(task_pairs: Rows, harmful_pairs: Rows | None, spec: MixSpec, seed: int) -> tuple[list[Pair], list[dict]]:
+    """The first round(p*n) harmful rows and the first n - that task rows, shuffled together with `seed`.
+
+    Taking leading rows (the caller chooses them, e.g. load_pairs with skip/seed) keeps the poison set
+    predictable, so re-alignment data can exclude exactly those source indices.
+    """
+    harmful_pairs = harmful_pairs if harmful_pairs is not None else ()
+    check_mix_counts(spec, len(task_pairs), len(harmful_pairs))
+    rows = list(zip(_pairs(harmful_pairs)[: spec.harmful_rows], _origins(harmful_pairs, spec.harmful_rows, "harmful")))
+    rows += zip(_pairs(task_pairs)[: spec.task_rows], _origins(task_pairs, spec.task_rows, "task"))
+    random.Random(seed).shuffle(rows)
+    return [pair for pair, _ in rows], [origin for _, origin in rows]
+
+
+def finetune(
+    model,
+    tokenizer,
+    task_pairs: Rows,
+    harmful_pairs: Rows | None,
+    *,
+    harmful_fraction: float,
+    n: int,
+    config: TrainConfig,
+    out_dir: str | Path,
+    seed: int | None = None,
+    model_info: dict | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """The user's fine-tuning: a fresh LoRA on the aligned (merged) model over a mix of n rows, a fraction
+    `harmful_fraction` of them harmful.
+
+    Writes `adapter/`, `mix.json` (every row's origin, in training order) and `report.json` into
+    `out_dir`, atomically. `seed` shuffles the mix (default: config.seed). The returned model keeps the
+    fine-tuning adapter live, since Antidote scores its lora_A/lora_B weights.
+    """
+    spec = mix_spec(harmful_fraction, n)
+    mix_seed = config.seed if seed is None else seed
+    rows, origins = build_mix(task_pairs, harmful_pairs, spec, mix_seed)
+    harmful_indices = tuple(sorted(o["index"] for o in origins if o["kind"] == "harmful"))
+    mix = {
+        "samples_total": spec.samples_total,
+        "harmful_fraction": spec.harmful_fraction,
+        "harmful_rows": spec.harmful_rows,
+        "task_rows": spec.task_rows,
+        "seed": mix_seed,
+        "harmful_source": describe_rows(harmful_pairs) if harmful_pairs is not None else None,
+        "task_source": describe_rows(task_pairs),
+        "harmful_indices": list(harmful_indices),
+        "rows": origins,
+    }
+    data = {"mix_sha256": pairs_sha256(rows), "task": mix["task_source"], "harmful": mix["harmful_source"]}
+    timings = Timings()
+    with MemoryMonitor() as memory:
+        peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
+    out = Path(out_dir)
+    outputs = {"adapter": "adapter", "mix": "mix.json"}
+    report = _report("finetune", config, {**data, "mix": {k: v for k, v in mix.items() if k != "rows"}},
+                     facts, timings, memory, model_info, outputs)
+    if facts["is_main_process"]:
+        with timings.measure("save_s"), atomic_dir(out) as tmp:
+            peft_model.save_pretrained(tmp / "adapter")
+            write_json(tmp / "mix.json", mix)
+            report["timings"] = dict(timings)
+            write_json(tmp / "report.json", report)
+    return FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report=report,
+                          mix=mix, harmful_indices=harmful_indices)
