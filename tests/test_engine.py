@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer
 
 from antidote_llm.engine import RealignConfig, apply_masks, calibration_batches, realign
 from antidote_llm.errors import AntidoteError
@@ -10,6 +9,7 @@ from antidote_llm.records import Pair
 from antidote_llm.reference import reference_masks
 from antidote_llm.statistics import collect_statistics
 from antidote_llm.targets import resolve_targets
+from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer
 
 PAIRS = [Pair(r["prompt"], r["response"]) for r in HARMFUL_ROWS if not r["is_safe"]]
 BENIGN = [Pair(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(8)]

@@ -81,22 +81,29 @@ def calibration_batches(tokenizer, pairs: Sequence[Pair], config: RealignConfig)
     return make_batches(encoded, config.batch_size, pad_id, response_only=config.tokens == "response")
 
 
-def _scores_from(targets, stats, config) -> dict[str, torch.Tensor]:
-    """Scores in Linear layout [out, in] for every target."""
+def _score(target: Target, stats, config: RealignConfig, generator: torch.Generator) -> torch.Tensor:
+    """The score of every weight of one target, in Linear layout [out, in]."""
+    weight = target.to_linear(target.weight)
+    if config.score == "magnitude":
+        return scoring.magnitude_scores(weight)
+    if config.score == "random":
+        return scoring.random_scores(weight, generator)
+    mean_sq = stats[target.param_name].mean_sq
+    if not torch.isfinite(mean_sq).all():
+        raise AntidoteError(f"activation statistics of {target.param_name} hold NaN or Inf; try --dtype float32")
+    return scoring.wanda_scores(weight, mean_sq)
+
+
+def _select(targets: Sequence[Target], stats, config: RealignConfig, ratio: float) -> dict[str, torch.Tensor]:
+    """Masks in Linear layout. Per row or matrix, one score tensor lives at a time; global needs all."""
     generator = torch.Generator().manual_seed(config.seed)
-    scores = {}
-    for target in targets:
-        weight = target.to_linear(target.weight)
-        if config.score == "wanda":
-            mean_sq = stats[target.param_name].mean_sq
-            if not torch.isfinite(mean_sq).all():
-                raise AntidoteError(f"activation statistics of {target.param_name} hold NaN or Inf; try --dtype float32")
-            scores[target.param_name] = scoring.wanda_scores(weight, mean_sq)
-        elif config.score == "magnitude":
-            scores[target.param_name] = scoring.magnitude_scores(weight)
-        else:
-            scores[target.param_name] = scoring.random_scores(weight, generator)
-    return scores
+    if config.granularity == "global":
+        scores = {t.param_name: _score(t, stats, config, generator) for t in targets}
+        return scoring.select(scores, ratio, "global")
+    return {
+        t.param_name: scoring.select({t.param_name: _score(t, stats, config, generator)}, ratio, config.granularity)[t.param_name]
+        for t in targets
+    }
 
 
 def _statistics(model, tokenizer, targets, pairs, config, progress, desc):
@@ -174,23 +181,23 @@ def realign(
 
     with timings.measure("scoring_s"):
         stats, tokens = _statistics(model, tokenizer, targets, pairs, config, progress, "harmful statistics")
-        scores = _scores_from(targets, stats, config)
     with timings.measure("selection_s"):
-        masks = scoring.select(scores, config.ratio, config.granularity)
+        masks = _select(targets, stats, config, config.ratio)
         selected = {name: int(mask.sum()) for name, mask in masks.items()}
-        spared, protect_info = {}, None
-        if config.protect_ratio is not None:
+    spared, protect_info = {}, None
+    if config.protect_ratio is not None:
+        with timings.measure("protection_s"):
             protect_pairs, protect_info = _pairs(protect_data)
             protect_config = config.model_copy(update={"score": "wanda"})
-            benign_stats, benign_tokens = _statistics(model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics")
-            protect_info["tokens"] = benign_tokens
-            protected = scoring.select(_scores_from(targets, benign_stats, protect_config), config.protect_ratio, config.granularity)
+            benign_stats, protect_info["tokens"] = _statistics(
+                model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics"
+            )
+            protected = _select(targets, benign_stats, protect_config, config.protect_ratio)
             for name in masks:
                 spared[name] = int((masks[name] & protected[name]).sum())
                 masks[name] &= ~protected[name]
-        del scores
-        masks = {t.param_name: t.from_linear(masks[t.param_name]).contiguous().cpu() for t in targets}
-        _apply(targets, masks, config.action, reference_values)
+    masks = {t.param_name: t.from_linear(masks[t.param_name]).contiguous().cpu() for t in targets}
+    _apply(targets, masks, config.action, reference_values)
 
     modules = {
         t.param_name: {

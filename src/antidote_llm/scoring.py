@@ -30,8 +30,7 @@ class ChannelStats:
         flat = x.reshape(-1, x.shape[-1])
         if token_index is not None:
             flat = flat.index_select(0, token_index)
-        flat = flat.float()
-        self.add_sum(torch.einsum("tc,tc->c", flat, flat), flat.shape[0])
+        self.add_sum(flat.float().pow(2).sum(0), flat.shape[0])  # einsum is ~10x slower here on CPU
 
     def add_sum(self, sum_sq: torch.Tensor, tokens: int) -> None:
         self.sum_sq += sum_sq
@@ -72,14 +71,19 @@ def check_ratio(ratio: float, name: str = "ratio") -> None:
 
 
 def _top_by_stable_sort(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the `count` largest entries along the last dim; ties go to the later index, as a
-    stable ascending sort that keeps the tail would choose."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    """Mask of the `count` largest entries along the last dim, ties going to the later index, exactly
+    as taking the tail of a stable ascending sort would choose; in linear time (kthvalue), not a sort."""
+    size = scores.shape[-1]
     if count == 0:
-        return mask
-    order = torch.sort(scores, dim=-1, stable=True).indices
-    mask.scatter_(-1, order[..., scores.shape[-1] - count:], True)
-    return mask
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, size - count + 1, dim=-1, keepdim=True).values
+    above = scores > threshold
+    tied = scores == threshold
+    needed = count - above.sum(-1, keepdim=True)
+    if torch.equal(tied.sum(-1, keepdim=True), needed):  # the common case: no tie straddles the cut
+        return above | tied
+    ties_from_right = tied.flip(-1).cumsum(-1).flip(-1)  # ties at or after each position
+    return above | (tied & (ties_from_right <= needed))
 
 
 def select_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor:

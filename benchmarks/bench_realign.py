@@ -1,0 +1,105 @@
+"""Antidote scoring speed and memory on SmolLM2-135M-Instruct, against a bare forward and the
+reference's algorithm, measured in one run. Prints ratios; goals from the issue in brackets.
+
+    python benchmarks/bench_realign.py [--rows 64] [--threads 1] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from antidote_llm.engine import RealignConfig, calibration_batches, realign  # noqa: E402
+from antidote_llm.loading import ModelSource, load_model  # noqa: E402
+from antidote_llm.records import load_pairs  # noqa: E402
+from antidote_llm.reference import reference_masks  # noqa: E402
+from antidote_llm.runinfo import MemoryMonitor  # noqa: E402
+from antidote_llm.statistics import input_device  # noqa: E402
+from antidote_llm.targets import resolve_targets  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "harmful" / "beavertails_unsafe_pairs.json"
+
+
+def bare_forward_s(model, batches) -> float:
+    """No-grad forward through the decoder layers only (no LM head), same batches."""
+    decoder = model.get_decoder()
+    device = input_device(model)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            decoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--skip-reference", action="store_true", help="do not time the reference algorithm")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not DATA.is_file():
+        raise SystemExit(f"needs {DATA} (the shared BeaverTails pairs)")
+
+    pairs = load_pairs(DATA, samples=args.rows).pairs
+    loaded = load_model(ModelSource("smollm2-135m-instruct", dtype="float32", device="cpu"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config = RealignConfig(ratio=0.05, targets=("all-linear",), batch_size=args.batch_size, max_length=args.max_length)
+    batches = calibration_batches(tokenizer, pairs, config)
+    lengths = [int(b.attention_mask.sum(1).max()) for b in batches]
+    tokens = sum(b.tokens for b in batches)
+    padded = sum(b.input_ids.numel() for b in batches)
+    print(f"SmolLM2-135M-Instruct fp32, {len(pairs)} rows, {tokens} tokens ({padded - tokens} padding), "
+          f"batch {args.batch_size}, longest {max(lengths)}, {args.threads} thread(s)")
+
+    bare_forward_s(model, batches[:1])  # warm-up
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(original[name])
+
+    # Interleaved and best of two, so a busy machine slows both sides alike.
+    bare_runs, our_runs = [], []
+    for _ in range(2):
+        bare_runs.append(bare_forward_s(model, batches))
+        restore()
+        with MemoryMonitor() as memory:
+            result = realign(model, tokenizer, config, pairs, progress=False)
+        our_runs.append(result.report["timings"]["scoring_s"] + result.report["timings"]["selection_s"])
+    bare, ours = min(bare_runs), min(our_runs)
+    print(f"bare no-grad forward through the decoder layers: {bare:.2f} s")
+    print(f"antidote statistics + scores + selection (all Linear in the decoder): {ours:.2f} s "
+          f"(statistics {result.report['timings']['scoring_s']:.2f} s, scores and selection {result.report['timings']['selection_s']:.2f} s)")
+    print(f"  ratio scoring / bare forward: {ours / bare:.3f}  [goal <= 1.15]")
+    rss_ratio = memory.peak_rss / memory.start_rss
+    extra_mb = (memory.peak_rss - memory.start_rss) / 2**20
+    print(f"  peak RSS during scoring / RSS before: {rss_ratio:.3f} (+{extra_mb:.0f} MiB)  [goal <= 1.5 plus one batch of activations]")
+
+    if not args.skip_reference:
+        restore()
+        targets = resolve_targets(model, ["all-linear"])
+        start = time.perf_counter()
+        expected = reference_masks(model, tokenizer, pairs, targets, ratio=0.05, max_length=args.max_length)
+        reference_s = time.perf_counter() - start
+        agree = sum(int((expected[n] == result.masks[n]).sum()) for n in expected)
+        total = sum(m.numel() for m in expected.values())
+        print(f"reference algorithm (batch 1, layer by layer, two forwards per layer): {reference_s:.2f} s")
+        print(f"  ratio reference / ours: {reference_s / ours:.2f}  [goal >= 2 on CPU]")
+        print(f"  mask agreement with the reference: {agree / total:.6%} of {total:,} weights")
+    with contextlib.suppress(Exception):
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+
+
+if __name__ == "__main__":
+    main()
