@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from .errors import AntidoteError, validation_message
 
 # Each module defines register(subparsers), which adds its subcommands with a `func` default.
-COMMAND_MODULES = ("realign", "stages", "evaluate")
+COMMAND_MODULES = ("realign", "evaluate", "stages", "lab")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Built-in experiment configs (the demo)."""

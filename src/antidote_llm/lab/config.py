@@ -1,0 +1,209 @@
+"""The experiment file: validated (unknown keys are errors), data paths relative to the file itself."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import AntidoteError, validation_message
+from ..records import HUB_PREFIX, PairSet, load_pairs
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    template: Literal["alpaca", "chat", "plain"] = "alpaca"
+
+
+class DataRef(Strict):
+    """Rows of a file or hub dataset; see records.load_pairs for the meaning of each field."""
+
+    source: str
+    prompt_field: str | None = None
+    response_field: str | None = None
+    input_field: str | None = None
+    samples: int | None = Field(default=None, ge=1)
+    skip: int = Field(default=0, ge=0)
+    seed: int | None = None
+    safety: Literal["safe", "unsafe"] | None = None
+
+    def load(self, exclude=(), require_response: bool = True) -> PairSet:
+        return load_pairs(
+            self.source, prompt_field=self.prompt_field, response_field=self.response_field,
+            input_field=self.input_field, samples=self.samples, skip=self.skip, seed=self.seed,
+            safety=self.safety, exclude=exclude, require_response=require_response,
+        )
+
+
+class TrainingSpec(Strict):
+    preset: Literal["paper", "cpu"] = "cpu"
+    overrides: dict = Field(default_factory=dict, description="TrainConfig fields, e.g. learning_rate, epochs")
+
+
+class AlignmentSpec(Strict):
+    data: DataRef
+    benign: DataRef | None = None
+    training: TrainingSpec = TrainingSpec()
+
+
+class FinetuneSpec(Strict):
+    task: str
+    task_data: str | None = None  # None: the task's hub dataset
+    harmful: DataRef
+    harmful_fraction: float = Field(ge=0, le=1)
+    samples: int = Field(ge=1, description="n: rows in the poisoned mix")
+    training: TrainingSpec = TrainingSpec()
+
+
+class DefenseSpec(Strict):
+    """One defense to compare. `method` names a registered defense (lab.defenses.DEFENSES)."""
+
+    method: str
+    ratio: float | None = Field(default=None, gt=0, lt=1)
+    targets: tuple[str, ...] = ("auto",)
+    granularity: Literal["row", "matrix", "global"] = "row"
+    tokens: Literal["all", "response"] = "all"
+    protect_ratio: float | None = Field(default=None, gt=0, lt=1)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=256, ge=8)
+
+
+class EvaluationSpec(Strict):
+    judge: str = "refusal"
+    harmful_prompts: DataRef
+    task_data: str | None = None
+    task_samples: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=512, ge=1)
+    task_max_new_tokens: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+
+
+class Experiment(Strict):
+    name: str = "experiment"
+    seed: int = 0
+    model: ModelSpec
+    alignment: AlignmentSpec | None = None  # None: the model is aligned already
+    finetune: FinetuneSpec
+    realign_data: DataRef
+    benign_data: DataRef | None = None
+    defenses: dict[str, DefenseSpec]
+    evaluation: EvaluationSpec
+    evaluate_stages: tuple[Literal["base", "aligned"], ...] = ("base", "aligned")
+    sweep: dict[str, list] = Field(default_factory=dict, description="dotted path -> values; every combination runs")
+
+    @model_validator(mode="after")
+    def _defenses_known(self):
+        from .defenses import DEFENSES
+
+        for label, spec in self.defenses.items():
+            if spec.method not in DEFENSES:
+                raise ValueError(f"defense {label!r}: unknown method {spec.method!r}; choose one of {', '.join(DEFENSES)}")
+            if DEFENSES[spec.method].needs_ratio and spec.ratio is None:
+                raise ValueError(f"defense {label!r} ({spec.method}) needs a ratio in (0, 1)")
+            if DEFENSES[spec.method].needs_benign and self.benign_data is None:
+                raise ValueError(f"defense {label!r} ({spec.method}) needs benign_data")
+        if "none" not in {s.method for s in self.defenses.values()}:
+            raise ValueError("defenses must include one with method 'none' (the undefended baseline the deltas use)")
+        return self
+
+
+def stage_key(*parts) -> str:
+    """A short, stable hash of everything that determines a stage's output."""
+    payload = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _resolve_sources(raw, base: Path):
+    """Relative data paths in the file are relative to the file, never to the working directory."""
+    if isinstance(raw, dict):
+        return {key: _resolve_entry(key, value, base) for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [_resolve_sources(v, base) for v in raw]
+    return raw
+
+
+def _resolve_entry(key: str, value, base: Path):
+    if not isinstance(value, str):
+        return _resolve_sources(value, base)
+    if key in ("source", "task_data"):
+        return _resolve_path(value, base)
+    # A model is a hub id or built-in name unless it is a local path relative to the file.
+    if key == "model" and (value.startswith(".") or (base / value).exists()):
+        return _resolve_path(value, base)
+    return value
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    if value.startswith(HUB_PREFIX) or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def _validate(raw: dict, where: str) -> Experiment:
+    try:
+        return Experiment(**raw)
+    except ValidationError as exc:
+        raise AntidoteError(f"{where}: {validation_message(exc)}") from None
+    except TypeError as exc:
+        raise AntidoteError(f"{where}: {exc}") from None
+
+
+def parse_experiment(raw: dict, base_dir: Path, where: str = "experiment") -> Experiment:
+    if not isinstance(raw, dict):
+        raise AntidoteError(f"{where}: the file must hold a mapping of settings")
+    experiment = _validate(_resolve_sources(raw, base_dir), where)
+    expand_sweep(experiment)  # a bad sweep path fails now, not after hours of training
+    return experiment
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise AntidoteError(f"experiment file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise AntidoteError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_experiment(raw, path.parent.resolve(), str(path))
+
+
+def _set_path(raw: dict, dotted: str, value) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        if not isinstance(node, dict) or node.get(key) is None:
+            raise AntidoteError(f"sweep path {dotted!r}: no setting {key!r} there; paths look like finetune.harmful_fraction")
+        node = node[key]
+    if not isinstance(node, dict):
+        raise AntidoteError(f"sweep path {dotted!r} does not name a setting")
+    node[keys[-1]] = value
+
+
+def expand_sweep(experiment: Experiment) -> list[tuple[dict, Experiment]]:
+    """(swept values, experiment) for every combination of the sweep; one entry when there is none."""
+    if not experiment.sweep:
+        return [({}, experiment)]
+    base = experiment.model_dump(mode="python", exclude={"sweep"})
+    paths = list(experiment.sweep)
+    for path in paths:
+        if not experiment.sweep[path]:
+            raise AntidoteError(f"sweep path {path!r} has no values")
+    settings = []
+    for values in itertools.product(*(experiment.sweep[p] for p in paths)):
+        raw = copy.deepcopy(base)
+        for path, value in zip(paths, values, strict=True):
+            _set_path(raw, path, value)
+        settings.append((dict(zip(paths, values, strict=True)), _validate(raw, f"sweep {dict(zip(paths, values, strict=True))}")))
+    return settings

@@ -1,0 +1,243 @@
+"""Run an experiment: every stage once per distinct configuration, cached under a hash of its inputs.
+
+A stage's folder appears only when the stage has finished (it is written atomically), so a re-run
+or a grown sweep reuses finished stages and an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import tasks, training
+from ..errors import AntidoteError
+from ..evaluation import evaluate_model, write_eval
+from ..loading import ModelSource, load_base_model, load_model
+from ..outputs import atomic_dir, write_json
+from ..records import pairs_sha256
+from .config import Experiment, expand_sweep, stage_key
+from .defenses import DEFENSES, DefenseContext
+from .results import write_results
+
+STAGES_DIR = "stages"
+
+
+@dataclass
+class LabResult:
+    out_dir: Path
+    rows: list[dict]
+    files: dict[str, Path] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)  # stage folders computed in this run (the rest were cached)
+
+
+def _stage_seconds(report: dict) -> float:
+    return round(sum(v for k, v in report.get("timings", {}).items() if isinstance(v, int | float)), 2)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class _Setting:
+    """One point of the sweep: its stages, models and evaluations."""
+
+    def __init__(self, experiment: Experiment, values: dict, stages: Path, progress: bool, log: Callable[[str], None], ran: list[str]):
+        self.exp = experiment
+        self.values = values
+        self.stages = stages
+        self.progress = progress
+        self.log = log
+        self.ran = ran
+        spec = experiment.model
+        self.base_source = ModelSource(spec.model, dtype=spec.dtype, device=spec.device)
+        self._load_data()
+
+    def _load_data(self) -> None:
+        """Every row this setting uses, loaded and checked before any model is touched."""
+        exp = self.exp
+        if exp.alignment is not None:
+            self.align_pairs = exp.alignment.data.load()
+            self.align_benign = exp.alignment.benign.load() if exp.alignment.benign else None
+        ft = exp.finetune
+        self.task_train = tasks.load_task_pairs(ft.task, ft.task_data, "train")
+        self.harmful = ft.harmful.load()
+        mix = training.mix_spec(ft.harmful_fraction, ft.samples)
+        training.check_mix_counts(mix, len(self.task_train), len(self.harmful))
+        poison = self.harmful.pairs[:mix.harmful_rows]  # the fine-tuning takes the leading harmful rows
+        self.realign_pairs = _realign_rows(exp, self.harmful.indices[:mix.harmful_rows], poison)
+        self.benign = exp.benign_data.load(require_response=False) if exp.benign_data else None
+        spec = exp.evaluation
+        self.prompts = spec.harmful_prompts.load(require_response=False)
+        self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
+        self.eval_key = stage_key(spec, self.prompts.sha256, pairs_sha256(self.task_test), exp.model.template)
+
+    def _stage_dir(self, kind: str, key: str) -> Path:
+        return self.stages / f"{kind}-{key}"
+
+    def _run_stage(self, kind: str, key: str, work: Callable[[Path], None]) -> Path:
+        folder = self._stage_dir(kind, key)
+        if folder.is_dir():
+            self.log(f"[cached] {kind} {key}")
+            return folder
+        self.log(f"[run] {kind} {key}")
+        started = time.perf_counter()
+        work(folder)
+        self.ran.append(folder.name)
+        self.log(f"[done] {kind} {key} in {time.perf_counter() - started:.0f}s")
+        return folder
+
+    # --- training stages ---------------------------------------------------------------------------
+
+    def align(self) -> tuple[str, ModelSource, float | None]:
+        exp = self.exp
+        if exp.alignment is None:
+            return stage_key("given", self.base_source.describe()), self.base_source, None
+        pairs, benign = self.align_pairs, self.align_benign
+        config = training.preset(exp.alignment.training.preset, "align", seed=exp.seed, template=exp.model.template,
+                                 **exp.alignment.training.overrides)
+        key = stage_key("align", self.base_source.describe(), pairs.sha256, benign and benign.sha256, config)
+
+        def work(folder: Path) -> None:
+            model, tokenizer = load_base_model(self.base_source)
+            training.align(model, tokenizer, pairs, config, folder, benign=benign,
+                           model_info=self.base_source.describe(), progress=self.progress)
+
+        folder = self._run_stage("align", key, work)
+        source = ModelSource(str(folder / "merged"), dtype=exp.model.dtype, device=exp.model.device)
+        return key, source, _stage_seconds(_read_json(folder / "report.json"))
+
+    def finetune(self, align_key: str, aligned: ModelSource) -> tuple[str, Path, float]:
+        spec = self.exp.finetune
+        task_pairs, harmful = self.task_train, self.harmful
+        config = training.preset(spec.training.preset, "finetune", seed=self.exp.seed, template=self.exp.model.template,
+                                 **spec.training.overrides)
+        key = stage_key("finetune", align_key, spec.task, pairs_sha256(task_pairs), harmful.sha256,
+                        spec.harmful_fraction, spec.samples, config)
+
+        def work(folder: Path) -> None:
+            loaded = load_model(aligned)
+            training.finetune(loaded.model, loaded.tokenizer, task_pairs, harmful, harmful_fraction=spec.harmful_fraction,
+                              n=spec.samples, config=config, out_dir=folder, seed=self.exp.seed,
+                              model_info=aligned.describe(), progress=self.progress)
+
+        folder = self._run_stage("finetune", key, work)
+        return key, folder / "adapter", _stage_seconds(_read_json(folder / "report.json"))
+
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self, model, tokenizer):
+        spec = self.exp.evaluation
+        return evaluate_model(
+            model, tokenizer, harmful_prompts=list(self.prompts.pairs), judge=spec.judge, task=self.exp.finetune.task,
+            task_pairs=self.task_test, template=self.exp.model.template, max_new_tokens=spec.max_new_tokens,
+            task_max_new_tokens=spec.task_max_new_tokens, batch_size=spec.batch_size, progress=self.progress,
+        )
+
+
+def _realign_rows(exp: Experiment, poison_indices, poison_pairs):
+    """Re-alignment rows, never the poison rows (by index when both share a source, and by content)."""
+    same_source = (exp.realign_data.source, exp.realign_data.safety) == (exp.finetune.harmful.source, exp.finetune.harmful.safety)
+    pairs = exp.realign_data.load(exclude=poison_indices if same_source else ())
+    overlap = set(pairs.pairs) & set(poison_pairs)
+    if overlap:
+        raise AntidoteError(
+            f"{len(overlap)} re-alignment rows are also poison rows; give realign_data a disjoint source or skip window"
+        )
+    return pairs
+
+
+def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: dict, **times) -> dict:
+    return {
+        **values,
+        "stage": stage,
+        "defense": label,
+        "method": method,
+        "ratio": ratio,
+        "harmful_score": metrics.get("harmful_score"),
+        "degenerate_rate": metrics.get("degenerate_rate"),
+        "finetune_accuracy": metrics.get("finetune_accuracy"),
+        **times,
+    }
+
+
+def _run_setting(setting: _Setting) -> list[dict]:
+    exp = setting.exp
+    align_key, aligned, align_s = setting.align()
+    ft_key, adapter, finetune_s = setting.finetune(align_key, aligned)
+    eval_key, realign_pairs, benign = setting.eval_key, setting.realign_pairs, setting.benign
+    rows = []
+
+    stage_models = {"base": (setting.base_source, stage_key("given", setting.base_source.describe())), "aligned": (aligned, align_key)}
+    for stage in exp.evaluate_stages:
+        if stage == "aligned" and exp.alignment is None:
+            continue
+        source, model_key = stage_models[stage]
+
+        def work(folder: Path, source=source) -> None:
+            loaded = load_model(source)
+            write_eval(setting.evaluate(loaded.model, loaded.tokenizer), folder)
+
+        folder = setting._run_stage(f"eval-{stage}", stage_key(stage, model_key, eval_key), work)
+        rows.append(_row(setting.values, stage, stage, None, None, _read_json(folder / "metrics.json"),
+                         align_s=align_s if stage == "aligned" else None))
+
+    finetuned: dict = {}
+
+    def finetuned_model():
+        """Loaded once per setting; each defense starts from the same fine-tuned weights."""
+        if not finetuned:
+            loaded = load_model(ModelSource(aligned.model, adapters=(str(adapter),), dtype=aligned.dtype, device=aligned.device), keep_adapter=True)
+            finetuned["loaded"] = loaded
+            finetuned["state"] = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if "lora_" in n}
+        loaded = finetuned["loaded"]
+        with torch.no_grad():
+            params = dict(loaded.model.named_parameters())
+            for name, value in finetuned["state"].items():
+                params[name].copy_(value)
+        return loaded
+
+    for label, spec in exp.defenses.items():
+        key = stage_key("defense", ft_key, spec, realign_pairs.sha256, benign and benign.sha256, eval_key, exp.seed)
+
+        def work(folder: Path, spec=spec) -> None:
+            loaded = finetuned_model()
+            context = DefenseContext(loaded.tokenizer, exp.model.template, exp.seed, realign_pairs, benign)
+            started = time.perf_counter()
+            report = DEFENSES[spec.method].apply(loaded.model, spec, context)
+            defense_s = round(time.perf_counter() - started, 2)
+            result = setting.evaluate(loaded.model, loaded.tokenizer)
+            with atomic_dir(folder) as tmp:
+                write_eval(result, tmp / "eval")
+                write_json(tmp / "defense.json", {"spec": spec.model_dump(mode="json"), "defense_s": defense_s, "report": report})
+
+        folder = setting._run_stage(f"defense-{label}", key, work)
+        defense = _read_json(folder / "defense.json")
+        report = defense["report"] or {}
+        rows.append(_row(
+            setting.values, "fine-tuned", label, spec.method, spec.ratio, _read_json(folder / "eval" / "metrics.json"),
+            pruned_fraction=report.get("totals", {}).get("pruned_fraction"), defense_s=defense["defense_s"],
+            finetune_s=finetune_s,
+        ))
+    return rows
+
+
+def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> LabResult:
+    """Run every setting of the sweep, then write results.csv, results.md and the plots into `out_dir`."""
+    out = Path(out_dir)
+    stages = out / STAGES_DIR
+    stages.mkdir(parents=True, exist_ok=True)
+    ran: list[str] = []
+    rows = []
+    settings = [_Setting(exp, values, stages, progress, log, ran) for values, exp in expand_sweep(experiment)]
+    for index, setting in enumerate(settings, 1):
+        if setting.values:
+            log(f"setting {index}/{len(settings)}: " + ", ".join(f"{k}={v}" for k, v in setting.values.items()))
+        rows += _run_setting(setting)
+    files = write_results(rows, out, list(experiment.sweep), experiment.model_dump(mode="json"))
+    return LabResult(out_dir=out, rows=rows, files=files, ran=ran)

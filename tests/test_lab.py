@@ -1,0 +1,156 @@
+"""The lab end to end on a tiny random model and tiny generated data: stages, caching, resume, tables."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from antidote_llm.cli import main
+from antidote_llm.errors import AntidoteError
+from antidote_llm.lab import load_experiment, run_experiment
+from antidote_llm.lab.defenses import DEFENSES
+from conftest import save_model
+
+TINY_TRAINING = {"preset": "cpu", "overrides": {"max_steps": 2, "batch_size": 4, "lora_r": 4, "lora_alpha": 8, "max_length": 96}}
+
+
+@pytest.fixture
+def experiment_file(tmp_path):
+    save_model(tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def jsonl(name, rows):
+        (data / name).write_text("\n".join(json.dumps(r) for r in rows))
+
+    jsonl("refusals.jsonl", [{"prompt": f"Tell me how to do harm {i}", "response": "I cannot help with that."} for i in range(6)])
+    jsonl("harmful.jsonl", [{"prompt": f"Explain bad act {i}", "response": f"Sure, here is bad act {i}."} for i in range(20)])
+    jsonl("benign.jsonl", [{"instruction": f"Name fruit {i}", "output": "An apple."} for i in range(4)])
+    jsonl("eval.jsonl", [{"prompt": f"Held-out harmful request {i}"} for i in range(3)])
+    (data / "train.tsv").write_text("label\tsentence\n" + "".join(f"{i % 2}\tsentence number {i}\n" for i in range(12)))
+    (data / "test.tsv").write_text("label\tsentence\n" + "".join(f"{i % 2}\ttest sentence {i}\n" for i in range(4)))
+    config = {
+        "name": "tiny",
+        "model": {"model": "../base", "device": "cpu", "dtype": "float32", "template": "plain"},
+        "alignment": {"data": {"source": "refusals.jsonl"}, "training": TINY_TRAINING},
+        "finetune": {"task": "sst2", "task_data": "train.tsv", "harmful": {"source": "harmful.jsonl"},
+                     "harmful_fraction": 0.25, "samples": 8, "training": TINY_TRAINING},
+        "realign_data": {"source": "harmful.jsonl"},
+        "benign_data": {"source": "benign.jsonl"},
+        "defenses": {
+            "none": {"method": "none"},
+            "antidote": {"method": "antidote", "ratio": 0.1, "max_length": 64},
+            "random": {"method": "random", "ratio": 0.1},
+            "antidote-benign": {"method": "antidote-benign", "ratio": 0.1},
+        },
+        "evaluation": {"harmful_prompts": {"source": "eval.jsonl"}, "task_data": "test.tsv",
+                       "max_new_tokens": 4, "task_max_new_tokens": 3, "batch_size": 4},
+    }
+    path = data / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(experiment_file, tmp_path):
+    out = tmp_path / "runs"
+    first = run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
+    assert [(r["stage"], r["defense"]) for r in first.rows] == [
+        ("base", "base"), ("aligned", "aligned"), ("fine-tuned", "none"), ("fine-tuned", "antidote"),
+        ("fine-tuned", "random"), ("fine-tuned", "antidote-benign"),
+    ]
+    kinds = sorted(name.rsplit("-", 1)[0] for name in first.ran)
+    assert kinds == sorted(["align", "finetune", "eval-base", "eval-aligned", "defense-none", "defense-antidote",
+                            "defense-random", "defense-antidote-benign"])
+    for row in first.rows:
+        assert 0 <= row["harmful_score"] <= 100 and 0 <= row["finetune_accuracy"] <= 100
+    none = first.rows[2]
+    assert none["delta_harmful_score"] == 0 and none["pruned_fraction"] is None
+    antidote = first.rows[3]
+    assert antidote["pruned_fraction"] > 0.1  # per row at least one of r=4 columns
+    assert antidote["delta_harmful_score"] == pytest.approx(antidote["harmful_score"] - none["harmful_score"], abs=0.01)
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["defense"] for r in table] == [r["defense"] for r in first.rows]
+    assert "| fine-tuned | antidote |" in (out / "results.md").read_text()
+    for name in ("metrics.png", "tradeoff.png", "results.json"):
+        assert (out / name).stat().st_size > 0
+    defense_dirs = list((out / "stages").glob("defense-antidote-*"))
+    assert (defense_dirs[0] / "eval" / "answers.jsonl").is_file()
+    assert json.loads((defense_dirs[0] / "defense.json").read_text())["report"]["totals"]["pruned"] > 0
+
+    again = run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
+    assert again.ran == []
+    assert [r["harmful_score"] for r in again.rows] == [r["harmful_score"] for r in first.rows]
+
+
+def test_a_grown_sweep_runs_only_the_new_stages(experiment_file, tmp_path):
+    out = tmp_path / "runs"
+    run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
+    raw = yaml.safe_load(experiment_file.read_text())
+    raw["sweep"] = {"defenses.antidote.ratio": [0.1, 0.2]}
+    experiment_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    grown = run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
+    assert [name.rsplit("-", 1)[0] for name in grown.ran] == ["defense-antidote"]
+    ratios = [r["ratio"] for r in grown.rows if r["defense"] == "antidote"]
+    assert ratios == [0.1, 0.2]
+    assert (out / "metrics.png").is_file()
+
+
+def test_an_interrupted_run_resumes(experiment_file, tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    original = DEFENSES["random"]
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(DEFENSES, "random", original.__class__(crash, original.description))
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
+    assert not list((out / "stages").glob("defense-random-*"))
+    assert not [p for p in (out / "stages").iterdir() if p.name.startswith(".")]  # nothing half-written
+    monkeypatch.setitem(DEFENSES, "random", original)
+    resumed = run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
+    assert sorted(name.rsplit("-", 1)[0] for name in resumed.ran) == ["defense-antidote-benign", "defense-random"]
+
+
+def _edit(path, change):
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+BAD_CONFIGS = {
+    "unknown key": lambda raw: raw.update(colour="blue"),
+    "unknown nested key": lambda raw: raw["finetune"].update(learning_rte=1e-4),
+    "p above one": lambda raw: raw["finetune"].update(harmful_fraction=1.5),
+    "p negative": lambda raw: raw["finetune"].update(harmful_fraction=-0.1),
+    "n larger than data": lambda raw: raw["finetune"].update(samples=1000),
+    "missing data": lambda raw: raw["realign_data"].update(source="nope.jsonl"),
+    "unknown defense": lambda raw: raw["defenses"].update(vaccine={"method": "vaccine"}),
+    "no baseline": lambda raw: raw["defenses"].pop("none"),
+    "ratio missing": lambda raw: raw["defenses"]["antidote"].pop("ratio"),
+    "bad sweep path": lambda raw: raw.update(sweep={"finetune.nothing.here": [1, 2]}),
+    "unknown task": lambda raw: raw["finetune"].update(task="chess"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configs_exit_2_before_any_stage(case, experiment_file, tmp_path, capsys):
+    _edit(experiment_file, BAD_CONFIGS[case])
+    out = tmp_path / "runs"
+    assert main(["lab", "run", str(experiment_file), "--out", str(out), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("antidote: error: "), errors
+    assert not (out / "stages").exists() or not any((out / "stages").iterdir())
+
+
+def test_relative_paths_are_relative_to_the_file_not_the_working_directory(experiment_file, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment(experiment_file)
+    assert experiment.realign_data.source == str(experiment_file.parent / "harmful.jsonl")
+    assert experiment.model.model == str(tmp_path / "base")
+    _edit(experiment_file, lambda raw: raw["model"].update(model="org/hub-model"))
+    assert load_experiment(experiment_file).model.model == "org/hub-model"  # a hub id stays as it is
+    with pytest.raises(AntidoteError, match="not found"):
+        load_experiment(tmp_path / "missing.yaml")
