@@ -1,6 +1,31 @@
-"""Antidote: post-fine-tuning safety re-alignment by one-shot pruning of harmful weights."""
+"""Antidote: post-fine-tuning safety re-alignment by one-shot pruning of harmful weights.
 
+The one entry point for the method is `realign` (in memory) or `realign_to_disk` (the CLI's path):
+
+    from antidote_llm import ModelSource, RealignConfig, load_model, load_pairs, realign
+    loaded = load_model(ModelSource("base-model", adapters=("finetune-adapter",)), keep_adapter=True)
+    result = realign(loaded.model, loaded.tokenizer, RealignConfig(ratio=0.05), load_pairs("harmful.json"))
+"""
+
+from .engine import RealignConfig, RealignResult, apply_masks, realign
 from .errors import AntidoteError
+from .loading import ModelSource, load_model
+from .pipeline import DataSpec, apply_mask_to_disk, realign_to_disk
+from .records import Pair, PairSet, load_pairs
 
-__all__ = ["AntidoteError"]
+__all__ = [
+    "AntidoteError",
+    "DataSpec",
+    "ModelSource",
+    "Pair",
+    "PairSet",
+    "RealignConfig",
+    "RealignResult",
+    "apply_mask_to_disk",
+    "apply_masks",
+    "load_model",
+    "load_pairs",
+    "realign",
+    "realign_to_disk",
+]
 __version__ = "0.1.0"
