@@ -154,3 +154,8 @@ def test_relative_paths_are_relative_to_the_file_not_the_working_directory(exper
     assert load_experiment(experiment_file).model.model == "org/hub-model"  # a hub id stays as it is
     with pytest.raises(AntidoteError, match="not found"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_example_configs_validate(path):
+    assert load_experiment(path).defenses["none"].method == "none"

@@ -37,13 +37,16 @@ class DataRef(Strict):
     samples: int | None = Field(default=None, ge=1)
     skip: int = Field(default=0, ge=0)
     seed: int | None = None
-    safety: Literal["safe", "unsafe"] | None = None
+    safety: Literal["safe", "unsafe", "all"] | None = Field(
+        default=None, description="BeaverTails is_safe filter; None: the role's default (harmful roles: unsafe)"
+    )
 
-    def load(self, exclude=(), require_response: bool = True) -> PairSet:
+    def load(self, default_safety: str = "all", exclude=(), require_response: bool = True) -> PairSet:
+        safety = self.safety or default_safety
         return load_pairs(
             self.source, prompt_field=self.prompt_field, response_field=self.response_field,
             input_field=self.input_field, samples=self.samples, skip=self.skip, seed=self.seed,
-            safety=self.safety, exclude=exclude, require_response=require_response,
+            safety=None if safety == "all" else safety, exclude=exclude, require_response=require_response,
         )
 
 

@@ -61,18 +61,18 @@ class _Setting:
         """Every row this setting uses, loaded and checked before any model is touched."""
         exp = self.exp
         if exp.alignment is not None:
-            self.align_pairs = exp.alignment.data.load()
+            self.align_pairs = exp.alignment.data.load("safe")
             self.align_benign = exp.alignment.benign.load() if exp.alignment.benign else None
         ft = exp.finetune
         self.task_train = tasks.load_task_pairs(ft.task, ft.task_data, "train")
-        self.harmful = ft.harmful.load()
+        self.harmful = ft.harmful.load("unsafe")
         mix = training.mix_spec(ft.harmful_fraction, ft.samples)
         training.check_mix_counts(mix, len(self.task_train), len(self.harmful))
         poison = self.harmful.pairs[:mix.harmful_rows]  # the fine-tuning takes the leading harmful rows
         self.realign_pairs = _realign_rows(exp, self.harmful.indices[:mix.harmful_rows], poison)
         self.benign = exp.benign_data.load(require_response=False) if exp.benign_data else None
         spec = exp.evaluation
-        self.prompts = spec.harmful_prompts.load(require_response=False)
+        self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
         self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
         self.eval_key = stage_key(spec, self.prompts.sha256, pairs_sha256(self.task_test), exp.model.template)
 
@@ -142,7 +142,7 @@ class _Setting:
 def _realign_rows(exp: Experiment, poison_indices, poison_pairs):
     """Re-alignment rows, never the poison rows (by index when both share a source, and by content)."""
     same_source = (exp.realign_data.source, exp.realign_data.safety) == (exp.finetune.harmful.source, exp.finetune.harmful.safety)
-    pairs = exp.realign_data.load(exclude=poison_indices if same_source else ())
+    pairs = exp.realign_data.load("unsafe", exclude=poison_indices if same_source else ())
     overlap = set(pairs.pairs) & set(poison_pairs)
     if overlap:
         raise AntidoteError(
