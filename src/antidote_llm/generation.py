@@ -128,7 +128,7 @@ def batched_by_length(
     with tqdm(total=len(prompt_ids), desc=desc, unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            for key, tokens in zip(batch, run_batch(batch)):
+            for key, tokens in zip(batch, run_batch(batch), strict=True):
                 results[key] = tokens
             bar.update(sum(counts[key] for key in batch))
     return [list(results[tuple(ids)]) for ids in prompt_ids]
@@ -176,7 +176,7 @@ def encode_prompts(
     extras = inputs if inputs is not None else [""] * len(prompts)
     return [
         encode_prompt(tokenizer, render_prompt(template, prompt, extra, tokenizer), template)
-        for prompt, extra in zip(prompts, extras)
+        for prompt, extra in zip(prompts, extras, strict=True)
     ]
 
 

@@ -313,21 +313,24 @@ def align(
     timings = Timings()
     rows = _pairs(pairs) + (_pairs(benign) if benign is not None else ())
     data = {"safety": describe_rows(pairs), **({"benign": describe_rows(benign)} if benign is not None else {})}
+    out = Path(out_dir)
     with MemoryMonitor() as memory:
         peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
-        with timings.measure("merge_s"):
+        if not facts["is_main_process"]:  # under accelerate launch only the main process writes
             merged = peft_model.merge_and_unload()
-    out = Path(out_dir)
-    if facts["is_main_process"]:
-        with timings.measure("save_s"), atomic_dir(out) as tmp:
-            peft_model.save_pretrained(tmp / "adapter")
-            merged.save_pretrained(tmp / "merged")
-            tokenizer.save_pretrained(tmp / "merged")
+            report = _report("align", config, data, facts, timings, memory, model_info, {})
+            return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
+        with atomic_dir(out) as tmp:
+            with timings.measure("save_s"):
+                peft_model.save_pretrained(tmp / "adapter")  # before merging: merging removes the LoRA layers
+            with timings.measure("merge_s"):
+                merged = peft_model.merge_and_unload()
+            with timings.measure("save_s"):
+                merged.save_pretrained(tmp / "merged")
+                tokenizer.save_pretrained(tmp / "merged")
             report = _report("align", config, data, facts, timings, memory, model_info,
                              {"adapter": "adapter", "merged": "merged"})
             write_json(tmp / "report.json", report)
-    else:
-        report = _report("align", config, data, facts, timings, memory, model_info, {})
     return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
 
 
@@ -370,11 +373,14 @@ def check_mix_counts(spec: MixSpec, task_available: int, harmful_available: int)
         )
 
 
-def _origins(rows: Rows, count: int, kind: str) -> list[dict]:
-    """Where each of the first `count` rows came from: source file and index there when known."""
+def _leading(rows: Rows, count: int, kind: str) -> list[tuple[Pair, dict]]:
+    """The first `count` rows, each with its origin: kind, source, and index in the source when known."""
     if isinstance(rows, PairSet):
-        return [{"kind": kind, "source": rows.source, "index": rows.indices[i]} for i in range(count)]
-    return [{"kind": kind, "source": "in-memory", "index": i} for i in range(count)]
+        source, indices = rows.source, rows.indices
+    else:
+        source, indices = "in-memory", range(len(rows))
+    pairs = _pairs(rows)
+    return [(pairs[i], {"kind": kind, "source": source, "index": indices[i]}) for i in range(count)]
 
 
 def build_mix(task_pairs: Rows, harmful_pairs: Rows | None, spec: MixSpec, seed: int) -> tuple[list[Pair], list[dict]]:
@@ -385,8 +391,7 @@ def build_mix(task_pairs: Rows, harmful_pairs: Rows | None, spec: MixSpec, seed:
     """
     harmful_pairs = harmful_pairs if harmful_pairs is not None else ()
     check_mix_counts(spec, len(task_pairs), len(harmful_pairs))
-    rows = list(zip(_pairs(harmful_pairs)[: spec.harmful_rows], _origins(harmful_pairs, spec.harmful_rows, "harmful")))
-    rows += zip(_pairs(task_pairs)[: spec.task_rows], _origins(task_pairs, spec.task_rows, "task"))
+    rows = _leading(harmful_pairs, spec.harmful_rows, "harmful") + _leading(task_pairs, spec.task_rows, "task")
     random.Random(seed).shuffle(rows)
     return [pair for pair, _ in rows], [origin for _, origin in rows]
 
@@ -427,19 +432,21 @@ def finetune(
         "harmful_indices": list(harmful_indices),
         "rows": origins,
     }
-    data = {"mix_sha256": pairs_sha256(rows), "task": mix["task_source"], "harmful": mix["harmful_source"]}
+    data = {"mix": {k: v for k, v in mix.items() if k != "rows"}, "mix_sha256": pairs_sha256(rows)}
     timings = Timings()
+    out = Path(out_dir)
     with MemoryMonitor() as memory:
         peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
-    out = Path(out_dir)
-    outputs = {"adapter": "adapter", "mix": "mix.json"}
-    report = _report("finetune", config, {**data, "mix": {k: v for k, v in mix.items() if k != "rows"}},
-                     facts, timings, memory, model_info, outputs)
-    if facts["is_main_process"]:
-        with timings.measure("save_s"), atomic_dir(out) as tmp:
+    result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report={},
+                            mix=mix, harmful_indices=harmful_indices)
+    if not facts["is_main_process"]:  # under accelerate launch only the main process writes
+        result.report = _report("finetune", config, data, facts, timings, memory, model_info, {})
+        return result
+    with atomic_dir(out) as tmp:
+        with timings.measure("save_s"):
             peft_model.save_pretrained(tmp / "adapter")
-            write_json(tmp / "mix.json", mix)
-            report["timings"] = dict(timings)
-            write_json(tmp / "report.json", report)
-    return FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report=report,
-                          mix=mix, harmful_indices=harmful_indices)
+        write_json(tmp / "mix.json", mix)
+        result.report = _report("finetune", config, data, facts, timings, memory, model_info,
+                                {"adapter": "adapter", "mix": "mix.json"})
+        write_json(tmp / "report.json", result.report)
+    return result
