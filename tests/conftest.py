@@ -24,7 +24,7 @@ def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {token: i for i, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for special in ("<pad>", "<eos>"):
         vocab[special] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -83,6 +83,47 @@ def save_adapter(path: Path, base_dir: Path, seed: int = 1, **kwargs) -> Path:
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     add_lora(base, seed=seed, **kwargs).save_pretrained(path)
     return path
+
+
+def scripted_model(tokenizer, replies: dict[str, str] | str):
+    """A Llama whose greedy output is fixed by construction: a bigram table in its weights.
+
+    Each reply is added to the tokenizer as one token. Embeddings are one-hot, every layer's output
+    projections are zero (the residual stream passes through unchanged), and lm_head maps the current
+    token to the next: a prompt whose last token is `trigger`'s last -> reply token -> EOS. A plain string
+    reply answers every prompt. This is an honest model run through the real generator, not a stub.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    table = {"": replies} if isinstance(replies, str) else replies
+    tokenizer.add_tokens(list(table.values()))
+    vocab = len(tokenizer)
+    hidden = vocab + (-vocab) % 8  # head dims must be even for rotary embeddings
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    eos = tokenizer.eos_token_id
+    default = tokenizer.convert_tokens_to_ids(table.get("", next(iter(table.values()))))
+    following = torch.full((vocab,), default, dtype=torch.long)
+    for trigger, reply in table.items():
+        if trigger:
+            following[tokenizer.convert_tokens_to_ids(tokenizer.tokenize(trigger)[-1])] = tokenizer.convert_tokens_to_ids(reply)
+    for reply in table.values():
+        following[tokenizer.convert_tokens_to_ids(reply)] = eos
+    following[eos] = eos
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[following, torch.arange(vocab)] = 1.0
+    return model
 
 
 HARMFUL_ROWS = [

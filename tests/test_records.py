@@ -86,3 +86,20 @@ def test_hub_source_failure_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(AntidoteError, match="cannot load hub dataset"):
         read_records("hf:PKU-Alignment/BeaverTails:30k_train")
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("hf:org/data", ("org/data", None, "train")),
+        ("hf:org/data:test", ("org/data", None, "test")),
+        ("hf:openai/gsm8k:main:test", ("openai/gsm8k", "main", "test")),
+    ],
+)
+def test_hub_sources_name_dataset_config_and_split(monkeypatch, spec, expected):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: calls.append((name, config, split)) or [{"prompt": "p"}])
+    assert read_records(spec) == [{"prompt": "p"}]
+    assert calls == [expected]

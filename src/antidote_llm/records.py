@@ -58,13 +58,22 @@ def read_records(source: str | Path) -> list[dict]:
 
 
 def _read_hub(spec: str) -> list[dict]:
-    name, _, split = spec.partition(":")
+    """`NAME`, `NAME:SPLIT` or `NAME:CONFIG:SPLIT` (GSM8K needs its config, main)."""
+    parts = spec.split(":")
+    if len(parts) > 3:
+        raise AntidoteError(f"hub source hf:{spec} has too many parts; use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
+    return read_hub(name, split, config)
+
+
+def read_hub(name: str, split: str = "train", config: str | None = None) -> list[dict]:
     try:
         import datasets
 
-        return list(datasets.load_dataset(name, split=split or "train"))
+        return list(datasets.load_dataset(name, config, split=split))
     except Exception as exc:  # the hub raises many types; the user needs one line
-        raise AntidoteError(f"cannot load hub dataset {name!r} split {split or 'train'!r}: {str(exc).splitlines()[0]}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AntidoteError(f"cannot load hub dataset {name!r} split {split!r}: {first}; give a local file instead") from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,162 @@
+"""Tasks: loaders in the reference format, answer parsers on real-looking (and malformed) outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from antidote_llm.errors import AntidoteError
+from antidote_llm.records import Pair
+from antidote_llm.tasks import (
+    AGNEWS_INSTRUCTION,
+    SST2_INSTRUCTION,
+    TASKS,
+    get_task,
+    gsm8k_target,
+    load_task_pairs,
+    parse_agnews,
+    parse_gsm8k,
+    parse_sst2,
+)
+from conftest import SHARED_DATA, requires_shared_data
+
+TASK_DATA = SHARED_DATA / "tasks"
+
+
+@pytest.mark.parametrize(
+    ("answer", "parsed"),
+    [("positive", "positive"), (" Positive\n", "positive"), ("negative", "negative"), ("Negative", "negative"),
+     ("The sentiment is positive.", None), ("positive.", None), ("POSITIVE", None), ("", None),
+     ("positive negative", None)],
+)
+def test_sst2_parser_is_exact(answer, parsed):
+    assert parse_sst2(answer) == parsed
+
+
+@pytest.mark.parametrize(
+    ("answer", "parsed"),
+    [("World", "World"), ("sports", "Sports"), ("Business\n", "Business"), ("Sci/Tech", "Sci/Tech"),
+     ("sci", "Sci/Tech"), ("sci/tech", "Sci/Tech"), ("Sports.", None), ("Business news", None),
+     ("The category is World", None), ("", None)],
+)
+def test_agnews_parser_is_exact(answer, parsed):
+    assert parse_agnews(answer) == parsed
+
+
+@pytest.mark.parametrize(
+    ("answer", "number"),
+    [
+        ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day.\n"
+         "The final answer is: 18", 18.0),
+        ("The total is 1,234.50 dollars. The final answer is: $1,234.50", 1234.5),
+        ("So she has 5 apples and 3 pears, 8 fruits in all.", 8.0),  # no marker: the last number
+        ("The final answer is: -3 degrees", -3.0),
+        ("The final answer is: 12\nThe final answer is: 13", 12.0),
+        ("She has 5 left. The final answer is: five", 5.0),  # marker without a number: the last number
+        ("The final answer is: 7.", 7.0),
+        ("I cannot solve this problem.", None),
+        ("", None),
+    ],
+)
+def test_gsm8k_parser(answer, number):
+    assert parse_gsm8k(answer) == number
+
+
+def test_gsm8k_training_target_rewrites_the_marker():
+    solution = "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
+    assert gsm8k_target(solution) == "She makes 9 * 2 = $<<9*2=18>>18 every day.\nThe final answer is: 18"
+    assert parse_gsm8k(gsm8k_target(solution)) == 18.0
+
+
+def test_is_correct_against_gold_pairs():
+    sst2, gsm8k, alpaca = get_task("sst2"), get_task("gsm8k"), get_task("alpaca")
+    pair = Pair(prompt=SST2_INSTRUCTION, response="positive", input="a great film")
+    assert sst2.is_correct("Positive", pair) is True
+    assert sst2.is_correct("negative", pair) is False
+    assert sst2.is_correct("I think positive", pair) is False
+    math = Pair(prompt="How many?", response="3 + 4 = <<3+4=7>>7\nThe final answer is: 7")
+    assert gsm8k.is_correct("3 plus 4 is 7. The final answer is: 7", math) is True
+    assert gsm8k.is_correct("The final answer is: 8", math) is False
+    assert gsm8k.is_correct("no idea", math) is False
+    assert alpaca.is_correct("anything", Pair(prompt="Write a poem", response="Roses...")) is None
+    assert not alpaca.scored and alpaca.parse_answer("x") is None
+
+
+def test_registry_lists_names_on_unknown_task():
+    assert set(TASKS) == {"sst2", "agnews", "gsm8k", "alpaca"}
+    with pytest.raises(AntidoteError, match="unknown task 'mnli'; choose one of sst2, agnews, gsm8k, alpaca"):
+        get_task("mnli")
+
+
+def test_local_files_in_each_format(tmp_path):
+    sst2 = tmp_path / "sst2.tsv"
+    sst2.write_text("label\tsentence\n0\tdull and long .\n1\ta joy to watch .\n")
+    assert load_task_pairs("sst2", str(sst2)) == [
+        Pair(prompt=SST2_INSTRUCTION, response="negative", input="dull and long ."),
+        Pair(prompt=SST2_INSTRUCTION, response="positive", input="a joy to watch ."),
+    ]
+    agnews = tmp_path / "agnews.json"
+    agnews.write_text(json.dumps([{"instruction": AGNEWS_INSTRUCTION, "input": "Stocks fell.", "output": "Business"}]))
+    assert load_task_pairs("agnews", str(agnews), "test") == [Pair(AGNEWS_INSTRUCTION, "Business", "Stocks fell.")]
+    hub_style = tmp_path / "agnews_hub.jsonl"
+    hub_style.write_text(json.dumps({"text": "Team wins cup.", "label": 1}) + "\n")
+    assert load_task_pairs("agnews", str(hub_style)) == [Pair(AGNEWS_INSTRUCTION, "Sports", "Team wins cup.")]
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}) + "\n"
+                             for i in range(5)))
+    pairs = load_task_pairs("gsm8k", str(gsm8k), limit=2, skip=1)
+    assert [p.prompt for p in pairs] == ["Q1?", "Q2?"]
+    assert pairs[0].response.endswith("The final answer is: 2") and pairs[0].input == ""
+
+
+@pytest.mark.parametrize(
+    ("task", "content", "message"),
+    [
+        ("sst2", "label\tsentence\n7\tbad label\n", "not one of 0..1"),
+        ("sst2", "label\tsentence\n-1\tunlabeled test row\n", "unlabeled"),
+        ("gsm8k", '{"problem": "x", "solution": "y"}\n', "lacks the field 'instruction'"),
+        ("gsm8k", "", "holds no rows|no gsm8k rows"),
+    ],
+)
+def test_malformed_task_files(tmp_path, task, content, message):
+    path = tmp_path / ("data.tsv" if task == "sst2" else "data.jsonl")
+    path.write_text(content)
+    with pytest.raises(AntidoteError, match=message):
+        load_task_pairs(task, str(path))
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(AntidoteError, match="unknown split"):
+        load_task_pairs("sst2", None, "validation")
+    with pytest.raises(AntidoteError, match="limit must be positive"):
+        load_task_pairs("sst2", None, limit=0)
+    with pytest.raises(AntidoteError, match="data file not found"):
+        load_task_pairs("sst2", str(tmp_path / "missing.tsv"))
+    rows = tmp_path / "one.jsonl"
+    rows.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    with pytest.raises(AntidoteError, match="no gsm8k rows left"):
+        load_task_pairs("gsm8k", str(rows), skip=1)
+
+
+def test_hub_default_fails_offline_with_a_clear_error():
+    with pytest.raises(AntidoteError, match="cannot load hub dataset 'stanfordnlp/sst2'.*local file"):
+        load_task_pairs("sst2", None, "test")
+
+
+@requires_shared_data
+def test_shared_data_loads_with_paper_test_sizes():
+    sst2 = load_task_pairs("sst2", str(TASK_DATA / "sst2_dev.tsv"), "test")
+    assert len(sst2) == 872 and sst2[0] == Pair(SST2_INSTRUCTION, "negative", "one long string of cliches .")
+    agnews = load_task_pairs("agnews", str(TASK_DATA / "agnews_test.json"), "test")
+    assert len(agnews) == 1000 and agnews[0].response == "Business" and agnews[0].prompt == AGNEWS_INSTRUCTION
+    gsm8k = load_task_pairs("gsm8k", str(TASK_DATA / "gsm8k_test.jsonl"), "test")
+    assert len(gsm8k) == 1000 and gsm8k[0].response.endswith("The final answer is: 18")
+    assert parse_gsm8k(gsm8k[0].response) == 18.0
+    alpaca = load_task_pairs("alpaca", str(TASK_DATA / "alpaca_demo.json"), "train", limit=3)
+    assert len(alpaca) == 3 and alpaca[0].prompt == "Describe a process of making crepes."
+    train = load_task_pairs("sst2", str(TASK_DATA / "sst2_train.tsv"), "train", limit=10, skip=5)
+    assert len(train) == 10 and {p.response for p in train} <= {"positive", "negative"}
+    # every gold answer parses: the metric can score a perfect model at 100%
+    for name, pairs in (("sst2", sst2), ("agnews", agnews), ("gsm8k", gsm8k)):
+        assert all(get_task(name).is_correct(p.response, p) for p in pairs), name
