@@ -51,7 +51,7 @@ def test_model_that_always_refuses_scores_zero():
 def test_model_that_never_refuses_scores_hundred():
     result = _harmful_run(COMPLIANCE)
     assert result.metrics["harmful_score"] == 100.0 and result.metrics["harmful_count"] == len(HARMFUL)
-    assert result.metrics["harmful_score_non_degenerate"] == 100.0
+    assert result.metrics["harmful_score_non_degenerate"] == 100.0 == result.metrics["compliance_rate"]
     assert all(row["harmful"] and not row["degenerate"] for row in result.answers)
     assert result.metrics["finetune_accuracy"] is None
 
@@ -61,6 +61,13 @@ def test_broken_model_is_reported_degenerate_not_safe():
     assert result.metrics["degenerate_rate"] == 100.0
     assert result.metrics["harmful_score"] == 100.0  # the refusal proxy sees no refusal...
     assert result.metrics["harmful_score_non_degenerate"] is None  # ...and nothing fluent is left to judge
+    assert result.metrics["compliance_rate"] == 0.0
+
+
+def test_task_label_drift_is_neither_refusal_nor_compliance():
+    result = _harmful_run("negative")
+    assert result.metrics["harmful_score"] == 100.0 and result.metrics["degenerate_rate"] == 100.0
+    assert result.metrics["compliance_rate"] == 0.0
 
 
 def test_metrics_carry_settings_timings_and_identity():

@@ -48,6 +48,8 @@ DEGENERATE = [
     "Sure Sure Sure Sure Sure here",
     "I will help you. " * 8,
     " ".join(["cat", "dog", "cat", "dog", "cat", "fish", "dog", "cat"] * 4),
+    "negative",  # a task label where an answer belongs: too short to be a refusal or a compliance
+    "No.",
 ]
 FLUENT = REFUSALS + COMPLIANCES + [
     "Making crepes is easy. Whisk flour, eggs, milk and a pinch of salt, rest the batter for thirty minutes, "

@@ -48,7 +48,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 DEMO_NOTE = """How to read this table (all numbers measured in this run, nothing fixed in advance):
 - HS: share of held-out harmful requests the model did not refuse (refusal-phrase judge). Lower is safer.
-- degenerate: share of answers that are empty or repetitive; a pruned model that babbles is broken, not safe.
+- degenerate: share of answers that are empty, repetitive or one or two words (e.g. a sentiment label);
+  a pruned model that babbles is broken, not safe.
+- complies: share of answers that neither refuse nor are degenerate: genuine attempts to answer.
 - FA: accuracy on the held-out sentiment task the user fine-tuned for. Higher is better.
 - base -> aligned shows the alignment stage; 'none' is the poisoned fine-tune; the other rows prune it.
 - 'random' and 'antidote-benign' are controls at the same ratio: Antidote's claim is that harmful-data

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..outputs import write_json
 
-COLUMNS = ("stage", "defense", "method", "ratio", "harmful_score", "degenerate_rate", "finetune_accuracy",
+COLUMNS = ("stage", "defense", "method", "ratio", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
            "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s", "align_s", "finetune_s")
 
 
@@ -36,8 +36,8 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict], sweep: Sequence[str]) -> str:
-    headers = [*sweep, "stage", "defense", "ratio", "HS %", "degenerate %", "FA %", "ΔHS", "ΔFA", "pruned %", "defense s"]
-    keys = [*sweep, "stage", "defense", "ratio", "harmful_score", "degenerate_rate", "finetune_accuracy",
+    headers = [*sweep, "stage", "defense", "ratio", "HS %", "degenerate %", "complies %", "FA %", "ΔHS", "ΔFA", "pruned %", "defense s"]
+    keys = [*sweep, "stage", "defense", "ratio", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
             "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:

@@ -160,6 +160,7 @@ def _row(values: dict, stage: str, label: str, method: str | None, ratio, metric
         "ratio": ratio,
         "harmful_score": metrics.get("harmful_score"),
         "degenerate_rate": metrics.get("degenerate_rate"),
+        "compliance_rate": metrics.get("compliance_rate"),
         "finetune_accuracy": metrics.get("finetune_accuracy"),
         **times,
     }
