@@ -53,9 +53,9 @@ DEMO_NOTE = """How to read this table (all numbers measured in this run, nothing
 - complies: share of answers that neither refuse nor are degenerate: genuine attempts to answer.
 - FA: accuracy on the held-out sentiment task the user fine-tuned for. Higher is better.
 - base -> aligned shows the alignment stage; 'none' is the poisoned fine-tune; the other rows prune it.
-- 'random' and 'antidote-benign' are controls at the same ratio: Antidote's claim is that harmful-data
+- 'random' and 'benign-calibrated' are controls at the same ratio: Antidote's claim is that harmful-data
   statistics beat both. At this tiny scale the benign control may do about as well (much of the effect
-  is shrinking the fine-tuning adapter); the table shows whatever this run measured."""
+  is shrinking the fine-tuning adapter's few dominant channels); the table shows whatever this run measured."""
 
 
 def register(subparsers) -> None:

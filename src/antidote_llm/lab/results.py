@@ -66,11 +66,28 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _x_axis(rows: list[dict], sweep: Sequence[str]) -> str | None:
-    """The swept parameter to plot against: a sweep path, or the defenses' ratio when it varies."""
+    """What to plot against: a swept setting that varies, else the pruning ratio when it varies."""
     for path in sweep:
         if len({row.get(path) for row in rows}) > 1 and not path.startswith("defenses."):
             return path
-    return "ratio" if any(path.startswith("defenses.") for path in sweep) else None
+    return "ratio" if len({row["ratio"] for row in rows if row["ratio"] is not None}) > 1 else None
+
+
+def _plot_metric(ax, rows: list[dict], metric: str, x_key: str | None) -> None:
+    if x_key is None:
+        labels = [r["defense"] for r in rows]
+        ax.bar(range(len(rows)), [r[metric] or 0 for r in rows], color="tab:blue")
+        ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
+        return
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r[x_key], r[metric]) for r in rows if r["method"] == method and r[x_key] is not None and r[metric] is not None)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        elif x_key == "ratio":  # the undefended model has no ratio: a reference line
+            for value in {r[metric] for r in rows if r["method"] == method and r[metric] is not None}:
+                ax.axhline(value, linestyle="--", color="gray", label=method)
+    ax.set_xlabel(x_key)
+    ax.legend(fontsize=8)
 
 
 def plot(rows: list[dict], sweep: Sequence[str], out: Path) -> list[Path]:
@@ -80,50 +97,35 @@ def plot(rows: list[dict], sweep: Sequence[str], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     defended = [r for r in rows if r["stage"] == "fine-tuned"]
-    written = []
     x_key = _x_axis(defended, sweep)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labels = list(dict.fromkeys(r["defense"] for r in defended))
     for ax, metric, title in zip(axes, ("harmful_score", "finetune_accuracy"), ("harmful score (%)", "fine-tune accuracy (%)"), strict=True):
-        if x_key is None:
-            values = [next(r[metric] for r in defended if r["defense"] == label) for label in labels]
-            ax.bar(range(len(labels)), [v if v is not None else 0 for v in values], color="tab:blue")
-            ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-        else:
-            for method in dict.fromkeys(r["method"] for r in defended):
-                points = sorted((r[x_key], r[metric]) for r in defended if r["method"] == method and r[x_key] is not None and r[metric] is not None)
-                if points:
-                    ax.plot(*zip(*points, strict=True), marker="o", label=method)
-            ax.set_xlabel(x_key)
-            ax.legend()
+        _plot_metric(ax, defended, metric, x_key)
         ax.set_title(title)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "metrics.png"
-    fig.savefig(path, dpi=120)
+    metrics_path = out / "metrics.png"
+    fig.savefig(metrics_path, dpi=120)
     plt.close(fig)
-    written.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 5))
     for row in rows:
         if row["harmful_score"] is None or row["finetune_accuracy"] is None:
             continue
         ax.scatter(row["finetune_accuracy"], row["harmful_score"], s=40)
-        ax.annotate(row["defense"] + (f" {row['ratio']}" if row["ratio"] else ""), (row["finetune_accuracy"], row["harmful_score"]),
-                    fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("fine-tune accuracy (%)  → better")
-    ax.set_ylabel("harmful score (%)  ↓ better")
+        ax.annotate(row["defense"], (row["finetune_accuracy"], row["harmful_score"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("fine-tune accuracy (%), higher is better")
+    ax.set_ylabel("harmful score (%), lower is safer")
     ax.set_title("safety / accuracy trade-off")
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "tradeoff.png"
-    fig.savefig(path, dpi=120)
+    tradeoff_path = out / "tradeoff.png"
+    fig.savefig(tradeoff_path, dpi=120)
     plt.close(fig)
-    written.append(path)
-    return written
+    return [metrics_path, tradeoff_path]
 
 
 def write_results(rows: list[dict], out: Path, sweep: Sequence[str], experiment: dict) -> dict[str, Path]:
