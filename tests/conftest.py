@@ -62,8 +62,11 @@ def save_model(path: Path, seed: int = 0, **kwargs) -> Path:
     return path
 
 
-def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_proj")):
-    """A LoRA adapter with non-zero B (fresh LoRA has B = 0, which would make every test trivial)."""
+def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_proj"), scale: float = 0.5):
+    """A LoRA adapter with non-zero B (fresh LoRA has B = 0, which would make every test trivial).
+
+    On a real model keep `scale` small: large random updates in all 30 layers make activations chaotic,
+    and then float noise between batched and one-row passes is amplified far beyond tie-breaking."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(
@@ -73,7 +76,7 @@ def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_p
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return peft_model.eval()
 
 

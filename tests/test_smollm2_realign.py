@@ -33,7 +33,7 @@ def smollm2():
 def test_adapter_mode_cli_on_smollm2_matches_the_reference(smollm2, tmp_path):
     """The CI's real-model test: a LoRA on SmolLM2, realigned from the CLI, checked against the oracle."""
     adapter_dir = tmp_path / "adapter"
-    peft_model = add_lora(smollm2.model, seed=3, r=8)
+    peft_model = add_lora(smollm2.model, seed=3, r=8, scale=0.05)
     peft_model.save_pretrained(adapter_dir)
     pairs = harmful_pairs(6)
     data = tmp_path / "harmful.jsonl"
@@ -50,7 +50,7 @@ def test_adapter_mode_cli_on_smollm2_matches_the_reference(smollm2, tmp_path):
     assert len(masks) == 2 * 3 * 30
     agree = sum(int((masks[name] == expected[name]).sum()) for name in expected)
     total = sum(m.numel() for m in expected.values())
-    assert agree / total > 0.999  # float noise may flip a near-tie between batched and one-row sums
+    assert agree / total > 0.9999  # float noise may flip an exact near-tie between batched and one-row sums
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any((v == 0).any() for v in saved.values())
 
