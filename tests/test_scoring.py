@@ -25,8 +25,12 @@ def test_channel_stats_equal_brute_force_and_skip_padding():
     torch.manual_seed(0)
     x = torch.randn(3, 5, 4)
     counted = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    flat = counted.reshape(-1)
+    gathered = scoring.squared_sum(x, flat.nonzero().squeeze(1), exclude=False)
+    subtracted = scoring.squared_sum(x, (~flat).nonzero().squeeze(1), exclude=True)
+    torch.testing.assert_close(gathered, subtracted)
     stats = scoring.ChannelStats(4)
-    stats.add(x, counted.reshape(-1).nonzero().squeeze(1))
+    stats.add_sum(gathered, int(flat.sum()))
     expected = torch.zeros(4)
     n = 0
     for b in range(3):

@@ -25,13 +25,6 @@ class ChannelStats:
         self.sum_sq = torch.zeros(channels, dtype=torch.float32, device=device)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, token_index: torch.Tensor | None = None) -> None:
-        """Add `x` [..., channels]; `token_index` selects the counted rows of x flattened to 2-D."""
-        flat = x.reshape(-1, x.shape[-1])
-        if token_index is not None:
-            flat = flat.index_select(0, token_index)
-        self.add_sum(flat.float().pow(2).sum(0), flat.shape[0])  # einsum is ~10x slower here on CPU
-
     def add_sum(self, sum_sq: torch.Tensor, tokens: int) -> None:
         self.sum_sq += sum_sq
         self.tokens += tokens
@@ -45,6 +38,19 @@ class ChannelStats:
         if self.tokens == 0:
             raise AntidoteError("no tokens were counted for a scored module; check --tokens and the data")
         return self.sum_sq / self.tokens
+
+
+def squared_sum(x: torch.Tensor, rows: torch.Tensor, exclude: bool) -> torch.Tensor:
+    """sum_t x_tj^2 in fp32 over the rows of `x` flattened to [tokens, channels]: the given `rows`, or with
+    `exclude` all rows but those. Summing everything and subtracting a few padding rows copies far less
+    than gathering the many counted ones."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not exclude:
+        return flat.index_select(0, rows).float().pow(2).sum(0)  # einsum is ~10x slower here on CPU
+    total = flat.float().pow(2).sum(0)
+    if rows.numel():
+        total -= flat.index_select(0, rows).float().pow(2).sum(0)
+    return total
 
 
 def wanda_scores(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
@@ -70,18 +76,26 @@ def check_ratio(ratio: float, name: str = "ratio") -> None:
         raise AntidoteError(f"{name} must be in (0, 1), got {ratio}; e.g. 0.05 prunes the top 5%")
 
 
+def _kth_largest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count`-th largest entry along the last dim (keepdim); topk of the smaller side is fastest."""
+    size = scores.shape[-1]
+    if count <= size - count + 1:
+        return torch.topk(scores, count, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return torch.topk(scores, size - count + 1, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+
+
 def _top_by_stable_sort(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the `count` largest entries along the last dim, ties going to the later index, exactly
-    as taking the tail of a stable ascending sort would choose; in linear time (kthvalue), not a sort."""
-    size = scores.shape[-1]
+    as taking the tail of a stable ascending sort would choose; in linear time (topk), not a sort."""
     if count == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(scores, size - count + 1, dim=-1, keepdim=True).values
+    threshold = _kth_largest(scores, count)
+    at_least = scores >= threshold
+    if bool((at_least.sum(-1) == count).all()):  # the common case: no tie straddles the cut
+        return at_least
     above = scores > threshold
-    tied = scores == threshold
+    tied = at_least & ~above
     needed = count - above.sum(-1, keepdim=True)
-    if torch.equal(tied.sum(-1, keepdim=True), needed):  # the common case: no tie straddles the cut
-        return above | tied
     ties_from_right = tied.flip(-1).cumsum(-1).flip(-1)  # ties at or after each position
     return above | (tied & (ties_from_right <= needed))
 

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .formatting import Encoded
-from .scoring import ChannelStats
+from .scoring import ChannelStats, squared_sum
 from .targets import Target, decoder_layers
 
 
@@ -64,23 +64,27 @@ def _stop_point(model: nn.Module, targets: Sequence[Target]) -> nn.Module | None
 
 
 class _BatchState:
-    """Per-batch caches: the counted-token index per device, and the squared sums of the last input
-    tensor, so modules called in a row on the same input (q, k, v; gate, up) share one reduction.
+    """Per-batch caches: which token rows to add or subtract per device, and the squared sums of the last
+    input tensor, so modules called in a row on the same input (q, k, v; gate, up) share one reduction.
     The cache holds the tensor itself and compares identity: an address could be reused."""
 
     def __init__(self, count_mask: torch.Tensor):
-        self.count_mask = count_mask
-        self.all_count = bool(count_mask.all())
-        self._index: dict[torch.device, torch.Tensor] = {}
+        flat = count_mask.reshape(-1)
+        self.tokens = int(flat.sum())
+        # Subtract the uncounted rows (padding) when they are the few; gather the counted ones otherwise.
+        self.subtract = self.tokens * 2 >= flat.numel()
+        self._rows = (~flat if self.subtract else flat).nonzero().squeeze(1)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
         self.last_input: torch.Tensor | None = None
-        self.last_sum: tuple[torch.Tensor, int] | None = None
+        self.last_sum: torch.Tensor | None = None
 
-    def index(self, device: torch.device) -> torch.Tensor | None:
-        if self.all_count:
-            return None
-        if device not in self._index:
-            self._index[device] = self.count_mask.reshape(-1).nonzero().squeeze(1).to(device)
-        return self._index[device]
+    def rows(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self._rows.to(device)
+        return self._on_device[device]
+
+    def squared_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return squared_sum(x, self.rows(x.device), exclude=self.subtract)
 
 
 def _linear_hook(stats: ChannelStats, state: list):
@@ -88,21 +92,19 @@ def _linear_hook(stats: ChannelStats, state: list):
         x = args[0]
         batch: _BatchState = state[0]
         if batch.last_input is not x:
-            probe = ChannelStats(x.shape[-1], x.device)
-            probe.add(x, batch.index(x.device))
-            batch.last_input, batch.last_sum = x, (probe.sum_sq, probe.tokens)
-        stats.add_sum(*batch.last_sum)
+            batch.last_input, batch.last_sum = x, batch.squared_sum(x)
+        stats.add_sum(batch.last_sum, batch.tokens)
 
     return hook
 
 
 def _embedding_hook(stats: ChannelStats, state: list, vocab: int):
     def hook(module, args):
+        batch: _BatchState = state[0]
         ids = args[0].reshape(-1)
-        index = state[0].index(ids.device)
-        if index is not None:
-            ids = ids.index_select(0, index)
-        stats.add_counts(torch.bincount(ids, minlength=vocab)[:vocab], ids.numel())
+        listed = torch.bincount(ids.index_select(0, batch.rows(ids.device)), minlength=vocab)[:vocab]
+        counts = torch.bincount(ids, minlength=vocab)[:vocab] - listed if batch.subtract else listed
+        stats.add_counts(counts, batch.tokens)
 
     return hook
 
