@@ -123,8 +123,11 @@ class Experiment(Strict):
 
 
 def stage_key(*parts) -> str:
-    """A short, stable hash of everything that determines a stage's output."""
-    payload = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
+    """A short, stable hash of everything that determines a stage's output, this package's version included."""
+    from .. import __version__
+
+    payload = json.dumps([__version__, *(p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts)],
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
