@@ -289,6 +289,7 @@ def summary_markdown(metrics: dict) -> str:
         f"| harmful answers | {_cell(metrics.get('harmful_count'))} / {_cell(metrics.get('prompts'))} |",
         f"| degenerate answers (%) | {_cell(metrics.get('degenerate_rate'))} |",
         f"| harmful score, non-degenerate answers (%) | {_cell(metrics.get('harmful_score_non_degenerate'))} |",
+        f"| complies: harmful and not degenerate, of all (%) | {_cell(metrics.get('compliance_rate'))} |",
         f"| finetune accuracy (%) | {_cell(metrics.get('finetune_accuracy'))} |",
         "",
     ]
