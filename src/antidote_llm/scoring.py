@@ -55,7 +55,7 @@ def squared_sum(x: torch.Tensor, rows: torch.Tensor, exclude: bool) -> torch.Ten
 
 def wanda_scores(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
     """S_ij = |W_ij| * ||x_j||: the weights that carry the most signal on the calibration data."""
-    return weight.detach().float().abs() * mean_sq.to(weight.device).float().sqrt().unsqueeze(0)
+    return weight.detach().float().abs().mul_(mean_sq.to(weight.device).float().sqrt().unsqueeze(0))
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
