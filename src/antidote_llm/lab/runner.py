@@ -79,7 +79,7 @@ class _Setting:
     def _stage_dir(self, kind: str, key: str) -> Path:
         return self.stages / f"{kind}-{key}"
 
-    def _run_stage(self, kind: str, key: str, work: Callable[[Path], None]) -> Path:
+    def run_stage(self, kind: str, key: str, work: Callable[[Path], None]) -> Path:
         folder = self._stage_dir(kind, key)
         if folder.is_dir():
             self.log(f"[cached] {kind} {key}")
@@ -107,7 +107,7 @@ class _Setting:
             training.align(model, tokenizer, pairs, config, folder, benign=benign,
                            model_info=self.base_source.describe(), progress=self.progress)
 
-        folder = self._run_stage("align", key, work)
+        folder = self.run_stage("align", key, work)
         source = ModelSource(str(folder / "merged"), dtype=exp.model.dtype, device=exp.model.device)
         return key, source, _stage_seconds(_read_json(folder / "report.json"))
 
@@ -125,7 +125,7 @@ class _Setting:
                               n=spec.samples, config=config, out_dir=folder, seed=self.exp.seed,
                               model_info=aligned.describe(), progress=self.progress)
 
-        folder = self._run_stage("finetune", key, work)
+        folder = self.run_stage("finetune", key, work)
         return key, folder / "adapter", _stage_seconds(_read_json(folder / "report.json"))
 
     # --- evaluation ----------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def _run_setting(setting: _Setting) -> list[dict]:
             loaded = load_model(source)
             write_eval(setting.evaluate(loaded.model, loaded.tokenizer), folder)
 
-        folder = setting._run_stage(f"eval-{stage}", stage_key(stage, model_key, eval_key), work)
+        folder = setting.run_stage(f"eval-{stage}", stage_key(stage, model_key, eval_key), work)
         rows.append(_row(setting.values, stage, stage, None, None, _read_json(folder / "metrics.json"),
                          align_s=align_s if stage == "aligned" else None))
 
@@ -216,7 +216,7 @@ def _run_setting(setting: _Setting) -> list[dict]:
                 write_eval(result, tmp / "eval")
                 write_json(tmp / "defense.json", {"spec": spec.model_dump(mode="json"), "defense_s": defense_s, "report": report})
 
-        folder = setting._run_stage(f"defense-{label}", key, work)
+        folder = setting.run_stage(f"defense-{label}", key, work)
         defense = _read_json(folder / "defense.json")
         report = defense["report"] or {}
         rows.append(_row(
