@@ -221,7 +221,7 @@ def _training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, prog
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=config.weight_decay,
         optim="adamw_torch",
         seed=config.seed,
