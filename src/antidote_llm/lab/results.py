@@ -90,6 +90,15 @@ def _plot_metric(ax, rows: list[dict], metric: str, x_key: str | None) -> None:
     ax.legend(fontsize=8)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], sweep: Sequence[str], out: Path) -> list[Path]:
     import matplotlib
 
@@ -104,10 +113,7 @@ def plot(rows: list[dict], sweep: Sequence[str], out: Path) -> list[Path]:
         ax.set_title(title)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    metrics_path = out / "metrics.png"
-    fig.savefig(metrics_path, dpi=120)
-    plt.close(fig)
+    metrics_path = _save(fig, out / "metrics.png")
 
     fig, ax = plt.subplots(figsize=(6, 5))
     for row in rows:
@@ -121,11 +127,7 @@ def plot(rows: list[dict], sweep: Sequence[str], out: Path) -> list[Path]:
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tradeoff_path = out / "tradeoff.png"
-    fig.savefig(tradeoff_path, dpi=120)
-    plt.close(fig)
-    return [metrics_path, tradeoff_path]
+    return [metrics_path, _save(fig, out / "tradeoff.png")]
 
 
 def write_results(rows: list[dict], out: Path, sweep: Sequence[str], experiment: dict) -> dict[str, Path]:
