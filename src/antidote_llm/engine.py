@@ -59,6 +59,21 @@ class RealignConfig(BaseModel):
     def needs_data(self) -> bool:
         return self.score == "wanda"
 
+    def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_reference: bool) -> None:
+        """Refuse a missing or unused input before any model is loaded."""
+        if self.needs_data and not has_data:
+            raise AntidoteError("score 'wanda' needs harmful calibration data; pass --data or use --score magnitude")
+        if self.protect_ratio is not None and not has_protect_data:
+            raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
+        if has_protect_data and self.protect_ratio is None:
+            raise AntidoteError("--protect-data needs --protect-ratio, e.g. 0.05")
+        check_action(self.action, has_reference)
+
+
+def check_action(action: str, has_reference: bool) -> None:
+    if action == "revert" and not has_reference:
+        raise AntidoteError("action 'revert' needs --reference MODEL (the aligned model)")
+
 
 @dataclass
 class RealignResult:
@@ -165,13 +180,8 @@ def realign(
     has_adapter = hasattr(model, "peft_config")
     targets = resolve_targets(model, config.effective_targets(has_adapter))
     check_finite(targets)
-    if config.needs_data and data is None:
-        raise AntidoteError("score 'wanda' needs harmful calibration data; pass --data or use --score magnitude")
-    if config.protect_ratio is not None and protect_data is None:
-        raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_reference=reference is not None)
     if config.action == "revert":
-        if reference is None:
-            raise AntidoteError("action 'revert' needs --reference MODEL (the aligned model)")
         if any("lora_" in t.module_name for t in targets):
             raise AntidoteError("action 'revert' applies to full fine-tunes; adapter targets can only be zeroed")
         reference_values = reference_weights(reference, targets)
@@ -251,8 +261,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = 
                 "load the model and adapters the mask was made for"
             )
         targets.append(Target(module_name, module, layout))
-    if action == "revert" and reference is None:
-        raise AntidoteError("action 'revert' needs --reference MODEL (the aligned model)")
+    check_action(action, reference is not None)
     reference_values = reference_weights(reference, targets) if action == "revert" else None
     _apply(targets, masks, action, reference_values)
     return targets

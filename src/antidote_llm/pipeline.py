@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .engine import RealignConfig, RealignResult, apply_masks, realign
+from .engine import RealignConfig, RealignResult, apply_masks, check_action, realign
 from .errors import AntidoteError
 from .loading import Loaded, ModelSource, load_model
 from .outputs import atomic_dir, check_output_dir, write_json
@@ -91,14 +91,7 @@ def realign_to_disk(
         inputs=_local_inputs(source, reference, data and data.source, protect_data and protect_data.source),
     )
     targets = config.effective_targets(bool(source.adapters))
-    if config.needs_data and data is None:
-        raise AntidoteError("score 'wanda' needs harmful calibration data; pass --data or use --score magnitude")
-    if config.protect_ratio is not None and protect_data is None:
-        raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
-    if protect_data is not None and config.protect_ratio is None:
-        raise AntidoteError("--protect-data needs --protect-ratio, e.g. 0.05")
-    if config.action == "revert" and reference is None:
-        raise AntidoteError("action 'revert' needs --reference MODEL (the aligned model)")
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_reference=reference is not None)
     pairs = data.load() if data is not None else None
     protect_pairs = protect_data.load() if protect_data is not None else None
     with MemoryMonitor() as memory:
@@ -147,8 +140,7 @@ def apply_mask_to_disk(
         raise AntidoteError(f"cannot read mask {mask_path}: {str(exc).splitlines()[0]}") from None
     if not masks:
         raise AntidoteError(f"mask {mask_path} is empty")
-    if action == "revert" and reference is None:
-        raise AntidoteError("action 'revert' needs --reference MODEL (the aligned model)")
+    check_action(action, reference is not None)
     adapter_mode = any(".lora_" in name for name in masks)
     timings = Timings()
     with timings.measure("load_s"):
