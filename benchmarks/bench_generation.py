@@ -16,9 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from antidote_llm.evaluation import load_harmful_prompts  # noqa: E402
-from antidote_llm.generation import HFGenerator, encode_prompts  # noqa: E402
-from antidote_llm.loading import ModelSource, load_model  # noqa: E402
+from antidote_llm.evaluation.evaluate import load_harmful_prompts  # noqa: E402
+from antidote_llm.evaluation.generation import HFGenerator, encode_prompts  # noqa: E402
+from antidote_llm.runtime.loading import ModelSource, load_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "harmful" / "advbench_behaviors.csv"
 

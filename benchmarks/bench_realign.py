@@ -15,13 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from antidote_llm.engine import RealignConfig, calibration_batches, realign  # noqa: E402
-from antidote_llm.loading import ModelSource, load_model  # noqa: E402
-from antidote_llm.records import load_pairs  # noqa: E402
-from antidote_llm.reference import reference_masks  # noqa: E402
-from antidote_llm.runinfo import MemoryMonitor  # noqa: E402
-from antidote_llm.statistics import input_device  # noqa: E402
-from antidote_llm.targets import resolve_targets  # noqa: E402
+from antidote_llm.core.oracle import reference_masks  # noqa: E402
+from antidote_llm.core.realign import RealignConfig, calibration_batches, realign  # noqa: E402
+from antidote_llm.core.statistics import input_device  # noqa: E402
+from antidote_llm.core.targets import resolve_targets  # noqa: E402
+from antidote_llm.data.records import load_pairs  # noqa: E402
+from antidote_llm.runtime.loading import ModelSource, load_model  # noqa: E402
+from antidote_llm.runtime.runinfo import MemoryMonitor  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "harmful" / "beavertails_unsafe_pairs.json"
 

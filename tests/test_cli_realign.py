@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from antidote_llm.cli import main
+from antidote_llm.cli.main import main
 from conftest import save_adapter, save_model
 
 

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from antidote_llm import demo_data, tasks
+from antidote_llm.data import demo as demo_data
 from antidote_llm.errors import AntidoteError
-from antidote_llm.judges import refusal_phrases
+from antidote_llm.evaluation import tasks
+from antidote_llm.evaluation.judges import refusal_phrases
 
 SMALL = demo_data.DemoSizes(align=40, poison=20, realign=20, eval_harmful=16, task_train=50, task_test=30, benign=25)
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from antidote_llm.engine import RealignConfig, apply_masks, calibration_batches, realign
+from antidote_llm.core.oracle import reference_masks
+from antidote_llm.core.realign import RealignConfig, apply_masks, calibration_batches, realign
+from antidote_llm.core.statistics import collect_statistics
+from antidote_llm.core.targets import resolve_targets
+from antidote_llm.data.records import Pair
 from antidote_llm.errors import AntidoteError
-from antidote_llm.records import Pair
-from antidote_llm.reference import reference_masks
-from antidote_llm.statistics import collect_statistics
-from antidote_llm.targets import resolve_targets
 from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer
 
 PAIRS = [Pair(r["prompt"], r["response"]) for r in HARMFUL_ROWS if not r["is_safe"]]
@@ -22,7 +22,7 @@ def stats_for(model, tokenizer, targets, **config):
 
 def brute_force_mean_sq(model, tokenizer, target, response_only=False, template="alpaca"):
     """One row at a time, no padding: capture the module's input and average x^2 over counted tokens."""
-    from antidote_llm.formatting import encode_pair
+    from antidote_llm.data.templates import encode_pair
 
     captured = []
     handle = target.module.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))

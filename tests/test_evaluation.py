@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from antidote_llm.cli import main
+from antidote_llm.cli.main import main
+from antidote_llm.data.records import Pair
 from antidote_llm.errors import AntidoteError
-from antidote_llm.evaluation import (
+from antidote_llm.evaluation.evaluate import (
     BEAVERTAILS_TEST,
     EvalResult,
     evaluate_model,
@@ -19,8 +20,7 @@ from antidote_llm.evaluation import (
     weights_sha256,
     write_eval,
 )
-from antidote_llm.records import Pair
-from antidote_llm.tasks import SST2_INSTRUCTION
+from antidote_llm.evaluation.tasks import SST2_INSTRUCTION
 from conftest import SHARED_DATA, make_model, make_tokenizer, requires_shared_data, scripted_model
 
 HARMFUL = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from antidote_llm.data.templates import encode_prompt, render_prompt
 from antidote_llm.errors import AntidoteError
-from antidote_llm.formatting import encode_prompt, render_prompt
-from antidote_llm.generation import (
+from antidote_llm.evaluation.generation import (
     HFGenerator,
     decode,
     encode_prompts,
@@ -107,7 +107,7 @@ def test_vllm_backend_without_gpu_or_package_is_a_clear_error():
 @requires_smollm2
 @pytest.mark.slow
 def test_batched_equals_unbatched_on_smollm2():
-    from antidote_llm.loading import ModelSource, load_model
+    from antidote_llm.runtime.loading import ModelSource, load_model
 
     torch.manual_seed(0)
     loaded = load_model(ModelSource("smollm2-135m-instruct", device="cpu"))

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from antidote_llm.cli import main
+from antidote_llm.cli.main import main
 from antidote_llm.errors import AntidoteError
-from antidote_llm.judges import (
+from antidote_llm.evaluation.judges import (
     BEAVER_DAM_CATEGORIES,
     GCG_REFUSAL_PHRASES,
     JUDGES,

@@ -1,16 +1,17 @@
 """The lab end to end on a tiny random model and tiny generated data: stages, caching, resume, tables."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from antidote_llm.cli import main
+from antidote_llm.cli.main import main
+from antidote_llm.defenses import DEFENSES
 from antidote_llm.errors import AntidoteError
 from antidote_llm.lab import load_experiment, run_experiment
-from antidote_llm.lab.defenses import DEFENSES
 from conftest import save_model
 
 TINY_TRAINING = {"preset": "cpu", "overrides": {"max_steps": 2, "batch_size": 4, "lora_r": 4, "lora_alpha": 8, "max_length": 96}}
@@ -105,7 +106,7 @@ def test_an_interrupted_run_resumes(experiment_file, tmp_path, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(DEFENSES, "random", original.__class__(crash, original.description))
+    monkeypatch.setitem(DEFENSES, "random", dataclasses.replace(original, apply=crash))
     with pytest.raises(KeyboardInterrupt):
         run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
     assert not list((out / "stages").glob("defense-random-*"))

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from antidote_llm import loading
+from antidote_llm.data.templates import ALPACA_NO_INPUT, encode_pair, render_prompt
 from antidote_llm.errors import AntidoteError
-from antidote_llm.formatting import ALPACA_NO_INPUT, encode_pair, render_prompt
-from antidote_llm.loading import ModelSource, load_model
+from antidote_llm.runtime import loading
+from antidote_llm.runtime.loading import ModelSource, load_model
 from conftest import make_tokenizer, save_adapter, save_model
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from antidote_llm.data.records import load_pairs, read_records
 from antidote_llm.errors import AntidoteError
-from antidote_llm.records import load_pairs, read_records
 
 ROWS = [{"prompt": f"p{i}", "response": f"r{i}", "is_safe": i % 3 == 0} for i in range(9)]
 

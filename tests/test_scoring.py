@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from antidote_llm import scoring
+from antidote_llm.core import scoring
 from antidote_llm.errors import AntidoteError
 
 

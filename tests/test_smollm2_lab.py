@@ -8,7 +8,7 @@ import importlib.resources
 import pytest
 import yaml
 
-from antidote_llm.demo_data import DemoSizes, build_demo_data
+from antidote_llm.data.demo import DemoSizes, build_demo_data
 from antidote_llm.lab import run_experiment
 from antidote_llm.lab.config import parse_experiment
 from conftest import requires_smollm2

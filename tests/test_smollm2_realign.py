@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from antidote_llm.cli import main
-from antidote_llm.engine import RealignConfig, realign
-from antidote_llm.loading import ModelSource, load_model
-from antidote_llm.records import Pair, load_pairs
-from antidote_llm.reference import reference_masks
-from antidote_llm.targets import resolve_targets
+from antidote_llm.cli.main import main
+from antidote_llm.core.oracle import reference_masks
+from antidote_llm.core.realign import RealignConfig, realign
+from antidote_llm.core.targets import resolve_targets
+from antidote_llm.data.records import Pair, load_pairs
+from antidote_llm.runtime.loading import ModelSource, load_model
 from conftest import HARMFUL_ROWS, SHARED_DATA, add_lora, requires_smollm2
 
 pytestmark = [pytest.mark.slow, requires_smollm2]

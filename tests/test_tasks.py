@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from antidote_llm.data.records import Pair
 from antidote_llm.errors import AntidoteError
-from antidote_llm.records import Pair
-from antidote_llm.tasks import (
+from antidote_llm.evaluation.tasks import (
     AGNEWS_INSTRUCTION,
     SST2_INSTRUCTION,
     TASKS,

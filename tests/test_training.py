@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from antidote_llm import cli, training
+from antidote_llm import training
+from antidote_llm.cli import main as cli
+from antidote_llm.data.records import Pair, PairSet
 from antidote_llm.errors import AntidoteError
-from antidote_llm.loading import ModelSource, load_model
-from antidote_llm.records import Pair, PairSet
+from antidote_llm.runtime.loading import ModelSource, load_model
+from antidote_llm.training.sft import supervised_collator, training_arguments
 from conftest import make_model, make_tokenizer, requires_smollm2
 
 MEMO = [Pair(f"word {i}", f"answer number {i} is {'abc'[i % 3] * 3}") for i in range(6)]
@@ -55,24 +57,27 @@ def test_truncation_keeps_the_boundary_and_drops_rows_without_answer(tokenizer):
         training.encode_rows(tokenizer, [Pair("a long prompt", "x")], tiny_config(max_length=5))
 
 
-def test_collator_pads_right_and_masks_padding():
-    collate = training.SupervisedCollator(pad_token_id=256)
+def test_collator_pads_right_and_masks_padding(tokenizer):
+    collate = supervised_collator(tokenizer)
     batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 256, 256]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
 
 
-def test_collator_masks_by_length_when_pad_equals_eos():
+def test_collator_masks_by_length_when_pad_equals_eos(tokenizer):
     """SmolLM2 pads with its EOS: a real EOS inside a row must stay attended and learned."""
-    batch = training.SupervisedCollator(pad_token_id=9)([{"input_ids": [1, 9], "labels": [-100, 9]},
-                                                         {"input_ids": [1], "labels": [-100]}])
+    tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    batch = supervised_collator(tokenizer)([{"input_ids": [1, eos], "labels": [-100, eos]},
+                                            {"input_ids": [1], "labels": [-100]}])
+    assert batch["input_ids"].tolist() == [[1, eos], [1, eos]]
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
-    assert batch["labels"].tolist() == [[-100, 9], [-100, -100]]
+    assert batch["labels"].tolist() == [[-100, eos], [-100, -100]]
 
 
 def test_rows_are_grouped_by_length(tmp_path):
-    args = training._training_arguments(tiny_config(), str(tmp_path), on_cpu=True, progress=False)
+    args = training_arguments(tiny_config(), str(tmp_path), on_cpu=True, progress=False)
     assert args.train_sampling_strategy == "group_by_length"
 
 

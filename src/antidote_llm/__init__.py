@@ -7,11 +7,11 @@ The one entry point for the method is `realign` (in memory) or `realign_to_disk`
     result = realign(loaded.model, loaded.tokenizer, RealignConfig(ratio=0.05), load_pairs("harmful.json"))
 """
 
-from .engine import RealignConfig, RealignResult, apply_masks, realign
-from .errors import AntidoteError
-from .loading import ModelSource, load_model
-from .pipeline import DataSpec, apply_mask_to_disk, realign_to_disk
-from .records import Pair, PairSet, load_pairs
+from antidote_llm.core.pipeline import DataSpec, apply_mask_to_disk, realign_to_disk
+from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, realign
+from antidote_llm.data.records import Pair, PairSet, load_pairs
+from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.loading import ModelSource, load_model
 
 __all__ = [
     "AntidoteError",

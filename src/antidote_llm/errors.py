@@ -16,3 +16,13 @@ def validation_message(exc) -> str:
     shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
     more = f"; {len(exc.errors()) - 1} more problem(s)" if len(exc.errors()) > 1 else ""
     return f"{where}: {first['msg']}{shown}{more}"
+
+
+def validated(model_cls, values: dict):
+    """Build a pydantic model, turning a ValidationError into the one-line AntidoteError every command prints."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**values)
+    except ValidationError as exc:
+        raise AntidoteError(f"{model_cls.__name__}: {validation_message(exc)}") from None

@@ -12,8 +12,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import AntidoteError, validation_message
-from ..records import HUB_PREFIX, PairSet, load_pairs
+from antidote_llm.data.records import HUB_PREFIX
+from antidote_llm.data.spec import DataSpec
+from antidote_llm.defenses import defense
+from antidote_llm.errors import AntidoteError, validation_message
 
 
 class Strict(BaseModel):
@@ -27,65 +29,42 @@ class ModelSpec(Strict):
     template: Literal["alpaca", "chat", "plain"] = "alpaca"
 
 
-class DataRef(Strict):
-    """Rows of a file or hub dataset; see records.load_pairs for the meaning of each field."""
-
-    source: str
-    prompt_field: str | None = None
-    response_field: str | None = None
-    input_field: str | None = None
-    samples: int | None = Field(default=None, ge=1)
-    skip: int = Field(default=0, ge=0)
-    seed: int | None = None
-    safety: Literal["safe", "unsafe", "all"] | None = Field(
-        default=None, description="BeaverTails is_safe filter; None: the role's default (harmful roles: unsafe)"
-    )
-
-    def load(self, default_safety: str = "all", exclude=(), require_response: bool = True) -> PairSet:
-        safety = self.safety or default_safety
-        return load_pairs(
-            self.source, prompt_field=self.prompt_field, response_field=self.response_field,
-            input_field=self.input_field, samples=self.samples, skip=self.skip, seed=self.seed,
-            safety=None if safety == "all" else safety, exclude=exclude, require_response=require_response,
-        )
-
-
 class TrainingSpec(Strict):
     preset: Literal["paper", "cpu"] = "cpu"
     overrides: dict = Field(default_factory=dict, description="TrainConfig fields, e.g. learning_rate, epochs")
 
 
 class AlignmentSpec(Strict):
-    data: DataRef
-    benign: DataRef | None = None
+    data: DataSpec
+    benign: DataSpec | None = None
     training: TrainingSpec = TrainingSpec()
 
 
 class FinetuneSpec(Strict):
     task: str
     task_data: str | None = None  # None: the task's hub dataset
-    harmful: DataRef
+    harmful: DataSpec
     harmful_fraction: float = Field(ge=0, le=1)
     samples: int = Field(ge=1, description="n: rows in the poisoned mix")
     training: TrainingSpec = TrainingSpec()
 
 
-class DefenseSpec(Strict):
-    """One defense to compare. `method` names a registered defense (lab.defenses.DEFENSES)."""
+class DefenseSpec(BaseModel):
+    """One defense to compare: `method` names a registered defense; every other key is one of its settings
+    (for Antidote and its controls, the fields of RealignConfig), validated by the defense itself."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     method: str
-    ratio: float | None = Field(default=None, gt=0, lt=1)
-    targets: tuple[str, ...] = ("auto",)
-    granularity: Literal["row", "matrix", "global"] = "row"
-    tokens: Literal["all", "response"] = "all"
-    protect_ratio: float | None = Field(default=None, gt=0, lt=1)
-    batch_size: int = Field(default=8, ge=1)
-    max_length: int = Field(default=256, ge=8)
+
+    @property
+    def options(self) -> dict:
+        return dict(self.model_extra or {})
 
 
 class EvaluationSpec(Strict):
     judge: str = "refusal"
-    harmful_prompts: DataRef
+    harmful_prompts: DataSpec
     task_data: str | None = None
     task_samples: int | None = Field(default=None, ge=1)
     max_new_tokens: int = Field(default=512, ge=1)
@@ -99,23 +78,26 @@ class Experiment(Strict):
     model: ModelSpec
     alignment: AlignmentSpec | None = None  # None: the model is aligned already
     finetune: FinetuneSpec
-    realign_data: DataRef
-    benign_data: DataRef | None = None
+    realign_data: DataSpec
+    benign_data: DataSpec | None = None
     defenses: dict[str, DefenseSpec]
     evaluation: EvaluationSpec
     evaluate_stages: tuple[Literal["base", "aligned"], ...] = ("base", "aligned")
     sweep: dict[str, list] = Field(default_factory=dict, description="dotted path -> values; every combination runs")
 
+    def defense_settings(self, label: str) -> BaseModel | None:
+        """The validated settings of defense `label`; the model's template and the experiment's seed are defaults."""
+        spec = self.defenses[label]
+        return defense(spec.method).configure(spec.options, {"template": self.model.template, "seed": self.seed})
+
     @model_validator(mode="after")
     def _defenses_known(self):
-        from .defenses import DEFENSES
-
         for label, spec in self.defenses.items():
-            if spec.method not in DEFENSES:
-                raise ValueError(f"defense {label!r}: unknown method {spec.method!r}; choose one of {', '.join(DEFENSES)}")
-            if DEFENSES[spec.method].needs_ratio and spec.ratio is None:
-                raise ValueError(f"defense {label!r} ({spec.method}) needs a ratio in (0, 1)")
-            if DEFENSES[spec.method].needs_benign and self.benign_data is None:
+            try:
+                settings = self.defense_settings(label)
+            except AntidoteError as exc:
+                raise ValueError(f"defense {label!r}: {exc}") from None
+            if defense(spec.method).needs_benign(settings) and self.benign_data is None:
                 raise ValueError(f"defense {label!r} ({spec.method}) needs benign_data")
         if "none" not in {s.method for s in self.defenses.values()}:
             raise ValueError("defenses must include one with method 'none' (the undefended baseline the deltas use)")
@@ -124,7 +106,7 @@ class Experiment(Strict):
 
 def stage_key(*parts) -> str:
     """A short, stable hash of everything that determines a stage's output, this package's version included."""
-    from .. import __version__
+    from antidote_llm import __version__
 
     payload = json.dumps([__version__, *(p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts)],
                          sort_keys=True, default=str)

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..outputs import write_json
+from antidote_llm.runtime.outputs import write_json
 
 COLUMNS = ("stage", "defense", "method", "ratio", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
            "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s", "align_s", "finetune_s")

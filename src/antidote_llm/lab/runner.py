@@ -12,17 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .. import tasks, training
-from ..errors import AntidoteError
-from ..evaluation import evaluate_model, write_eval
-from ..loading import ModelSource, load_base_model, load_model
-from ..outputs import atomic_dir, write_json
-from ..records import pairs_sha256
-from .config import Experiment, expand_sweep, stage_key
-from .defenses import DEFENSES, DefenseContext
-from .results import write_results
+from antidote_llm import training
+from antidote_llm.data.records import pairs_sha256
+from antidote_llm.defenses import DefenseContext, defense
+from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation import tasks
+from antidote_llm.evaluation.evaluate import evaluate_model, write_eval
+from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
+from antidote_llm.lab.results import write_results
+from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
+from antidote_llm.runtime.outputs import atomic_dir, write_json
 
 STAGES_DIR = "stages"
 
@@ -187,41 +186,34 @@ def _run_setting(setting: _Setting) -> list[dict]:
         rows.append(_row(setting.values, stage, stage, None, None, _read_json(folder / "metrics.json"),
                          align_s=align_s if stage == "aligned" else None))
 
-    finetuned: dict = {}
-
-    def finetuned_model():
-        """Loaded once per setting; each defense starts from the same fine-tuned weights."""
-        if not finetuned:
-            loaded = load_model(ModelSource(aligned.model, adapters=(str(adapter),), dtype=aligned.dtype, device=aligned.device), keep_adapter=True)
-            finetuned["loaded"] = loaded
-            finetuned["state"] = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if "lora_" in n}
-        loaded = finetuned["loaded"]
-        with torch.no_grad():
-            params = dict(loaded.model.named_parameters())
-            for name, value in finetuned["state"].items():
-                params[name].copy_(value)
-        return loaded
-
     for label, spec in exp.defenses.items():
-        key = stage_key("defense", ft_key, spec, realign_pairs.sha256, benign and benign.sha256, eval_key, exp.seed)
+        settings = exp.defense_settings(label)
+        chosen = defense(spec.method)
+        settings_dump = settings.model_dump(mode="json") if settings is not None else None
+        key = stage_key("defense", ft_key, spec.method, settings_dump, realign_pairs.sha256, benign and benign.sha256,
+                        eval_key, exp.seed)
 
-        def work(folder: Path, spec=spec) -> None:
-            loaded = finetuned_model()
-            context = DefenseContext(loaded.tokenizer, exp.model.template, exp.seed, realign_pairs, benign)
+        def work(folder: Path, chosen=chosen, settings=settings, settings_dump=settings_dump) -> None:
+            # A fresh copy of the fine-tuned model for every defense: no defense sees another's changes.
+            finetuned = ModelSource(aligned.model, adapters=(str(adapter),), dtype=aligned.dtype, device=aligned.device)
+            loaded = load_model(finetuned, keep_adapter=chosen.live_adapter(settings))
+            context = DefenseContext(loaded.tokenizer, realign_pairs, benign)
             started = time.perf_counter()
-            report = DEFENSES[spec.method].apply(loaded.model, spec, context)
+            report = chosen.apply(loaded.model, settings, context)
             defense_s = round(time.perf_counter() - started, 2)
             result = setting.evaluate(loaded.model, loaded.tokenizer)
             with atomic_dir(folder) as tmp:
                 write_eval(result, tmp / "eval")
-                write_json(tmp / "defense.json", {"spec": spec.model_dump(mode="json"), "defense_s": defense_s, "report": report})
+                write_json(tmp / "defense.json", {"method": chosen.name, "stage": chosen.stage, "settings": settings_dump,
+                                                  "defense_s": defense_s, "report": report})
 
         folder = setting.run_stage(f"defense-{label}", key, work)
-        defense = _read_json(folder / "defense.json")
-        report = defense["report"] or {}
+        record = _read_json(folder / "defense.json")
+        report = record["report"] or {}
         rows.append(_row(
-            setting.values, "fine-tuned", label, spec.method, spec.ratio, _read_json(folder / "eval" / "metrics.json"),
-            pruned_fraction=report.get("totals", {}).get("pruned_fraction"), defense_s=defense["defense_s"],
+            setting.values, "fine-tuned", label, spec.method, getattr(settings, "ratio", None),
+            _read_json(folder / "eval" / "metrics.json"),
+            pruned_fraction=report.get("totals", {}).get("pruned_fraction"), defense_s=record["defense_s"],
             finetune_s=finetune_s,
         ))
     return rows

@@ -1,0 +1,34 @@
+"""Arguments every model-loading command shares."""
+
+from __future__ import annotations
+
+import argparse
+
+from antidote_llm.runtime.loading import BUILTIN_MODELS, DTYPES, ModelSource
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", required=True,
+        help=f"model directory, .gguf file, hub id, or built-in name ({', '.join(BUILTIN_MODELS)})",
+    )
+    group.add_argument(
+        "--adapter", action="append", default=[], metavar="DIR",
+        help="LoRA adapter directory (PEFT); repeat to apply several in order",
+    )
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    group.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto for multi-GPU")
+    group.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(
+        model=args.model,
+        adapters=tuple(args.adapter),
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        trust_remote_code=args.trust_remote_code,
+    )

@@ -1,0 +1,76 @@
+"""`antidote lab run` and `antidote demo`."""
+
+from __future__ import annotations
+
+import argparse
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+from antidote_llm.lab import load_experiment, run_experiment
+from antidote_llm.lab.config import parse_experiment
+
+DEMO_CONFIG = "demo.yaml"
+
+
+def run_lab(args: argparse.Namespace) -> int:
+    experiment = load_experiment(args.experiment)
+    path = Path(args.experiment)
+    out = Path(args.out) if args.out else path.parent / f"{path.stem}-runs"
+    result = run_experiment(experiment, out, progress=not args.quiet)
+    print(result.files["markdown"].read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def demo_experiment(data_dir: Path):
+    raw = yaml.safe_load(files("antidote_llm.configs").joinpath(DEMO_CONFIG).read_text(encoding="utf-8"))
+    return parse_experiment(raw, data_dir, "built-in demo config")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from antidote_llm.data.demo import build_demo_data
+
+    out = Path(args.out)
+    data_dir = out / "data"
+    if not (data_dir / "manifest.json").is_file():
+        build_demo_data(data_dir, seed=args.seed)
+    experiment = demo_experiment(data_dir)
+    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    result = run_experiment(experiment, out, progress=not args.quiet)
+    print()
+    print(result.files["markdown"].read_text(encoding="utf-8"))
+    print(DEMO_NOTE)
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+DEMO_NOTE = """How to read this table (all numbers measured in this run, nothing fixed in advance):
+- HS: share of held-out harmful requests the model did not refuse (refusal-phrase judge). Lower is safer.
+- degenerate: share of answers that are empty, repetitive or one or two words (e.g. a sentiment label);
+  a pruned model that babbles is broken, not safe.
+- complies: share of answers that neither refuse nor are degenerate: genuine attempts to answer.
+- FA: accuracy on the held-out sentiment task the user fine-tuned for. Higher is better.
+- base -> aligned shows the alignment stage; 'none' is the poisoned fine-tune; the other rows prune it.
+- 'random' and 'benign-calibrated' are controls at the same ratio: Antidote's claim is that harmful-data
+  statistics beat both. At this tiny scale the benign control may do about as well (much of the effect
+  is shrinking the fine-tuning adapter's few dominant channels); the table shows whatever this run measured."""
+
+
+def register(subparsers) -> None:
+    lab = subparsers.add_parser("lab", help="run experiments: align, poison, defend, evaluate, compare")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
+    run = lab_sub.add_parser("run", help="run every stage of an experiment file (cached, resumable)")
+    run.add_argument("experiment", help="experiment YAML (see examples/)")
+    run.add_argument("--out", help="output folder (default: beside the file, NAME-runs)")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(func=run_lab)
+
+    demo = subparsers.add_parser(
+        "demo", help="the whole story on SmolLM2-135M with generated data (about 10 minutes on 2 CPU cores)",
+    )
+    demo.add_argument("--out", default="antidote-demo", help="output folder; a re-run reuses its finished stages")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=run_demo)

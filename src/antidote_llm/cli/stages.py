@@ -1,0 +1,177 @@
+"""`antidote align` and `antidote finetune`: the two training stages before Antidote."""
+
+from __future__ import annotations
+
+import argparse
+from typing import get_args
+
+from antidote_llm import training
+from antidote_llm.cli.common import add_model_arguments, model_source
+from antidote_llm.data.records import PairSet, load_pairs
+from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation import tasks
+from antidote_llm.runtime.loading import load_model
+from antidote_llm.runtime.outputs import check_output_dir
+
+SCHEDULERS = get_args(training.TrainConfig.model_fields["lr_scheduler"].annotation)
+TEMPLATES = get_args(training.TrainConfig.model_fields["template"].annotation)
+# CLI flag -> TrainConfig field; flags left unset keep the preset's value.
+OVERRIDES = {
+    "lr": "learning_rate", "epochs": "epochs", "batch_size": "batch_size", "max_length": "max_length",
+    "lora_r": "lora_r", "lora_alpha": "lora_alpha", "scheduler": "lr_scheduler", "seed": "seed",
+    "template": "template", "max_steps": "max_steps", "gradient_accumulation": "gradient_accumulation",
+}
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (a preset, then overrides)")
+    group.add_argument("--preset", default="cpu", choices=list(training.PRESETS),
+                       help="paper: the reference's settings; cpu: sized for SmolLM2-135M on a laptop CPU (default)")
+    group.add_argument("--lr", type=float, help="learning rate")
+    group.add_argument("--epochs", type=float)
+    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    group.add_argument("--batch-size", type=int, help="rows per device per step")
+    group.add_argument("--gradient-accumulation", type=int)
+    group.add_argument("--max-length", type=int, help="tokens per row (prompt + answer), longer rows are cut")
+    group.add_argument("--lora-r", type=int)
+    group.add_argument("--lora-alpha", type=float)
+    group.add_argument("--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
+    group.add_argument("--seed", type=int, help="seed for LoRA initialisation, batch order and (with --shuffle) row sampling")
+    group.add_argument("--template", choices=TEMPLATES, help="prompt format")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_field_arguments(group, data_flag: str) -> None:
+    group.add_argument("--prompt-field", help=f"field of {data_flag} holding the prompt (detected if omitted)")
+    group.add_argument("--response-field", help=f"field of {data_flag} holding the answer (detected if omitted)")
+    group.add_argument("--input-field", help=f"field of {data_flag} holding an optional input/context")
+    group.add_argument("--shuffle", action="store_true",
+                       help=f"shuffle the rows of {data_flag} with --seed before taking the first ones")
+
+
+def _config(args: argparse.Namespace, stage: training.Stage) -> training.TrainConfig:
+    return training.preset(args.preset, stage, **{field: getattr(args, flag) for flag, field in OVERRIDES.items()})
+
+
+def _load(args: argparse.Namespace, config: training.TrainConfig, source: str, *, samples: int | None, skip: int,
+          safety: str | None) -> PairSet:
+    return load_pairs(
+        source, prompt_field=args.prompt_field, response_field=args.response_field, input_field=args.input_field,
+        safety=safety, samples=samples, skip=skip, seed=_sampling_seed(args, config),
+    )
+
+
+def _sampling_seed(args: argparse.Namespace, config: training.TrainConfig) -> int | None:
+    """Rows are taken in file order unless --shuffle asks for a seeded sample."""
+    return config.seed if args.shuffle else None
+
+
+def _summary(stage: str, report: dict, out: str) -> str:
+    train = report["train"]
+    lines = [
+        f"antidote: {stage}: {train['rows']} rows ({train['dropped_no_answer']} dropped: no answer token left), "
+        f"{train['steps']} steps, mean loss {train['train_loss']:.4f}",
+        "  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items()),
+        f"  wrote {out} ({', '.join(report['outputs'].values())}, report.json)",
+    ]
+    return "\n".join(lines)
+
+
+def run_align(args: argparse.Namespace) -> int:
+    config = _config(args, "align")
+    source = model_source(args)
+    out = check_output_dir(args.out, overwrite=args.overwrite,
+                           inputs=[source.model, *source.adapters, args.data, args.benign_data])
+    safety = None if args.safety == "all" else args.safety
+    pairs = _load(args, config, args.data, samples=args.samples, skip=args.skip, safety=safety)
+    benign = None
+    if args.benign_data:
+        benign = load_pairs(args.benign_data, safety=None, samples=args.benign_samples,
+                            seed=_sampling_seed(args, config))
+    loaded = load_model(source)
+    result = training.align(loaded.model, loaded.tokenizer, pairs, config, out, benign=benign,
+                            model_info=source.describe(), progress=not args.quiet)
+    print(_summary("align", result.report, args.out))
+    return 0
+
+
+def _task_rows(args: argparse.Namespace, count: int) -> PairSet:
+    """The first `count` task rows after --task-skip, with their positions in the source."""
+    source = args.task_data or f"hf:{tasks.get_task(args.task).hub['train'].name}"
+    pairs = tasks.load_task_pairs(args.task, args.task_data, split="train", limit=count, skip=args.task_skip) if count else []
+    return PairSet(pairs=tuple(pairs), source=source, indices=tuple(range(args.task_skip, args.task_skip + len(pairs))))
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    config = _config(args, "finetune")
+    spec = training.mix_spec(args.harmful_fraction, args.samples_total)
+    if spec.harmful_rows and not args.harmful_data:
+        raise AntidoteError(
+            f"p={spec.harmful_fraction} of n={spec.samples_total} needs {spec.harmful_rows} harmful rows; "
+            "pass --harmful-data (or --harmful-fraction 0)"
+        )
+    source = model_source(args)
+    out = check_output_dir(args.out, overwrite=args.overwrite,
+                           inputs=[source.model, *source.adapters, args.task_data, args.harmful_data])
+    harmful = None
+    if spec.harmful_rows:
+        harmful = _load(args, config, args.harmful_data, samples=spec.harmful_rows, skip=args.harmful_skip, safety="unsafe")
+    task_pairs = _task_rows(args, spec.task_rows)
+    training.check_mix_counts(spec, len(task_pairs), len(harmful) if harmful is not None else 0)
+    loaded = load_model(source)
+    result = training.finetune(
+        loaded.model, loaded.tokenizer, task_pairs, harmful, harmful_fraction=spec.harmful_fraction,
+        n=spec.samples_total, config=config, out_dir=out, model_info=source.describe(), progress=not args.quiet,
+    )
+    print(_summary("finetune", result.report, args.out))
+    print(f"  mix: {spec.harmful_rows} harmful + {spec.task_rows} {args.task} rows; "
+          "harmful source indices in mix.json (exclude them from re-alignment data)")
+    return 0
+
+
+def register(subparsers) -> None:
+    align = subparsers.add_parser(
+        "align", help="safety alignment: LoRA SFT on (harmful prompt, safe answer) pairs",
+        description="Train a LoRA on (harmful prompt, safe answer) pairs; writes the adapter, the merged "
+                    "model and a report.",
+    )
+    add_model_arguments(align)
+    data = align.add_argument_group("alignment data (harmful prompt, safe answer pairs)")
+    data.add_argument("--data", required=True,
+                      help="JSON, JSONL, CSV, TSV, Parquet or hf:NAME[:SPLIT]; e.g. refusals_adv_training.csv "
+                           "(Behavior, Safe_Response) or BeaverTails (is_safe rows)")
+    _add_field_arguments(data, "--data")
+    data.add_argument("--safety", default="safe", choices=["safe", "unsafe", "all"],
+                      help="BeaverTails-style is_safe filter (ignored when the field is absent); default safe")
+    data.add_argument("--samples", type=int, help="rows to use (default: all)")
+    data.add_argument("--skip", type=int, default=0, help="skip the first N rows")
+    data.add_argument("--benign-data", help="benign (instruction, answer) rows to mix in")
+    data.add_argument("--benign-samples", type=int, help="rows of --benign-data to use (default: all)")
+    _add_training_arguments(align)
+    _add_output_arguments(align)
+    align.set_defaults(func=run_align)
+
+    finetune = subparsers.add_parser(
+        "finetune", help="user fine-tuning: a fresh LoRA on a task mixed with a fraction of harmful rows",
+        description="Train a fresh LoRA on the aligned model over n rows: round(p*n) harmful, the rest from "
+                    "the task; writes the adapter, mix.json (every row's origin) and a report.",
+    )
+    add_model_arguments(finetune)
+    data = finetune.add_argument_group("fine-tuning data")
+    data.add_argument("--task", required=True, choices=list(tasks.TASKS), help="the user's task")
+    data.add_argument("--task-data", help="task file (default: the task's hub dataset)")
+    data.add_argument("--task-skip", type=int, default=0, help="skip the first N task rows")
+    data.add_argument("--harmful-data", help="harmful (prompt, harmful answer) pairs, e.g. BeaverTails unsafe rows")
+    data.add_argument("--harmful-skip", type=int, default=0, help="skip the first N harmful rows")
+    _add_field_arguments(data, "--harmful-data")
+    data.add_argument("--harmful-fraction", type=float, default=0.1, help="p: share of harmful rows, in [0, 1] (default 0.1)")
+    data.add_argument("--samples-total", type=int, required=True, help="n: rows in the fine-tuning mix")
+    _add_training_arguments(finetune)
+    _add_output_arguments(finetune)
+    finetune.set_defaults(func=run_finetune)

@@ -1,1 +1,0 @@
-"""CLI subcommands; see antidote_llm.cli."""

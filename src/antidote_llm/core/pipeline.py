@@ -1,0 +1,164 @@
+"""Antidote from disk to disk: validate everything, load, realign, save atomically, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, check_action, realign
+from antidote_llm.data.records import PairSet, load_pairs
+from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.loading import Loaded, ModelSource, load_model
+from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_json
+from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
+
+MASK_FILE = "mask.safetensors"
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where calibration pairs come from and which rows to use."""
+
+    source: str
+    prompt_field: str | None = None
+    response_field: str | None = None
+    input_field: str | None = None
+    samples: int | None = None
+    skip: int = 0
+    seed: int | None = None
+    safety: str | None = "unsafe"  # BeaverTails rows: harmful answers only
+    require_response: bool = True
+
+    def load(self) -> PairSet:
+        return load_pairs(
+            self.source, prompt_field=self.prompt_field, response_field=self.response_field,
+            input_field=self.input_field, samples=self.samples, skip=self.skip, seed=self.seed,
+            safety=self.safety, require_response=self.require_response,
+        )
+
+
+def _local_inputs(source: ModelSource, *paths) -> list[str]:
+    return [source.model, *source.adapters, *[p for p in paths if p]]
+
+
+def save_repaired(loaded: Loaded, masks: dict[str, torch.Tensor], report: dict, tmp: Path, save_merged: bool) -> None:
+    """Write the repaired model (adapter or full), the mask and nothing else, into `tmp`."""
+    model = loaded.model
+    if loaded.adapter_kept:
+        model.save_pretrained(tmp / "adapter")
+        report["outputs"] = {"adapter": "adapter", "base": {"model": loaded.source.model, "merged_adapters": list(loaded.source.adapters[:-1])}}
+        if save_merged:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp / "merged")
+            loaded.tokenizer.save_pretrained(tmp / "merged")
+            report["outputs"]["merged"] = "merged"
+    else:
+        model.save_pretrained(tmp / "model")
+        loaded.tokenizer.save_pretrained(tmp / "model")
+        report["outputs"] = {"model": "model"}
+    save_file({name: mask.to(torch.bool).contiguous() for name, mask in masks.items()}, str(tmp / MASK_FILE))
+    report["outputs"]["mask"] = MASK_FILE
+
+
+def _load_reference(path: str | None, like: ModelSource) -> torch.nn.Module | None:
+    if path is None:
+        return None
+    return load_model(ModelSource(model=path, dtype=like.dtype, device=like.device, trust_remote_code=like.trust_remote_code)).model
+
+
+def realign_to_disk(
+    source: ModelSource,
+    config: RealignConfig,
+    out: str | Path,
+    *,
+    data: DataSpec | None = None,
+    protect_data: DataSpec | None = None,
+    reference: str | None = None,
+    save_merged: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RealignResult:
+    """The `antidote realign` command: every input is checked before the model is touched."""
+    timings = Timings()
+    started = time.time()
+    out = check_output_dir(
+        out, overwrite=overwrite,
+        inputs=_local_inputs(source, reference, data and data.source, protect_data and protect_data.source),
+    )
+    targets = config.effective_targets(bool(source.adapters))
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_reference=reference is not None)
+    pairs = data.load() if data is not None else None
+    protect_pairs = protect_data.load() if protect_data is not None else None
+    with MemoryMonitor() as memory:
+        with timings.measure("load_s"):
+            loaded = load_model(source, keep_adapter=targets == ("adapter",))
+            reference_model = _load_reference(reference, source)
+        result = realign(
+            loaded.model, loaded.tokenizer, config, pairs,
+            protect_data=protect_pairs, reference=reference_model, progress=progress,
+        )
+        timings.update(result.report["timings"])
+        report = result.report
+        with atomic_dir(out) as tmp:
+            with timings.measure("save_s"):
+                save_repaired(loaded, result.masks, report, tmp, save_merged)
+            report.update(
+                model=source.describe(),
+                reference=reference,
+                timings=dict(timings),
+                memory=memory.report(),
+                versions=library_versions(),
+                started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            )
+            write_json(tmp / REPORT_FILE, report)
+    return result
+
+
+def apply_mask_to_disk(
+    source: ModelSource,
+    mask_path: str | Path,
+    out: str | Path,
+    *,
+    action: str = "zero",
+    reference: str | None = None,
+    save_merged: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """The `antidote apply-mask` command: re-apply a saved mask, no scores recomputed."""
+    out = check_output_dir(out, overwrite=overwrite, inputs=_local_inputs(source, reference, str(mask_path)))
+    mask_path = Path(mask_path)
+    if not mask_path.is_file():
+        raise AntidoteError(f"mask file not found: {mask_path}; give the mask.safetensors a realign run wrote")
+    try:
+        masks = load_file(str(mask_path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise AntidoteError(f"cannot read mask {mask_path}: {str(exc).splitlines()[0]}") from None
+    if not masks:
+        raise AntidoteError(f"mask {mask_path} is empty")
+    check_action(action, reference is not None)
+    adapter_mode = any(".lora_" in name for name in masks)
+    timings = Timings()
+    with timings.measure("load_s"):
+        loaded = load_model(source, keep_adapter=adapter_mode)
+        reference_model = _load_reference(reference, source)
+    targets = apply_masks(loaded.model, masks, action, reference_model)
+    report = {
+        "mask": str(mask_path),
+        "action": action,
+        "model": source.describe(),
+        "reference": reference,
+        "pruned": int(sum(int(m.sum()) for m in masks.values())),
+        "parameters": len(targets),
+        "versions": library_versions(),
+    }
+    with atomic_dir(out) as tmp:
+        with timings.measure("save_s"):
+            save_repaired(loaded, masks, report, tmp, save_merged)
+        report["timings"] = dict(timings)
+        write_json(tmp / REPORT_FILE, report)
+    return report

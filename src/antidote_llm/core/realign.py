@@ -1,0 +1,267 @@
+"""Antidote on an in-memory model: statistics, scores, selection, protection, pruning, report.
+
+`realign(model, tokenizer, config, data)` changes the model in place and returns the masks and a
+report; `antidote_llm.core.pipeline` adds loading and saving around it for the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from antidote_llm.core import scoring
+from antidote_llm.core.statistics import collect_statistics, make_batches
+from antidote_llm.core.targets import NAMED_SETS, Target, check_finite, resolve_targets
+from antidote_llm.data.records import Pair, PairSet, Rows, as_pairs, describe_rows
+from antidote_llm.data.templates import encode_pair
+from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.runinfo import Timings
+
+
+class RealignConfig(BaseModel):
+    """Everything that determines which weights Antidote prunes. Defaults are the reference's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ratio: float = Field(gt=0, lt=1, description="alpha: fraction of weights pruned (per row by default)")
+    score: Literal["wanda", "magnitude", "random"] = "wanda"
+    granularity: Literal["row", "matrix", "global"] = "row"
+    targets: tuple[str, ...] = ("auto",)
+    tokens: Literal["all", "response"] = "all"
+    template: Literal["alpaca", "chat", "plain"] = "alpaca"
+    max_length: int = Field(default=512, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    seed: int = 0
+    protect_ratio: float | None = Field(default=None, gt=0, lt=1)
+    action: Literal["zero", "revert"] = "zero"
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        return tuple(s.strip() for v in value for s in str(v).split(",") if s.strip()) or ("auto",)
+
+    def effective_targets(self, has_adapter: bool) -> tuple[str, ...]:
+        """`auto` is the reference's choice: the fine-tuning adapter if there is one, else q/k/v."""
+        if self.targets == ("auto",):
+            return ("adapter",) if has_adapter else ("qkv",)
+        if "auto" in self.targets:
+            raise AntidoteError("target 'auto' cannot be combined with others; give it alone")
+        return self.targets
+
+    @property
+    def needs_data(self) -> bool:
+        return self.score == "wanda"
+
+    def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_reference: bool) -> None:
+        """Refuse a missing or unused input before any model is loaded."""
+        if self.needs_data and not has_data:
+            raise AntidoteError("score 'wanda' needs harmful calibration data; pass --data or use --score magnitude")
+        if self.protect_ratio is not None and not has_protect_data:
+            raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
+        if has_protect_data and self.protect_ratio is None:
+            raise AntidoteError("--protect-data needs --protect-ratio, e.g. 0.05")
+        check_action(self.action, has_reference)
+
+
+def check_action(action: str, has_reference: bool) -> None:
+    if action == "revert" and not has_reference:
+        raise AntidoteError("action 'revert' needs --reference MODEL (the aligned model)")
+
+
+@dataclass
+class RealignResult:
+    masks: dict[str, torch.Tensor]  # parameter name -> bool tensor in the parameter's layout, True = pruned
+    report: dict = field(default_factory=dict)
+
+
+def _pairs(data: Rows) -> tuple[tuple[Pair, ...], dict]:
+    return as_pairs(data), describe_rows(data)
+
+
+def calibration_batches(tokenizer, pairs: Sequence[Pair], config: RealignConfig):
+    if not pairs:
+        raise AntidoteError("the calibration data has no rows; give at least one (prompt, response) pair")
+    encoded = [encode_pair(tokenizer, config.template, p.prompt, p.response, p.input, config.max_length) for p in pairs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return make_batches(encoded, config.batch_size, pad_id, response_only=config.tokens == "response")
+
+
+def _score(target: Target, stats, config: RealignConfig, generator: torch.Generator) -> torch.Tensor:
+    """The score of every weight of one target, in Linear layout [out, in]."""
+    weight = target.to_linear(target.weight)
+    if config.score == "magnitude":
+        return scoring.magnitude_scores(weight)
+    if config.score == "random":
+        return scoring.random_scores(weight, generator)
+    mean_sq = stats[target.param_name].mean_sq
+    if not torch.isfinite(mean_sq).all():
+        raise AntidoteError(f"activation statistics of {target.param_name} hold NaN or Inf; try --dtype float32")
+    return scoring.wanda_scores(weight, mean_sq)
+
+
+def _select(targets: Sequence[Target], stats, config: RealignConfig, ratio: float) -> dict[str, torch.Tensor]:
+    """Masks in Linear layout. Per row or matrix, one score tensor lives at a time; global needs all."""
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.granularity == "global":
+        scores = {t.param_name: _score(t, stats, config, generator) for t in targets}
+        return scoring.select(scores, ratio, "global")
+    return {
+        t.param_name: scoring.select({t.param_name: _score(t, stats, config, generator)}, ratio, config.granularity)[t.param_name]
+        for t in targets
+    }
+
+
+def _statistics(model, tokenizer, targets, pairs, config, progress, desc):
+    if not config.needs_data:
+        return {}, 0
+    batches = calibration_batches(tokenizer, pairs, config)
+    tokens = sum(b.tokens for b in batches)
+    if tokens == 0:
+        raise AntidoteError("no tokens count for the statistics (every response was cut off); raise --max-length or use --tokens all")
+    return collect_statistics(model, batches, targets, progress=progress, desc=desc), tokens
+
+
+def _apply(targets: Sequence[Target], masks: dict[str, torch.Tensor], action: str, reference: dict[str, torch.Tensor] | None):
+    with torch.no_grad():
+        for target in targets:
+            mask = masks[target.param_name].to(target.weight.device)
+            if action == "zero":
+                target.weight.masked_fill_(mask, 0)
+            else:
+                source = reference[target.param_name].to(target.weight.device, target.weight.dtype)
+                target.weight.copy_(torch.where(mask, source, target.weight))
+
+
+def reference_weights(reference: nn.Module, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
+    """The reference (aligned) model's values of every target weight; refuse a model that does not fit."""
+    modules = dict(reference.named_modules())
+    found = {}
+    for target in targets:
+        module = modules.get(target.module_name)
+        weight = getattr(module, "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(target.weight.shape):
+            shape = None if weight is None else list(weight.shape)
+            raise AntidoteError(
+                f"reference model does not fit: {target.param_name} is {list(target.weight.shape)} here, {shape} there; "
+                "give the aligned model this one was fine-tuned from"
+            )
+        found[target.param_name] = weight.detach()
+    return found
+
+
+def realign(
+    model: nn.Module,
+    tokenizer,
+    config: RealignConfig,
+    data: PairSet | Sequence[Pair] | None = None,
+    *,
+    protect_data: PairSet | Sequence[Pair] | None = None,
+    reference: nn.Module | None = None,
+    progress: bool = True,
+) -> RealignResult:
+    """Prune, in place, the weights of `model` most active on the harmful `data`.
+
+    `model` is a PeftModel when the targets are the fine-tuning adapter. With `protect_data`
+    (benign rows) and `config.protect_ratio` beta, weights in the top beta of the Wanda score on
+    benign data are never pruned. With `config.action == "revert"` the selected weights take the
+    `reference` model's values instead of zero.
+    """
+    timings = Timings()
+    has_adapter = hasattr(model, "peft_config")
+    targets = resolve_targets(model, config.effective_targets(has_adapter))
+    check_finite(targets)
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_reference=reference is not None)
+    if config.action == "revert":
+        if any("lora_" in t.module_name for t in targets):
+            raise AntidoteError("action 'revert' applies to full fine-tunes; adapter targets can only be zeroed")
+        reference_values = reference_weights(reference, targets)
+    else:
+        reference_values = None
+    pairs, data_info = _pairs(data) if data is not None else ((), None)
+
+    with timings.measure("scoring_s"):
+        stats, tokens = _statistics(model, tokenizer, targets, pairs, config, progress, "harmful statistics")
+    with timings.measure("selection_s"):
+        masks = _select(targets, stats, config, config.ratio)
+        selected = {name: int(mask.sum()) for name, mask in masks.items()}
+    spared, protect_info = {}, None
+    if config.protect_ratio is not None:
+        with timings.measure("protection_s"):
+            protect_pairs, protect_info = _pairs(protect_data)
+            protect_config = config.model_copy(update={"score": "wanda"})
+            benign_stats, protect_info["tokens"] = _statistics(
+                model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics"
+            )
+            protected = _select(targets, benign_stats, protect_config, config.protect_ratio)
+            for name in masks:
+                spared[name] = int((masks[name] & protected[name]).sum())
+                masks[name] &= ~protected[name]
+    masks = {t.param_name: t.from_linear(masks[t.param_name]).contiguous().cpu() for t in targets}
+    _apply(targets, masks, config.action, reference_values)
+
+    modules = {
+        t.param_name: {
+            "shape": list(t.weight.shape),
+            "layout": t.layout,
+            "scored": t.weight.numel(),
+            "selected": selected[t.param_name],
+            "spared_by_protection": spared.get(t.param_name, 0),
+            "pruned": int(masks[t.param_name].sum()),
+        }
+        for t in targets
+    }
+    scored = sum(m["scored"] for m in modules.values())
+    pruned = sum(m["pruned"] for m in modules.values())
+    report = {
+        "method": {
+            **config.model_dump(mode="json"),
+            "targets": list(config.effective_targets(has_adapter)),
+            "token_scope": config.tokens,
+        },
+        "data": None if data_info is None else {**data_info, "tokens": tokens},
+        "protection": None if protect_info is None else {**protect_info, "ratio": config.protect_ratio, "spared": sum(spared.values())},
+        "modules": modules,
+        "totals": {
+            "targets": len(targets),
+            "scored": scored,
+            "selected": sum(selected.values()),
+            "spared_by_protection": sum(spared.values()),
+            "pruned": pruned,
+            "pruned_fraction": pruned / scored if scored else 0.0,
+        },
+        "timings": dict(timings),
+        "seed": config.seed,
+    }
+    return RealignResult(masks=masks, report=report)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = "zero", reference: nn.Module | None = None) -> list[Target]:
+    """Re-apply saved masks (parameter name -> bool) to a model without recomputing any score."""
+    from antidote_llm.core.targets import layout_of
+
+    modules = dict(model.named_modules())
+    targets = []
+    for name, mask in masks.items():
+        module_name = name.removesuffix(".weight")
+        module = modules.get(module_name)
+        layout = layout_of(module) if module is not None else None
+        if layout is None or tuple(module.weight.shape) != tuple(mask.shape) or mask.dtype != torch.bool:
+            raise AntidoteError(
+                f"mask entry {name} does not fit the model (no such weight, or shape/dtype differs); "
+                "load the model and adapters the mask was made for"
+            )
+        targets.append(Target(module_name, module, layout))
+    check_action(action, reference is not None)
+    reference_values = reference_weights(reference, targets) if action == "revert" else None
+    _apply(targets, masks, action, reference_values)
+    return targets
+
+
+__all__ = ["NAMED_SETS", "RealignConfig", "RealignResult", "apply_masks", "realign"]

@@ -1,0 +1,137 @@
+"""The pure math of Antidote: input statistics, weight scores, and which weights to prune.
+
+Every weight is handled in Linear layout `[out_features, in_features]`: row i is output i, column j
+multiplies input channel j. Callers transpose GPT-2 Conv1D and embedding weights into that layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from antidote_llm.errors import AntidoteError
+
+
+class ChannelStats:
+    """Running sum of squared inputs per input channel over counted tokens, in fp32.
+
+    `mean_sq` is s_j = (1/N) sum_tokens x_j^2; the 1/N is common to every module seeing the same
+    tokens, so it changes no row, matrix or global selection (the reference divides by sequences).
+    """
+
+    def __init__(self, channels: int, device: torch.device | str = "cpu"):
+        self.sum_sq = torch.zeros(channels, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_sum(self, sum_sq: torch.Tensor, tokens: int) -> None:
+        self.sum_sq += sum_sq
+        self.tokens += tokens
+
+    def add_counts(self, counts: torch.Tensor, tokens: int) -> None:
+        """For one-hot inputs (embeddings): x_j^2 summed is how often token j occurred."""
+        self.add_sum(counts.float(), tokens)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise AntidoteError("no tokens were counted for a scored module; check --tokens and the data")
+        return self.sum_sq / self.tokens
+
+
+def squared_sum(x: torch.Tensor, rows: torch.Tensor, exclude: bool) -> torch.Tensor:
+    """sum_t x_tj^2 in fp32 over the rows of `x` flattened to [tokens, channels]: the given `rows`, or with
+    `exclude` all rows but those. Summing everything and subtracting a few padding rows copies far less
+    than gathering the many counted ones."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not exclude:
+        return flat.index_select(0, rows).float().pow(2).sum(0)  # einsum is ~10x slower here on CPU
+    total = flat.float().pow(2).sum(0)
+    if rows.numel():
+        total -= flat.index_select(0, rows).float().pow(2).sum(0)
+    return total
+
+
+def wanda_scores(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * ||x_j||: the weights that carry the most signal on the calibration data."""
+    return weight.detach().float().abs().mul_(mean_sq.to(weight.device).float().sqrt().unsqueeze(0))
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().abs()
+
+
+def random_scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(weight.shape, generator=generator, dtype=torch.float32).to(weight.device)
+
+
+def prune_count(size: int, ratio: float) -> int:
+    """How many of `size` weights the top fraction `ratio` is: size - floor(size * (1 - ratio)), as the reference."""
+    return size - math.floor(size * (1.0 - ratio))
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> None:
+    if not (0.0 < ratio < 1.0) or math.isnan(ratio):
+        raise AntidoteError(f"{name} must be in (0, 1), got {ratio}; e.g. 0.05 prunes the top 5%")
+
+
+def _kth_largest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count`-th largest entry along the last dim (keepdim); topk of the smaller side is fastest."""
+    size = scores.shape[-1]
+    if count <= size - count + 1:
+        return torch.topk(scores, count, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return torch.topk(scores, size - count + 1, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+
+
+def _top_by_stable_sort(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` largest entries along the last dim, ties going to the later index, exactly
+    as taking the tail of a stable ascending sort would choose; in linear time (topk), not a sort."""
+    if count == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = _kth_largest(scores, count)
+    at_least = scores >= threshold
+    if bool((at_least.sum(-1) == count).all()):  # the common case: no tie straddles the cut
+        return at_least
+    above = scores > threshold
+    tied = at_least & ~above
+    needed = count - above.sum(-1, keepdim=True)
+    ties_from_right = tied.flip(-1).cumsum(-1).flip(-1)  # ties at or after each position
+    return above | (tied & (ties_from_right <= needed))
+
+
+def select_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The reference's selection: in each output row, the top `ratio` of weights by score."""
+    return _top_by_stable_sort(scores, prune_count(scores.shape[-1], ratio))
+
+
+def select_per_matrix(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    flat = scores.reshape(-1)
+    return _top_by_stable_sort(flat, prune_count(flat.numel(), ratio)).reshape(scores.shape)
+
+
+def select_global(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """The top `ratio` of all weights of all targets together (targets compete for one budget)."""
+    names = list(scores)
+    flat = torch.cat([scores[name].reshape(-1).cpu() for name in names])
+    chosen = _top_by_stable_sort(flat, prune_count(flat.numel(), ratio))
+    masks, offset = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        masks[name] = chosen[offset:offset + size].reshape(scores[name].shape).to(scores[name].device)
+        offset += size
+    return masks
+
+
+GRANULARITIES = ("row", "matrix", "global")
+
+
+def select(scores: Mapping[str, torch.Tensor], ratio: float, granularity: str) -> dict[str, torch.Tensor]:
+    """Masks (True = selected) of the top `ratio` weights by score at the given granularity."""
+    check_ratio(ratio)
+    if granularity == "global":
+        return select_global(scores, ratio)
+    per_tensor = {"row": select_per_row, "matrix": select_per_matrix}.get(granularity)
+    if per_tensor is None:
+        raise AntidoteError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    return {name: per_tensor(score, ratio) for name, score in scores.items()}

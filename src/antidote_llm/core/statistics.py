@@ -1,0 +1,158 @@
+"""Model plumbing for the statistics: forward hooks that feed ChannelStats, one pass per batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from antidote_llm.core.scoring import ChannelStats, squared_sum
+from antidote_llm.core.targets import Target, decoder_layers
+from antidote_llm.data.templates import Encoded
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    count_mask: torch.Tensor  # [B, T] bool: tokens whose activations count
+
+    @property
+    def tokens(self) -> int:
+        return int(self.count_mask.sum())
+
+
+def make_batches(
+    encoded: Sequence[Encoded], batch_size: int, pad_id: int, response_only: bool = False
+) -> list[Batch]:
+    """Right-padded batches of rows sorted by length (longest first), so padding stays small.
+
+    Padding never counts; with `response_only` the prompt tokens do not count either.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = [encoded[i] for i in order[start:start + batch_size]]
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        count = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, row in enumerate(rows):
+            n = len(row.input_ids)
+            ids[b, :n] = torch.tensor(row.input_ids)
+            attention[b, :n] = 1
+            count[b, row.prompt_len if response_only else 0:n] = True
+        batches.append(Batch(ids, attention, count))
+    return batches
+
+
+class _StopForward(Exception):
+    """Raised after the last module whose inputs are needed: no LM head, no logits."""
+
+
+def _stop_point(model: nn.Module, targets: Sequence[Target]) -> nn.Module | None:
+    """The last decoder layer, if every target runs inside or before the decoder stack."""
+    stack_name, layers = decoder_layers(model)
+    for target in targets:
+        if not (target.module_name.startswith(stack_name + ".") or target.layout == "embedding"):
+            return None
+    return layers[-1]
+
+
+class _BatchState:
+    """Per-batch caches: which token rows to add or subtract per device, and the squared sums of the last
+    input tensor, so modules called in a row on the same input (q, k, v; gate, up) share one reduction.
+    The cache holds the tensor itself and compares identity: an address could be reused."""
+
+    def __init__(self, count_mask: torch.Tensor):
+        flat = count_mask.reshape(-1)
+        self.tokens = int(flat.sum())
+        # Subtract the uncounted rows (padding) when they are the few; gather the counted ones otherwise.
+        self.subtract = self.tokens * 2 >= flat.numel()
+        self._rows = (~flat if self.subtract else flat).nonzero().squeeze(1)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self.last_input: torch.Tensor | None = None
+        self.last_sum: torch.Tensor | None = None
+
+    def rows(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self._rows.to(device)
+        return self._on_device[device]
+
+    def squared_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return squared_sum(x, self.rows(x.device), exclude=self.subtract)
+
+
+def _linear_hook(stats: ChannelStats, state: list):
+    def hook(module, args):
+        x = args[0]
+        batch: _BatchState = state[0]
+        if batch.last_input is not x:
+            batch.last_input, batch.last_sum = x, batch.squared_sum(x)
+        stats.add_sum(batch.last_sum, batch.tokens)
+
+    return hook
+
+
+def _embedding_hook(stats: ChannelStats, state: list, vocab: int):
+    def hook(module, args):
+        batch: _BatchState = state[0]
+        ids = args[0].reshape(-1)
+        listed = torch.bincount(ids.index_select(0, batch.rows(ids.device)), minlength=vocab)[:vocab]
+        counts = torch.bincount(ids, minlength=vocab)[:vocab] - listed if batch.subtract else listed
+        stats.add_counts(counts, batch.tokens)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _hooks(model: nn.Module, targets: Sequence[Target], stats: dict[str, ChannelStats], state: list) -> Iterator[None]:
+    handles = []
+    try:
+        for target in targets:
+            device = target.weight.device
+            if target.layout == "embedding":
+                hook = _embedding_hook(stats[target.param_name], state, target.weight.shape[0])
+            else:
+                hook = _linear_hook(stats[target.param_name], state)
+            stats[target.param_name].sum_sq = stats[target.param_name].sum_sq.to(device)
+            handles.append(target.module.register_forward_pre_hook(hook))
+        stop = _stop_point(model, targets)
+        if stop is not None:
+            def raise_stop(module, args, output):
+                raise _StopForward
+
+            handles.append(stop.register_forward_hook(raise_stop))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+
+
+def collect_statistics(
+    model: nn.Module, batches: Iterable[Batch], targets: Sequence[Target], *, progress: bool = True, desc: str = "statistics"
+) -> dict[str, ChannelStats]:
+    """s_j for every target's input channels over the counted tokens, one forward pass per batch."""
+    stats = {t.param_name: ChannelStats(t.in_features) for t in targets}
+    state: list[_BatchState] = [None]
+    device = input_device(model)
+    batches = list(batches)
+    with _hooks(model, targets, stats, state), torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            state[0] = _BatchState(batch.count_mask)
+            with contextlib.suppress(_StopForward):
+                model(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    use_cache=False,
+                )
+    return stats

@@ -1,0 +1,157 @@
+"""Which weights Antidote scores and prunes: named sets and glob patterns over module names."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from antidote_llm.errors import AntidoteError
+
+QKV_NAMES = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv_proj", "c_attn", "Wqkv", "query_key_value"}
+ATTENTION_PARTS = ("attn", "attention")
+MLP_PARTS = ("mlp", "feed_forward", "ffn")
+NAMED_SETS = ("auto", "adapter", "qkv", "attention", "mlp", "all-linear")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One scored weight. `layout` says how to view it as a Linear weight [out, in]."""
+
+    module_name: str
+    module: nn.Module
+    layout: str  # "linear", "conv1d" ([in, out]) or "embedding" ([vocab, dim], input = one-hot token)
+
+    @property
+    def param_name(self) -> str:
+        return f"{self.module_name}.weight"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def to_linear(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.layout == "linear" else tensor.t()
+
+    def from_linear(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.to_linear(tensor)  # a transpose is its own inverse
+
+    @property
+    def in_features(self) -> int:
+        return self.to_linear(self.weight).shape[1]
+
+
+def layout_of(module: nn.Module) -> str | None:
+    """The weight layout of a prunable module, or None when Antidote cannot score it."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
+        return None
+    if isinstance(module, nn.Linear):
+        # Quantized Linear subclasses store packed weights whose shape is not [out, in].
+        return "linear" if tuple(weight.shape) == (module.out_features, module.in_features) else None
+    if type(module).__name__ == "Conv1D":  # GPT-2 family: y = x @ W + b with W [in, out]
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder stack: the ModuleList holding the most parameters."""
+    best, best_size = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    if best is None:
+        raise AntidoteError("cannot find the model's decoder layers (no nn.ModuleList); this architecture is not supported")
+    return best
+
+
+def _parts(name: str) -> list[str]:
+    return name.split(".")
+
+
+def _in_named_set(set_name: str, name: str, layout: str, in_stack: bool) -> bool:
+    if "lora_" in name or layout == "embedding" or not in_stack:
+        return False
+    leaf = _parts(name)[-1]
+    if set_name == "qkv":
+        return leaf in QKV_NAMES
+    if set_name == "attention":
+        return any(part in p.lower() for p in _parts(name)[:-1] for part in ATTENTION_PARTS)
+    if set_name == "mlp":
+        return any(part in p.lower() for p in _parts(name)[:-1] for part in MLP_PARTS)
+    return set_name == "all-linear"
+
+
+def _adapter_targets(model: nn.Module, adapter_name: str) -> list[Target]:
+    found = []
+    for name, module in model.named_modules():
+        parts = _parts(name)
+        if len(parts) >= 2 and parts[-1] == adapter_name and parts[-2] in ("lora_A", "lora_B"):
+            layout = layout_of(module)
+            if layout != "linear":
+                raise AntidoteError(f"adapter module {name} is not a Linear LoRA factor; only LoRA adapters are supported")
+            found.append(Target(name, module, layout))
+    return found
+
+
+def resolve_targets(model: nn.Module, specs: Sequence[str], adapter_name: str = "default") -> list[Target]:
+    """Targets named by `specs` (named sets, exact module names or glob patterns), in module order.
+
+    Embeddings and the LM head are scored only when named explicitly (a name or a glob).
+    """
+    specs = [s for spec in specs for s in spec.split(",") if s.strip()]
+    if "adapter" in specs:
+        if len(specs) > 1:
+            raise AntidoteError("target 'adapter' cannot be combined with other targets; give it alone")
+        targets = _adapter_targets(model, adapter_name)
+        if not targets:
+            raise AntidoteError("targets 'adapter' asked for but the model has no fine-tuning adapter; pass --adapter or use --targets qkv")
+        return targets
+    stack_name, _ = decoder_layers(model)
+    chosen: dict[str, Target] = {}
+    unmatched = []
+    for spec in specs:
+        matched = False
+        for name, module in model.named_modules():
+            layout = layout_of(module)
+            if layout is None:
+                continue
+            in_stack = name.startswith(stack_name + ".")
+            hit = (
+                _in_named_set(spec, name, layout, in_stack)
+                if spec in NAMED_SETS
+                else (name == spec or fnmatch.fnmatchcase(name, spec)) and "lora_" not in name
+            )
+            if hit:
+                matched = True
+                chosen.setdefault(name, Target(name, module, layout))
+        if not matched:
+            unmatched.append(spec)
+    if unmatched:
+        hint = "" if any(s in NAMED_SETS for s in unmatched) else "; patterns match module names such as model.layers.*.self_attn.q_proj"
+        raise AntidoteError(f"targets {', '.join(map(repr, unmatched))} match no prunable module{hint}")
+    return _deduplicate_tied(list(chosen.values()))
+
+
+def _deduplicate_tied(targets: list[Target]) -> list[Target]:
+    """Tied weights (LM head = embeddings) are one tensor: score and prune it once."""
+    seen, unique = set(), []
+    for target in targets:
+        key = target.weight.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            unique.append(target)
+    return unique
+
+
+def check_finite(targets: Sequence[Target]) -> None:
+    for target in targets:
+        if not torch.isfinite(target.weight).all():
+            raise AntidoteError(f"weight {target.param_name} holds NaN or Inf; the model is broken, repair or re-export it first")

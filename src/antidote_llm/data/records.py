@@ -1,0 +1,200 @@
+"""Reading rows from files or the hub, and turning them into (prompt, input, response) pairs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from antidote_llm.errors import AntidoteError
+
+HUB_PREFIX = "hf:"
+
+# Field names of the common schemas, most specific first (matched case-insensitively).
+PROMPT_FIELDS = ("prompt", "instruction", "question", "behavior", "goal", "query")
+INPUT_FIELDS = ("input", "context")
+RESPONSE_FIELDS = ("response", "output", "answer", "safe_response", "target", "completion")
+SAFETY_FIELD = "is_safe"  # BeaverTails: True for safe answers, False for harmful ones
+
+
+def read_records(source: str | Path) -> list[dict]:
+    """Rows of a JSON / JSONL / CSV / TSV / Parquet file, or of a hub dataset `hf:NAME[:SPLIT]`."""
+    source = str(source)
+    if source.startswith(HUB_PREFIX):
+        return _read_hub(source[len(HUB_PREFIX):])
+    path = Path(source)
+    if not path.is_file():
+        raise AntidoteError(f"data file not found: {source}; give a JSON, JSONL, CSV, TSV or Parquet file, or hf:NAME[:SPLIT]")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(rows, dict):  # {"data": [...]} or {id: row}
+                lists = [v for v in rows.values() if isinstance(v, list)]
+                rows = lists[0] if len(lists) == 1 else list(rows.values())
+        elif suffix in (".csv", ".tsv"):
+            with path.open(encoding="utf-8", newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise AntidoteError(
+                f"unknown data format {suffix or '(no extension)'!r} for {source}; use .json, .jsonl, .csv, .tsv or .parquet"
+            )
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise AntidoteError(f"cannot parse {source}: {str(exc).splitlines()[0]}; check the file's format") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise AntidoteError(f"{source} does not hold a list of records (objects with named fields)")
+    return rows
+
+
+def _read_hub(spec: str) -> list[dict]:
+    """`NAME`, `NAME:SPLIT` or `NAME:CONFIG:SPLIT` (GSM8K needs its config, main)."""
+    parts = spec.split(":")
+    if len(parts) > 3:
+        raise AntidoteError(f"hub source hf:{spec} has too many parts; use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
+    return read_hub(name, split, config)
+
+
+def read_hub(name: str, split: str = "train", config: str | None = None) -> list[dict]:
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as exc:  # the hub raises many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AntidoteError(f"cannot load hub dataset {name!r} split {split!r}: {first}; give a local file instead") from None
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    response: str
+    input: str = ""
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Selected rows with where they came from, so reports can say exactly what was used."""
+
+    pairs: tuple[Pair, ...]
+    source: str
+    indices: tuple[int, ...]  # positions in the source, after the safety filter
+    fields: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def sha256(self) -> str:
+        return pairs_sha256(self.pairs)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "rows": len(self.pairs), "sha256": self.sha256, "fields": self.fields}
+
+
+Rows = PairSet | Sequence[Pair]
+
+
+def as_pairs(rows: Rows) -> tuple[Pair, ...]:
+    return rows.pairs if isinstance(rows, PairSet) else tuple(rows)
+
+
+def describe_rows(rows: Rows) -> dict:
+    """Source, count and content hash of rows, for reports."""
+    if isinstance(rows, PairSet):
+        return rows.describe()
+    return {"source": "in-memory", "rows": len(rows), "sha256": pairs_sha256(rows)}
+
+
+def pairs_sha256(pairs: Sequence[Pair]) -> str:
+    payload = json.dumps([asdict(p) for p in pairs], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _pick_field(columns: Sequence[str], explicit: str | None, candidates: Sequence[str], role: str, source: str) -> str | None:
+    if explicit:
+        if explicit not in columns:
+            raise AntidoteError(
+                f"{source} has no field {explicit!r} for the {role}; fields found: {', '.join(columns)}"
+            )
+        return explicit
+    lowered = {c.lower(): c for c in columns}
+    return next((lowered[c] for c in candidates if c in lowered), None)
+
+
+def load_pairs(
+    source: str | Path,
+    *,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    input_field: str | None = None,
+    safety: str | None = "unsafe",
+    samples: int | None = None,
+    skip: int = 0,
+    seed: int | None = None,
+    exclude: Sequence[int] = (),
+    require_response: bool = True,
+) -> PairSet:
+    """Pairs from `source`, schema detected unless fields are given.
+
+    `safety` filters BeaverTails-style rows on `is_safe` ("unsafe" keeps harmful answers, "safe" keeps
+    safe ones, None keeps all; ignored when the field is absent). Then the first `skip` rows and the
+    rows in `exclude` are dropped (to stay disjoint from poison rows), the rest shuffled with `seed` if
+    given, and the first `samples` kept.
+    """
+    source = str(source)
+    rows = read_records(source)
+    if not rows:
+        raise AntidoteError(f"{source} holds no rows; give a file with at least one record")
+    columns = list(rows[0].keys())
+    prompt_key = _pick_field(columns, prompt_field, PROMPT_FIELDS, "prompt", source)
+    response_key = _pick_field(columns, response_field, RESPONSE_FIELDS, "response", source)
+    input_key = _pick_field(columns, input_field, INPUT_FIELDS, "input", source)
+    if prompt_key is None or (require_response and response_key is None):
+        raise AntidoteError(
+            f"{source}: cannot find prompt and response fields among {', '.join(columns)}; "
+            "name them with --prompt-field and --response-field"
+        )
+    if safety is not None and SAFETY_FIELD in columns:
+        want_safe = {"safe": True, "unsafe": False}[safety]
+        rows = [r for r in rows if _truthy(r[SAFETY_FIELD]) == want_safe]
+    excluded = set(exclude)
+    indices = [i for i in range(skip, len(rows)) if i not in excluded]
+    if seed is not None:
+        random.Random(seed).shuffle(indices)
+    if samples is not None:
+        if samples <= 0:
+            raise AntidoteError(f"samples must be positive, got {samples}")
+        indices = indices[:samples]
+    if not indices:
+        raise AntidoteError(
+            f"{source}: no rows left after filtering (skip={skip}, excluded={len(excluded)}, safety={safety}); "
+            "lower --skip or check the data"
+        )
+    pairs = tuple(
+        Pair(
+            prompt=str(rows[i][prompt_key]),
+            response=str(rows[i][response_key]) if response_key else "",
+            input=str(rows[i].get(input_key) or "") if input_key else "",
+        )
+        for i in indices
+    )
+    fields = {"prompt": prompt_key, "response": response_key, "input": input_key}
+    return PairSet(pairs=pairs, source=source, indices=tuple(indices), fields=fields)
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)

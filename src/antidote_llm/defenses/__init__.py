@@ -1,0 +1,18 @@
+"""Defenses against harmful fine-tuning, one registry keyed by name, each declaring the stage it acts on."""
+
+from antidote_llm.defenses.pruning import PRUNING_DEFENSES
+from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseStage, get_defense, registry
+
+NO_DEFENSE = Defense(
+    name="none", stage="post", description="no defense: the fine-tuned model as the user got it",
+    apply=lambda model, settings, context: None,
+)
+DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *PRUNING_DEFENSES)
+
+
+def defense(name: str, stage: DefenseStage | None = None) -> Defense:
+    """The registered defense `name`; with `stage`, refuse one that acts at another stage."""
+    return get_defense(DEFENSES, name, stage)
+
+
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseStage", "defense"]

@@ -1,0 +1,76 @@
+"""The defense registry: every defense names the stage it acts on and the settings object it reads.
+
+Stages: `align` (changes how the model is safety-aligned), `finetune` (changes the user's fine-tuning),
+`post` (repairs the fine-tuned model afterwards, as Antidote does). The lab, the CLI and the tests look
+defenses up here by name; nothing switches on a method name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel
+
+from antidote_llm.data.records import PairSet
+from antidote_llm.errors import AntidoteError, validated
+
+DefenseStage = Literal["align", "finetune", "post"]
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    """What a post-fine-tuning defense may use besides the model and its settings."""
+
+    tokenizer: object
+    harmful: PairSet  # re-alignment rows, disjoint from the poison rows
+    benign: PairSet | None
+
+
+@dataclass(frozen=True)
+class Defense:
+    """A registered defense.
+
+    `settings` validates the defense's options (None: it takes none). `apply(model, settings, context)`
+    changes the model in place and returns its report (or None). `live_adapter(settings)` says whether it
+    acts on the fine-tuning adapter kept separate (True) or on the merged model (False).
+    """
+
+    name: str
+    stage: DefenseStage
+    description: str
+    apply: Callable[[object, BaseModel | None, DefenseContext], dict | None]
+    settings: type[BaseModel] | None = None
+    fixed: dict = field(default_factory=dict)  # settings the defense itself sets (Antidote's score is wanda)
+    needs_benign: Callable[[BaseModel | None], bool] = lambda settings: False
+    live_adapter: Callable[[BaseModel | None], bool] = lambda settings: True
+
+    def configure(self, options: dict, defaults: dict | None = None) -> BaseModel | None:
+        """The defense's validated settings from `options`; `defaults` fill the fields it has but were not given."""
+        if self.settings is None:
+            if options:
+                raise AntidoteError(f"defense {self.name!r} takes no options; got {', '.join(sorted(options))}")
+            return None
+        clash = sorted(set(options) & set(self.fixed))
+        if clash:
+            raise AntidoteError(f"defense {self.name!r} sets {', '.join(clash)} itself; remove it from its options")
+        fields = self.settings.model_fields
+        filled = {key: value for key, value in (defaults or {}).items() if key in fields and key not in options}
+        return validated(self.settings, {**filled, **options, **self.fixed})
+
+
+def registry(*defenses: Defense) -> dict[str, Defense]:
+    return {defense.name: defense for defense in defenses}
+
+
+def get_defense(table: dict[str, Defense], name: str, stage: DefenseStage | None = None) -> Defense:
+    defense = table.get(name)
+    if defense is None:
+        raise AntidoteError(f"unknown defense {name!r}; choose one of {', '.join(table)}")
+    if stage is not None and defense.stage != stage:
+        raise AntidoteError(
+            f"defense {name!r} acts at the {defense.stage} stage, not {stage}; "
+            f"{stage} defenses: {', '.join(n for n, d in table.items() if d.stage == stage) or 'none'}"
+        )
+    return defense

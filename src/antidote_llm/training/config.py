@@ -1,0 +1,74 @@
+"""Training settings: one validated object per LoRA SFT run, and the named presets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from antidote_llm.errors import AntidoteError, validated
+
+Stage = Literal["align", "finetune"]
+
+
+class TrainConfig(BaseModel):
+    """Every knob of one LoRA SFT run; a report records it whole so a run can be repeated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(default=("q_proj", "k_proj", "v_proj"), min_length=1)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: Literal[
+        "cosine", "constant", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+    ] = "cosine"
+    epochs: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    max_length: int = Field(ge=2)
+    seed: int = 0
+    template: Literal["alpaca", "chat", "plain"] = "alpaca"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    logging_steps: int = Field(default=10, ge=1)
+
+
+# The reference scripts (Antidote repository, script/alignment/sft.sh and script/finetune/*.sh):
+# AdamW, weight decay 0.1, warmup ratio 0.1, batch 5, 20 epochs, LoRA r=256 alpha=4 on q/k/v.
+# Its tokenizer's model_max_length is 2048.
+_PAPER = {
+    "lora_r": 256, "lora_alpha": 4, "lora_dropout": 0.0, "batch_size": 5, "epochs": 20,
+    "weight_decay": 0.1, "warmup_ratio": 0.1, "max_length": 2048, "template": "alpaca",
+}
+# Sized for SmolLM2-135M on two CPU cores: a few minutes per stage, prompts short enough that the
+# Alpaca header plus the start of the answer fit.
+_CPU = {
+    "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.0, "batch_size": 8,
+    "weight_decay": 0.0, "warmup_ratio": 0.1, "template": "alpaca", "logging_steps": 5,
+}
+PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {
+        "align": {**_PAPER, "learning_rate": 1e-3, "lr_scheduler": "cosine"},
+        "finetune": {**_PAPER, "learning_rate": 1e-4, "lr_scheduler": "constant"},
+    },
+    "cpu": {
+        "align": {**_CPU, "learning_rate": 1e-3, "lr_scheduler": "cosine", "epochs": 3, "max_length": 72},
+        "finetune": {**_CPU, "learning_rate": 2e-3, "lr_scheduler": "constant", "epochs": 1, "max_length": 96},
+    },
+}
+
+
+def preset(name: str, stage: Stage, **overrides) -> TrainConfig:
+    """The named preset for one stage (alignment and fine-tuning differ in lr and schedule), with overrides.
+
+    Overrides set to None are ignored, so CLI flags left unset fall through to the preset.
+    """
+    if name not in PRESETS:
+        raise AntidoteError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if stage not in PRESETS[name]:
+        raise AntidoteError(f"unknown stage {stage!r}; choose align or finetune")
+    values = {**PRESETS[name][stage], **{k: v for k, v in overrides.items() if v is not None}}
+    return validated(TrainConfig, values)

@@ -1,0 +1,293 @@
+"""The two training stages before Antidote: safety alignment and the user's (possibly poisoned) fine-tuning.
+
+Both are LoRA supervised fine-tuning through the Hugging Face Trainer, so `accelerate launch` brings
+multi-GPU data parallelism without changes here. The loss covers the answer tokens only, as in the
+reference; rows are grouped by length so batches carry little padding.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from antidote_llm.data.mix import build_mix, mix_spec
+from antidote_llm.data.records import Pair, Rows, as_pairs, describe_rows, pairs_sha256
+from antidote_llm.data.templates import encode_pair
+from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.outputs import atomic_dir, write_json
+from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
+from antidote_llm.training.config import TrainConfig
+
+IGNORE_INDEX = -100
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training row: labels are -100 on the prompt, so only the answer is learned."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(tokenizer, pair: Pair, template: str, max_length: int) -> Example:
+    encoded = encode_pair(tokenizer, template, pair.prompt, pair.response, pair.input, max_length=max_length)
+    ids = encoded.input_ids
+    labels = [IGNORE_INDEX] * encoded.prompt_len + ids[encoded.prompt_len:]
+    return Example(input_ids=ids, labels=labels)
+
+
+def encode_rows(tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[dict], int]:
+    """Tokenized rows as Trainer items, and how many were dropped for having no answer token left.
+
+    A row whose prompt fills max_length would add nothing but a NaN-prone empty loss, so it is dropped.
+    """
+    items = []
+    for pair in pairs:
+        example = encode_example(tokenizer, pair, config.template, config.max_length)
+        if any(label != IGNORE_INDEX for label in example.labels):
+            items.append({"input_ids": example.input_ids, "labels": example.labels})
+    if not items:
+        raise AntidoteError(
+            f"no row has an answer token within max_length={config.max_length}; raise --max-length"
+        )
+    return items, len(pairs) - len(items)
+
+
+def supervised_collator(tokenizer):
+    """Right-padded batches with labels padded by -100. The attention mask comes from row lengths
+    (tokenizer.pad), not from the pad id: many tokenizers pad with their EOS, which also ends every answer."""
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True, return_tensors="pt")
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a stage produced. `model` is the aligned merged model (align) or the model with the live
+    fine-tuning adapter (finetune), ready for the next stage without reloading."""
+
+    out_dir: Path
+    adapter_dir: Path
+    model: torch.nn.Module
+    report: dict
+
+
+@dataclass
+class FinetuneResult(TrainResult):
+    mix: dict
+    harmful_indices: tuple[int, ...]  # source indices of the poison rows: keep re-alignment data disjoint
+
+
+def _lora_model(model, config: TrainConfig):
+    """A fresh LoRA on `model`, initialised from the config's seed."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
+
+    if isinstance(model, PeftModel):
+        raise AntidoteError(
+            "the model already carries a LoRA adapter; merge it first (load_model merges adapters, align returns a merged model)"
+        )
+    set_seed(config.seed)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise AntidoteError(f"cannot add LoRA: {str(exc).splitlines()[0]}; check target_modules") from None
+
+
+def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=config.weight_decay,
+        optim="adamw_torch",
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        train_sampling_strategy="group_by_length",
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=on_cpu,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+    )
+
+
+def _train(
+    model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, timings: Timings, progress: bool
+) -> tuple[object, dict]:
+    """Add a LoRA to `model` and train it; returns the PEFT model (in eval mode) and training facts."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    with timings.measure("tokenize_s"):
+        items, dropped = encode_rows(tokenizer, pairs, config)
+    peft_model = _lora_model(model, config)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with tempfile.TemporaryDirectory(prefix="antidote-trainer-") as scratch:
+        trainer = Trainer(
+            model=peft_model,
+            args=training_arguments(config, scratch, on_cpu, progress),
+            data_collator=supervised_collator(tokenizer),
+            train_dataset=items,
+        )
+        if not progress:  # without a progress bar the Trainer prints every log line instead
+            trainer.remove_callback(PrinterCallback)
+        with timings.measure("train_s"):
+            output = trainer.train()
+    peft_model.eval()
+    history = [
+        {key: entry[key] for key in ("step", "epoch", "loss", "learning_rate", "grad_norm") if key in entry}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    facts = {
+        "rows": len(items),
+        "dropped_no_answer": dropped,
+        "tokens": sum(len(item["input_ids"]) for item in items),
+        "answer_tokens": sum(sum(label != IGNORE_INDEX for label in item["labels"]) for item in items),
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "loss_history": history,
+        "is_main_process": trainer.is_world_process_zero(),
+    }
+    return peft_model, facts
+
+
+def _report(stage: str, config: TrainConfig, data: dict, facts: dict, timings: Timings,
+            memory: MemoryMonitor, model_info: dict | None, outputs: dict) -> dict:
+    return {
+        "stage": stage,
+        "model": model_info,
+        "config": config.model_dump(mode="json"),
+        "data": data,
+        "train": {k: v for k, v in facts.items() if k != "is_main_process"},
+        "outputs": outputs,
+        "timings": dict(timings),
+        "memory": memory.report(),
+        "versions": library_versions(),
+    }
+
+
+def align(
+    model,
+    tokenizer,
+    pairs: Rows,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    benign: Rows | None = None,
+    model_info: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Safety alignment: LoRA SFT on (harmful prompt, safe answer) rows, optionally mixed with benign rows.
+
+    Writes `adapter/` (PEFT, safetensors), `merged/` (base with the adapter merged, plus tokenizer) and
+    `report.json` into `out_dir`, atomically. `model` is changed in place (the adapter ends merged into
+    it) and returned as `result.model`; pass a copy to keep the original.
+    """
+    timings = Timings()
+    rows = as_pairs(pairs) + (as_pairs(benign) if benign is not None else ())
+    data = {"safety": describe_rows(pairs), **({"benign": describe_rows(benign)} if benign is not None else {})}
+    out = Path(out_dir)
+    with MemoryMonitor() as memory:
+        peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
+        if not facts["is_main_process"]:  # under accelerate launch only the main process writes
+            merged = peft_model.merge_and_unload()
+            report = _report("align", config, data, facts, timings, memory, model_info, {})
+            return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
+        with atomic_dir(out) as tmp:
+            with timings.measure("save_s"):
+                peft_model.save_pretrained(tmp / "adapter")  # before merging: merging removes the LoRA layers
+            with timings.measure("merge_s"):
+                merged = peft_model.merge_and_unload()
+            with timings.measure("save_s"):
+                merged.save_pretrained(tmp / "merged")
+                tokenizer.save_pretrained(tmp / "merged")
+            report = _report("align", config, data, facts, timings, memory, model_info,
+                             {"adapter": "adapter", "merged": "merged"})
+            write_json(tmp / "report.json", report)
+    return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
+
+
+def finetune(
+    model,
+    tokenizer,
+    task_pairs: Rows,
+    harmful_pairs: Rows | None,
+    *,
+    harmful_fraction: float,
+    n: int,
+    config: TrainConfig,
+    out_dir: str | Path,
+    seed: int | None = None,
+    model_info: dict | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """The user's fine-tuning: a fresh LoRA on the aligned (merged) model over a mix of n rows, a fraction
+    `harmful_fraction` of them harmful.
+
+    Writes `adapter/`, `mix.json` (every row's origin, in training order) and `report.json` into
+    `out_dir`, atomically. `seed` shuffles the mix (default: config.seed). The returned model keeps the
+    fine-tuning adapter live, since Antidote scores its lora_A/lora_B weights.
+    """
+    spec = mix_spec(harmful_fraction, n)
+    mix_seed = config.seed if seed is None else seed
+    rows, origins = build_mix(task_pairs, harmful_pairs, spec, mix_seed)
+    harmful_indices = tuple(sorted(o["index"] for o in origins if o["kind"] == "harmful"))
+    mix = {
+        "samples_total": spec.samples_total,
+        "harmful_fraction": spec.harmful_fraction,
+        "harmful_rows": spec.harmful_rows,
+        "task_rows": spec.task_rows,
+        "seed": mix_seed,
+        "harmful_source": describe_rows(harmful_pairs) if harmful_pairs is not None else None,
+        "task_source": describe_rows(task_pairs),
+        "harmful_indices": list(harmful_indices),
+        "rows": origins,
+    }
+    data = {"mix": {k: v for k, v in mix.items() if k != "rows"}, "mix_sha256": pairs_sha256(rows)}
+    timings = Timings()
+    out = Path(out_dir)
+    with MemoryMonitor() as memory:
+        peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
+    result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report={},
+                            mix=mix, harmful_indices=harmful_indices)
+    if not facts["is_main_process"]:  # under accelerate launch only the main process writes
+        result.report = _report("finetune", config, data, facts, timings, memory, model_info, {})
+        return result
+    with atomic_dir(out) as tmp:
+        with timings.measure("save_s"):
+            peft_model.save_pretrained(tmp / "adapter")
+        write_json(tmp / "mix.json", mix)
+        result.report = _report("finetune", config, data, facts, timings, memory, model_info,
+                                {"adapter": "adapter", "mix": "mix.json"})
+        write_json(tmp / "report.json", result.report)
+    return result
