@@ -268,3 +268,23 @@ def test_report_counts_match_masks():
         assert entry["pruned"] == int(result.masks[name].sum())
         assert entry["scored"] == result.masks[name].numel()
     assert set(report["timings"]) == {"scoring_s", "selection_s"}
+
+
+@pytest.mark.parametrize("spec", ["qkv", "attention", "all-linear", "model.layers.*.self_attn.q_proj"])
+def test_merged_weight_targets_are_refused_on_a_live_adapter(spec):
+    """On a PeftModel, non-adapter targets would prune base_layer weights apart from the update: refuse them,
+    so a target means the same thing whatever way the model was loaded."""
+    model = add_lora(make_model())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(AntidoteError, match="live LoRA adapter"):
+        realign(model, make_tokenizer(), RealignConfig(ratio=0.1, targets=spec), PAIRS, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_decoder_stack_comes_from_no_split_modules():
+    from antidote_llm.core.targets import decoder_layers
+
+    model = make_model()
+    model.extra = torch.nn.ModuleList([torch.nn.Linear(4096, 4096)])  # more parameters than the decoder stack
+    name, layers = decoder_layers(model)
+    assert name == "model.layers" and layers is model.model.layers

@@ -161,3 +161,22 @@ def test_relative_paths_are_relative_to_the_file_not_the_working_directory(exper
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_example_configs_validate(path):
     assert load_experiment(path).defenses["none"].method == "none"
+
+
+def _defense_weights(out, label):
+    (folder,) = (out / "stages").glob(f"defense-{label}-*")
+    return json.loads((folder / "eval" / "metrics.json").read_text())["model"]["sha256"]
+
+
+def test_defenses_never_see_each_others_changes(experiment_file, tmp_path):
+    """Defenses on merged weights (targets other than the adapter) start from the same fine-tuned model,
+    whatever ran before them: the weights one defense evaluates do not depend on the order of defenses."""
+    both = {"none": {"method": "none"},
+            "first": {"method": "antidote", "ratio": 0.3, "targets": "attention"},
+            "second": {"method": "antidote", "ratio": 0.1, "targets": "attention"}}
+    _edit(experiment_file, lambda raw: raw.update(defenses=both))
+    run_experiment(load_experiment(experiment_file), tmp_path / "both", progress=False, log=lambda _: None)
+    _edit(experiment_file, lambda raw: raw.update(defenses={"none": both["none"], "second": both["second"]}))
+    run_experiment(load_experiment(experiment_file), tmp_path / "alone", progress=False, log=lambda _: None)
+    assert _defense_weights(tmp_path / "both", "second") == _defense_weights(tmp_path / "alone", "second")
+    assert _defense_weights(tmp_path / "both", "first") != _defense_weights(tmp_path / "both", "second")

@@ -303,3 +303,22 @@ def test_smollm2_from_gguf_aligns_and_finetunes_in_memory(tmp_path):
     tuned = training.finetune(aligned.model, loaded.tokenizer, TASK, HARMFUL, harmful_fraction=0.5, n=2,
                               config=config, out_dir=tmp_path / "f", progress=False)
     assert tuned.report["train"]["steps"] == 1
+
+
+def test_adapters_merge_in_fp32_then_cast():
+    """A bf16 adapter merged by PEFT rounds s*B*A to bf16 and then the sum again; merge_adapter rounds once."""
+    from antidote_llm.runtime.loading import merge_adapter
+    from conftest import add_lora
+
+    peft_model = add_lora(make_model(), r=8, scale=0.05).to(torch.bfloat16)
+    expected = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            delta = module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+            total = module.base_layer.weight.double() + module.scaling["default"] * delta
+            expected[name.removeprefix("base_model.model.") + ".weight"] = total.to(torch.bfloat16)
+    merged = merge_adapter(peft_model)
+    params = dict(merged.named_parameters())
+    assert expected and all(params[key].dtype == torch.bfloat16 for key in expected)
+    for key, value in expected.items():
+        assert torch.equal(params[key], value), key

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, check_action, realign
 from antidote_llm.data.records import PairSet, load_pairs
 from antidote_llm.errors import AntidoteError
-from antidote_llm.runtime.loading import Loaded, ModelSource, load_model
+from antidote_llm.runtime.loading import MERGE_DTYPE, Loaded, ModelSource, load_model, merge_adapter
 from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_json
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 
@@ -53,10 +53,11 @@ def save_repaired(loaded: Loaded, masks: dict[str, torch.Tensor], report: dict, 
         model.save_pretrained(tmp / "adapter")
         report["outputs"] = {"adapter": "adapter", "base": {"model": loaded.source.model, "merged_adapters": list(loaded.source.adapters[:-1])}}
         if save_merged:
-            merged = model.merge_and_unload()
+            merged = merge_adapter(model)
             merged.save_pretrained(tmp / "merged")
             loaded.tokenizer.save_pretrained(tmp / "merged")
             report["outputs"]["merged"] = "merged"
+            report["outputs"]["merge_dtype"] = str(MERGE_DTYPE).removeprefix("torch.")
     else:
         model.save_pretrained(tmp / "model")
         loaded.tokenizer.save_pretrained(tmp / "model")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from antidote_llm.errors import AntidoteError
 
@@ -52,7 +53,7 @@ def layout_of(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         # Quantized Linear subclasses store packed weights whose shape is not [out, in].
         return "linear" if tuple(weight.shape) == (module.out_features, module.in_features) else None
-    if type(module).__name__ == "Conv1D":  # GPT-2 family: y = x @ W + b with W [in, out]
+    if isinstance(module, Conv1D):  # GPT-2 family: y = x @ W + b with W [in, out]
         return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -60,7 +61,12 @@ def layout_of(module: nn.Module) -> str | None:
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder stack: the ModuleList holding the most parameters."""
+    """The decoder stack: the ModuleList of the model's `_no_split_modules` blocks (what accelerate places
+    whole on a device), else the ModuleList holding the most parameters."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and type(module[0]).__name__ in block_classes:
+            return name, module
     best, best_size = None, -1
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -114,6 +120,13 @@ def resolve_targets(model: nn.Module, specs: Sequence[str], adapter_name: str = 
         if not targets:
             raise AntidoteError("targets 'adapter' asked for but the model has no fine-tuning adapter; pass --adapter or use --targets qkv")
         return targets
+    if hasattr(model, "peft_config"):
+        # On a live adapter the base weights sit under `base_layer`, apart from the update; pruning them would
+        # not mean what the same targets mean on the merged model, so the merged model is required.
+        raise AntidoteError(
+            f"targets {', '.join(map(repr, specs))} select merged weights, but the model carries a live LoRA adapter; "
+            "merge it first (load_model without keep_adapter) or use targets 'adapter'"
+        )
     stack_name, _ = decoder_layers(model)
     chosen: dict[str, Target] = {}
     unmatched = []

@@ -208,10 +208,12 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
 
 
 def _in_out_features(module) -> tuple[int | None, int | None]:
+    from transformers.pytorch_utils import Conv1D
+
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
-    if weight is not None and weight.dim() == 2 and type(module).__name__ == "Conv1D":
+    if weight is not None and weight.dim() == 2 and isinstance(module, Conv1D):
         return weight.shape[0], weight.shape[1]
     if isinstance(module, torch.nn.Embedding):
         return module.num_embeddings, module.embedding_dim
@@ -228,8 +230,24 @@ def apply_adapters(model, adapters: tuple[str, ...] | list[str], keep_last: bool
         if keep_last and index == len(adapters) - 1:
             model.eval()
             return model
-        model = model.merge_and_unload()
+        model = merge_adapter(model)
     return model
+
+
+MERGE_DTYPE = torch.float32
+
+
+def merge_adapter(peft_model) -> torch.nn.Module:
+    """Merge the live LoRA adapter into the base weights in fp32 (MERGE_DTYPE), then cast back to the model's dtype.
+
+    Merging in bf16 rounds the update s*B*A to bf16 first and the sum again; with the paper's scaling
+    (4/256) small entries of the update then round away. In fp32 the sum is rounded once, as the authors'
+    fp32 master weights are.
+    """
+    dtype = peft_model.get_input_embeddings().weight.dtype
+    if dtype == MERGE_DTYPE:
+        return peft_model.merge_and_unload()
+    return peft_model.to(MERGE_DTYPE).merge_and_unload().to(dtype)
 
 
 def load_model(source: ModelSource, keep_adapter: bool = False) -> Loaded:

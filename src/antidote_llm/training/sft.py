@@ -18,6 +18,7 @@ from antidote_llm.data.mix import build_mix, mix_spec
 from antidote_llm.data.records import Pair, Rows, as_pairs, describe_rows, pairs_sha256
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.loading import MERGE_DTYPE, merge_adapter
 from antidote_llm.runtime.outputs import atomic_dir, write_json
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 from antidote_llm.training.config import TrainConfig
@@ -220,19 +221,20 @@ def align(
     with MemoryMonitor() as memory:
         peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
         if not facts["is_main_process"]:  # under accelerate launch only the main process writes
-            merged = peft_model.merge_and_unload()
+            merged = merge_adapter(peft_model)
             report = _report("align", config, data, facts, timings, memory, model_info, {})
             return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
                 peft_model.save_pretrained(tmp / "adapter")  # before merging: merging removes the LoRA layers
             with timings.measure("merge_s"):
-                merged = peft_model.merge_and_unload()
+                merged = merge_adapter(peft_model)
             with timings.measure("save_s"):
                 merged.save_pretrained(tmp / "merged")
                 tokenizer.save_pretrained(tmp / "merged")
             report = _report("align", config, data, facts, timings, memory, model_info,
-                             {"adapter": "adapter", "merged": "merged"})
+                             {"adapter": "adapter", "merged": "merged",
+                              "merge_dtype": str(MERGE_DTYPE).removeprefix("torch.")})
             write_json(tmp / "report.json", report)
     return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
 
