@@ -104,7 +104,7 @@ def test_revert_through_the_cli(setup):
     tmp, base, _, data = setup
     finetuned = save_model(tmp / "finetuned", seed=9)
     out = tmp / "reverted"
-    assert run("realign", "--model", finetuned, "--data", data, "--ratio", 0.1, "--action", "revert", "--reference", base, "--out", out, "--quiet") == 0
+    assert run("realign", "--model", finetuned, "--data", data, "--ratio", 0.1, "--action", "revert", "--aligned-model", base, "--out", out, "--quiet") == 0
     masks = load_file(out / "mask.safetensors")
     ref = AutoModelForCausalLM.from_pretrained(base).state_dict()
     ft = AutoModelForCausalLM.from_pretrained(finetuned).state_dict()
@@ -150,8 +150,8 @@ BAD_INPUTS = {
     "adapter target without adapter": lambda t: ["--model", t / "base", "--data", t / "harmful.json", "--targets", "adapter"],
     "missing adapter": lambda t: ["--model", t / "base", "--adapter", t / "no-adapter", "--data", t / "harmful.json"],
     "adapter does not fit": lambda t: ["--model", t / "base", "--adapter", t / "wide-adapter", "--data", t / "harmful.json"],
-    "reference does not fit": lambda t: ["--model", t / "base", "--data", t / "harmful.json", "--action", "revert", "--reference", t / "wide"],
-    "revert without reference": lambda t: ["--model", t / "base", "--data", t / "harmful.json", "--action", "revert"],
+    "aligned model does not fit": lambda t: ["--model", t / "base", "--data", t / "harmful.json", "--action", "revert", "--aligned-model", t / "wide"],
+    "revert without aligned model": lambda t: ["--model", t / "base", "--data", t / "harmful.json", "--action", "revert"],
     "wanda without data": lambda t: ["--model", t / "base"],
     "protect ratio without data": lambda t: ["--model", t / "base", "--data", t / "harmful.json", "--protect-ratio", "0.1"],
     "output equals input": lambda t: ["--model", t / "base", "--data", t / "harmful.json", "--out", t / "base"],

@@ -221,12 +221,12 @@ def test_protection_spares_weights_important_on_benign_data():
     assert protected.report["protection"]["spared"] == spared
 
 
-def test_revert_restores_reference_values():
+def test_revert_restores_aligned_values():
     tokenizer = make_tokenizer()
     aligned = make_model(seed=5)
     model = make_model(seed=6)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = realign(model, tokenizer, RealignConfig(ratio=0.3, action="revert"), PAIRS, reference=aligned, progress=False)
+    result = realign(model, tokenizer, RealignConfig(ratio=0.3, action="revert"), PAIRS, aligned=aligned, progress=False)
     ref = dict(aligned.named_parameters())
     for name, mask in result.masks.items():
         now = dict(model.named_parameters())[name]
@@ -234,10 +234,10 @@ def test_revert_restores_reference_values():
         assert torch.equal(now[~mask], before[name][~mask])
 
 
-def test_revert_refuses_a_reference_that_does_not_fit():
+def test_revert_refuses_an_aligned_model_that_does_not_fit():
     with pytest.raises(AntidoteError, match="does not fit"):
         realign(make_model(), make_tokenizer(), RealignConfig(ratio=0.1, action="revert"), PAIRS,
-                reference=make_model(hidden=32), progress=False)
+                aligned=make_model(hidden=32), progress=False)
 
 
 def test_apply_masks_reproduces_the_pruned_model():

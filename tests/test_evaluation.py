@@ -111,7 +111,7 @@ def test_generation_only_task_writes_answers_without_score():
         ({"harmful_prompts": ["x"], "judge": "gpt"}, "unknown judge"),
         ({"harmful_prompts": ["x"], "task": "mnli"}, "unknown task"),
         ({"harmful_prompts": None, "task_pairs": [Pair("a", "b")]}, "without a task name"),
-        ({"harmful_prompts": ["x"], "max_new_tokens": 0}, "at least 1"),
+        ({"harmful_prompts": ["x"], "max_new_tokens": 0}, "greater than or equal to 1"),
     ],
 )
 def test_bad_api_input(kwargs, message):

@@ -180,3 +180,18 @@ def test_defenses_never_see_each_others_changes(experiment_file, tmp_path):
     run_experiment(load_experiment(experiment_file), tmp_path / "alone", progress=False, log=lambda _: None)
     assert _defense_weights(tmp_path / "both", "second") == _defense_weights(tmp_path / "alone", "second")
     assert _defense_weights(tmp_path / "both", "first") != _defense_weights(tmp_path / "both", "second")
+
+
+def test_defense_settings_cli_and_api_share_one_declaration(experiment_file):
+    """The lab's defense settings, the CLI's options and the API's RealignConfig have the same defaults."""
+    from antidote_llm.cli.main import build_parser
+    from antidote_llm.cli.options import config_from_args
+    from antidote_llm.core.realign import DEFAULT_MAX_LENGTH, RealignConfig
+
+    experiment = load_experiment(experiment_file)
+    lab = experiment.defense_settings("random")
+    args = build_parser().parse_args(["realign", "--model", "m", "--ratio", "0.1", "--out", "o", "--template", "plain"])
+    cli = config_from_args(RealignConfig, args, RealignConfig.model_fields)
+    api = RealignConfig(ratio=0.1, template="plain")
+    assert cli == api == lab.model_copy(update={"score": "wanda"})
+    assert lab.max_length == DEFAULT_MAX_LENGTH == 2048

@@ -7,9 +7,10 @@ The one entry point for the method is `realign` (in memory) or `realign_to_disk`
     result = realign(loaded.model, loaded.tokenizer, RealignConfig(ratio=0.05), load_pairs("harmful.json"))
 """
 
-from antidote_llm.core.pipeline import DataSpec, apply_mask_to_disk, realign_to_disk
+from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, realign
 from antidote_llm.data.records import Pair, PairSet, load_pairs
+from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import ModelSource, load_model
 

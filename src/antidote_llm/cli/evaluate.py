@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from antidote_llm.cli.common import add_model_arguments, model_source
+from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.data.records import load_pairs, read_records
 from antidote_llm.data.templates import TEMPLATES
 from antidote_llm.errors import AntidoteError
@@ -24,8 +25,6 @@ from antidote_llm.evaluation.evaluate import (
 )
 from antidote_llm.evaluation.generation import (
     BACKENDS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_NEW_TOKENS,
     HFGenerator,
     VllmGenerator,
     require_vllm,
@@ -38,6 +37,7 @@ from antidote_llm.evaluation.judges import (
     JudgeOptions,
     get_judge,
 )
+from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import TASKS, get_task, load_task_pairs
 from antidote_llm.runtime.loading import BUILTIN_MODELS, ModelSource, load_model, load_tokenizer
 from antidote_llm.runtime.outputs import check_output_dir, write_jsonl
@@ -46,7 +46,7 @@ from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_version
 
 def _add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("judge")
-    group.add_argument("--judge", default="refusal", help=f"one of {', '.join(JUDGES)} (default refusal)")
+    add_config_options(group, EvalSettings, ("judge",), help_extra={"judge": f"one of {', '.join(JUDGES)}"})
     group.add_argument("--judge-model", default=None, metavar="PATH",
                        help="judge weights (directory or hub id); required for classifier")
     group.add_argument("--judge-label", default=None, help="classifier: the label meaning harmful")
@@ -82,11 +82,7 @@ def register(subparsers) -> None:
     _add_judge_arguments(evaluate_parser)
     generation = evaluate_parser.add_argument_group("generation")
     generation.add_argument("--template", default="alpaca", choices=list(TEMPLATES))
-    generation.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                            help=f"answer length limit for harmful prompts (default {DEFAULT_MAX_NEW_TOKENS}, the paper's)")
-    generation.add_argument("--task-max-new-tokens", type=int, default=None,
-                            help="answer length limit for task rows (default: the reference's per task)")
-    generation.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    add_config_options(generation, EvalSettings, ("max_new_tokens", "task_max_new_tokens", "batch_size"))
     generation.add_argument("--backend", default="hf", choices=list(BACKENDS),
                             help="hf (transformers, any device) or vllm (needs vllm and a CUDA GPU)")
     output = evaluate_parser.add_argument_group("output")
@@ -136,8 +132,6 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise AntidoteError(f"--limit must be positive, got {args.limit}")
     if args.no_harmful and args.task is None:
         raise AntidoteError("nothing to evaluate: --no-harmful needs --task")
-    if args.batch_size < 1:
-        raise AntidoteError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.task is not None:
         get_task(args.task)
     if args.backend == "vllm":
@@ -151,7 +145,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.out, overwrite=args.overwrite,
         inputs=[source.model, *source.adapters, args.harmful_prompts, args.task_data],
     )
-    judge = get_judge(args.judge, _judge_options(args))
+    settings = config_from_args(EvalSettings, args, EvalSettings.model_fields)
+    judge = get_judge(settings.judge, _judge_options(args))
     timings = Timings()
     with timings.measure("data_s"):
         harmful = None if args.no_harmful else load_harmful_prompts(
@@ -161,7 +156,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             load_task_pairs(args.task, args.task_data, "test", limit=args.limit) if args.task is not None else None
         )
     with MemoryMonitor() as memory:
-        result, identity = _run(args, source, harmful, task_pairs, judge, timings)
+        result, identity = _run(args, source, settings, harmful, task_pairs, judge, timings)
     metrics = result.metrics
     metrics["model"] = {"source": source.model, "adapters": list(source.adapters), **identity}
     metrics["harmful_prompts"] = harmful.describe() if harmful is not None else None
@@ -174,11 +169,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args, source: ModelSource, harmful, task_pairs, judge, timings: Timings) -> tuple[EvalResult, dict]:
+def _run(args, source: ModelSource, settings: EvalSettings, harmful, task_pairs, judge,
+         timings: Timings) -> tuple[EvalResult, dict]:
     common = dict(
-        harmful_prompts=list(harmful.pairs) if harmful is not None else None, judge=judge, task=args.task,
-        task_pairs=task_pairs, template=args.template, max_new_tokens=args.max_new_tokens,
-        task_max_new_tokens=args.task_max_new_tokens, progress=not args.no_progress,
+        harmful_prompts=list(harmful.pairs) if harmful is not None else None, task=args.task, task_pairs=task_pairs,
+        settings=settings, template=args.template, judge=judge, progress=not args.no_progress,
     )
     if args.backend == "vllm":
         tokenizer = load_tokenizer(source.model, source.trust_remote_code)
@@ -186,7 +181,7 @@ def _run(args, source: ModelSource, harmful, task_pairs, judge, timings: Timings
             return evaluate(generator, tokenizer, **common), {"sha256": None}
     with timings.measure("load_s"):
         loaded = load_model(source)
-    generator = HFGenerator(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
+    generator = HFGenerator(loaded.model, loaded.tokenizer, batch_size=settings.batch_size)
     result = evaluate(generator, loaded.tokenizer, **common)
     return result, model_identity(loaded.model)
 
@@ -215,7 +210,7 @@ def run_judge(args: argparse.Namespace) -> int:
         source, prompt_field=args.prompt_field, response_field=args.response_field, safety=None
     )
     rows = read_records(source)
-    judge = get_judge(args.judge, _judge_options(args))
+    judge = get_judge(config_from_args(EvalSettings, args, ("judge",)).judge, _judge_options(args))
     verdicts = judge([p.prompt for p in pairs.pairs], [p.response for p in pairs.pairs], progress=not args.no_progress)
     judged = [{**rows[index], **verdict.to_row(), "judge": judge.name} for index, verdict in zip(pairs.indices, verdicts, strict=True)]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, check_action, realign
-from antidote_llm.data.records import PairSet, load_pairs
+from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import MERGE_DTYPE, Loaded, ModelSource, load_model, merge_adapter
 from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_json
@@ -18,28 +17,6 @@ from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_version
 
 MASK_FILE = "mask.safetensors"
 REPORT_FILE = "report.json"
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Where calibration pairs come from and which rows to use."""
-
-    source: str
-    prompt_field: str | None = None
-    response_field: str | None = None
-    input_field: str | None = None
-    samples: int | None = None
-    skip: int = 0
-    seed: int | None = None
-    safety: str | None = "unsafe"  # BeaverTails rows: harmful answers only
-    require_response: bool = True
-
-    def load(self) -> PairSet:
-        return load_pairs(
-            self.source, prompt_field=self.prompt_field, response_field=self.response_field,
-            input_field=self.input_field, samples=self.samples, skip=self.skip, seed=self.seed,
-            safety=self.safety, require_response=self.require_response,
-        )
 
 
 def _local_inputs(source: ModelSource, *paths) -> list[str]:
@@ -66,7 +43,7 @@ def save_repaired(loaded: Loaded, masks: dict[str, torch.Tensor], report: dict, 
     report["outputs"]["mask"] = MASK_FILE
 
 
-def _load_reference(path: str | None, like: ModelSource) -> torch.nn.Module | None:
+def _load_aligned(path: str | None, like: ModelSource) -> torch.nn.Module | None:
     if path is None:
         return None
     return load_model(ModelSource(model=path, dtype=like.dtype, device=like.device, trust_remote_code=like.trust_remote_code)).model
@@ -79,7 +56,7 @@ def realign_to_disk(
     *,
     data: DataSpec | None = None,
     protect_data: DataSpec | None = None,
-    reference: str | None = None,
+    aligned_model: str | None = None,
     save_merged: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -89,19 +66,19 @@ def realign_to_disk(
     started = time.time()
     out = check_output_dir(
         out, overwrite=overwrite,
-        inputs=_local_inputs(source, reference, data and data.source, protect_data and protect_data.source),
+        inputs=_local_inputs(source, aligned_model, data and data.source, protect_data and protect_data.source),
     )
     targets = config.effective_targets(bool(source.adapters))
-    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_reference=reference is not None)
-    pairs = data.load() if data is not None else None
-    protect_pairs = protect_data.load() if protect_data is not None else None
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned_model is not None)
+    pairs = data.load("unsafe") if data is not None else None
+    protect_pairs = protect_data.load("all", require_response=False) if protect_data is not None else None
     with MemoryMonitor() as memory:
         with timings.measure("load_s"):
             loaded = load_model(source, keep_adapter=targets == ("adapter",))
-            reference_model = _load_reference(reference, source)
+            aligned = _load_aligned(aligned_model, source)
         result = realign(
             loaded.model, loaded.tokenizer, config, pairs,
-            protect_data=protect_pairs, reference=reference_model, progress=progress,
+            protect_data=protect_pairs, aligned=aligned, progress=progress,
         )
         timings.update(result.report["timings"])
         report = result.report
@@ -110,7 +87,7 @@ def realign_to_disk(
                 save_repaired(loaded, result.masks, report, tmp, save_merged)
             report.update(
                 model=source.describe(),
-                reference=reference,
+                aligned_model=aligned_model,
                 timings=dict(timings),
                 memory=memory.report(),
                 versions=library_versions(),
@@ -126,12 +103,12 @@ def apply_mask_to_disk(
     out: str | Path,
     *,
     action: str = "zero",
-    reference: str | None = None,
+    aligned_model: str | None = None,
     save_merged: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """The `antidote apply-mask` command: re-apply a saved mask, no scores recomputed."""
-    out = check_output_dir(out, overwrite=overwrite, inputs=_local_inputs(source, reference, str(mask_path)))
+    out = check_output_dir(out, overwrite=overwrite, inputs=_local_inputs(source, aligned_model, str(mask_path)))
     mask_path = Path(mask_path)
     if not mask_path.is_file():
         raise AntidoteError(f"mask file not found: {mask_path}; give the mask.safetensors a realign run wrote")
@@ -141,18 +118,18 @@ def apply_mask_to_disk(
         raise AntidoteError(f"cannot read mask {mask_path}: {str(exc).splitlines()[0]}") from None
     if not masks:
         raise AntidoteError(f"mask {mask_path} is empty")
-    check_action(action, reference is not None)
+    check_action(action, aligned_model is not None)
     adapter_mode = any(".lora_" in name for name in masks)
     timings = Timings()
     with timings.measure("load_s"):
         loaded = load_model(source, keep_adapter=adapter_mode)
-        reference_model = _load_reference(reference, source)
-    targets = apply_masks(loaded.model, masks, action, reference_model)
+        aligned = _load_aligned(aligned_model, source)
+    targets = apply_masks(loaded.model, masks, action, aligned)
     report = {
         "mask": str(mask_path),
         "action": action,
         "model": source.describe(),
-        "reference": reference,
+        "aligned_model": aligned_model,
         "pruned": int(sum(int(m.sum()) for m in masks.values())),
         "parameters": len(targets),
         "versions": library_versions(),

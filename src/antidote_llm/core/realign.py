@@ -22,23 +22,38 @@ from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.runinfo import Timings
 
+DEFAULT_MAX_LENGTH = 2048  # the authors' tokenizer model_max_length (their Alpaca runs use 512)
+
 
 class RealignConfig(BaseModel):
-    """Everything that determines which weights Antidote prunes. Defaults are the reference's."""
+    """Everything that determines which weights Antidote prunes. Defaults are the authors' settings.
+
+    The CLI's `antidote realign` options and the lab's defense settings are built from these fields.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ratio: float = Field(gt=0, lt=1, description="alpha: fraction of weights pruned (per row by default)")
-    score: Literal["wanda", "magnitude", "random"] = "wanda"
-    granularity: Literal["row", "matrix", "global"] = "row"
-    targets: tuple[str, ...] = ("auto",)
-    tokens: Literal["all", "response"] = "all"
-    template: Literal["alpaca", "chat", "plain"] = "alpaca"
-    max_length: int = Field(default=512, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    seed: int = 0
-    protect_ratio: float | None = Field(default=None, gt=0, lt=1)
-    action: Literal["zero", "revert"] = "zero"
+    ratio: float = Field(gt=0, lt=1, description="alpha: fraction of weights pruned, in (0, 1); the authors use "
+                         "0.05-0.1 on LoRA adapters, 1e-5 on full fine-tunes")
+    score: Literal["wanda", "magnitude", "random"] = Field(
+        default="wanda", description="weight score: wanda |W|*||x|| on the data, magnitude |W|, or random (seeded)")
+    granularity: Literal["row", "matrix", "global"] = Field(
+        default="row", description="where the top ratio is taken: per output row (the authors'), per matrix, or over all")
+    targets: tuple[str, ...] = Field(
+        default=("auto",), description=f"named set ({', '.join(NAMED_SETS)}) or glob over module names; repeat or "
+        "comma-separate; auto: the fine-tuning adapter if there is one, else q/k/v")
+    tokens: Literal["all", "response"] = Field(
+        default="all", description="whose activations count: all tokens (the authors') or the response only")
+    template: Literal["alpaca", "chat", "plain"] = Field(default="alpaca", description="prompt format the model was trained with")
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, gt=0, description="tokens per calibration row, longer rows are cut")
+    batch_size: int = Field(default=8, gt=0, description="calibration rows per forward pass (rows sorted by length; "
+                            "padding never counts)")
+    seed: int = Field(default=0, description="seed of the random score")
+    protect_ratio: float | None = Field(
+        default=None, gt=0, lt=1, description="beyond the paper: weights in the top beta of the Wanda score on benign "
+        "data are never pruned (needs benign rows)")
+    action: Literal["zero", "revert"] = Field(
+        default="zero", description="zero the selected weights, or revert them to the aligned model's values (full fine-tunes)")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -48,7 +63,7 @@ class RealignConfig(BaseModel):
         return tuple(s.strip() for v in value for s in str(v).split(",") if s.strip()) or ("auto",)
 
     def effective_targets(self, has_adapter: bool) -> tuple[str, ...]:
-        """`auto` is the reference's choice: the fine-tuning adapter if there is one, else q/k/v."""
+        """`auto` is the authors' choice: the fine-tuning adapter if there is one, else q/k/v."""
         if self.targets == ("auto",):
             return ("adapter",) if has_adapter else ("qkv",)
         if "auto" in self.targets:
@@ -59,7 +74,7 @@ class RealignConfig(BaseModel):
     def needs_data(self) -> bool:
         return self.score == "wanda"
 
-    def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_reference: bool) -> None:
+    def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_aligned: bool) -> None:
         """Refuse a missing or unused input before any model is loaded."""
         if self.needs_data and not has_data:
             raise AntidoteError("score 'wanda' needs harmful calibration data; pass --data or use --score magnitude")
@@ -67,12 +82,12 @@ class RealignConfig(BaseModel):
             raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
         if has_protect_data and self.protect_ratio is None:
             raise AntidoteError("--protect-data needs --protect-ratio, e.g. 0.05")
-        check_action(self.action, has_reference)
+        check_action(self.action, has_aligned)
 
 
-def check_action(action: str, has_reference: bool) -> None:
-    if action == "revert" and not has_reference:
-        raise AntidoteError("action 'revert' needs --reference MODEL (the aligned model)")
+def check_action(action: str, has_aligned: bool) -> None:
+    if action == "revert" and not has_aligned:
+        raise AntidoteError("action 'revert' needs --aligned-model MODEL (the aligned model this one was fine-tuned from)")
 
 
 @dataclass
@@ -128,20 +143,20 @@ def _statistics(model, tokenizer, targets, pairs, config, progress, desc):
     return collect_statistics(model, batches, targets, progress=progress, desc=desc), tokens
 
 
-def _apply(targets: Sequence[Target], masks: dict[str, torch.Tensor], action: str, reference: dict[str, torch.Tensor] | None):
+def _apply(targets: Sequence[Target], masks: dict[str, torch.Tensor], action: str, aligned: dict[str, torch.Tensor] | None):
     with torch.no_grad():
         for target in targets:
             mask = masks[target.param_name].to(target.weight.device)
             if action == "zero":
                 target.weight.masked_fill_(mask, 0)
             else:
-                source = reference[target.param_name].to(target.weight.device, target.weight.dtype)
+                source = aligned[target.param_name].to(target.weight.device, target.weight.dtype)
                 target.weight.copy_(torch.where(mask, source, target.weight))
 
 
-def reference_weights(reference: nn.Module, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
-    """The reference (aligned) model's values of every target weight; refuse a model that does not fit."""
-    modules = dict(reference.named_modules())
+def aligned_weights(aligned: nn.Module, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
+    """The aligned model's values of every target weight; refuse a model that does not fit."""
+    modules = dict(aligned.named_modules())
     found = {}
     for target in targets:
         module = modules.get(target.module_name)
@@ -149,7 +164,7 @@ def reference_weights(reference: nn.Module, targets: Sequence[Target]) -> dict[s
         if weight is None or tuple(weight.shape) != tuple(target.weight.shape):
             shape = None if weight is None else list(weight.shape)
             raise AntidoteError(
-                f"reference model does not fit: {target.param_name} is {list(target.weight.shape)} here, {shape} there; "
+                f"aligned model does not fit: {target.param_name} is {list(target.weight.shape)} here, {shape} there; "
                 "give the aligned model this one was fine-tuned from"
             )
         found[target.param_name] = weight.detach()
@@ -163,7 +178,7 @@ def realign(
     data: PairSet | Sequence[Pair] | None = None,
     *,
     protect_data: PairSet | Sequence[Pair] | None = None,
-    reference: nn.Module | None = None,
+    aligned: nn.Module | None = None,
     progress: bool = True,
 ) -> RealignResult:
     """Prune, in place, the weights of `model` most active on the harmful `data`.
@@ -171,19 +186,19 @@ def realign(
     `model` is a PeftModel when the targets are the fine-tuning adapter. With `protect_data`
     (benign rows) and `config.protect_ratio` beta, weights in the top beta of the Wanda score on
     benign data are never pruned. With `config.action == "revert"` the selected weights take the
-    `reference` model's values instead of zero.
+    `aligned` model's values instead of zero.
     """
     timings = Timings()
     has_adapter = hasattr(model, "peft_config")
     targets = resolve_targets(model, config.effective_targets(has_adapter))
     check_finite(targets)
-    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_reference=reference is not None)
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned is not None)
     if config.action == "revert":
         if any("lora_" in t.module_name for t in targets):
             raise AntidoteError("action 'revert' applies to full fine-tunes; adapter targets can only be zeroed")
-        reference_values = reference_weights(reference, targets)
+        aligned_values = aligned_weights(aligned, targets)
     else:
-        reference_values = None
+        aligned_values = None
     pairs, data_info = _pairs(data) if data is not None else ((), None)
 
     with timings.measure("scoring_s"):
@@ -204,7 +219,7 @@ def realign(
                 spared[name] = int((masks[name] & protected[name]).sum())
                 masks[name] &= ~protected[name]
     masks = {t.param_name: t.from_linear(masks[t.param_name]).contiguous().cpu() for t in targets}
-    _apply(targets, masks, config.action, reference_values)
+    _apply(targets, masks, config.action, aligned_values)
 
     modules = {
         t.param_name: {
@@ -242,7 +257,7 @@ def realign(
     return RealignResult(masks=masks, report=report)
 
 
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = "zero", reference: nn.Module | None = None) -> list[Target]:
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = "zero", aligned: nn.Module | None = None) -> list[Target]:
     """Re-apply saved masks (parameter name -> bool) to a model without recomputing any score."""
     from antidote_llm.core.targets import layout_of
 
@@ -258,9 +273,9 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = 
                 "load the model and adapters the mask was made for"
             )
         targets.append(Target(module_name, module, layout))
-    check_action(action, reference is not None)
-    reference_values = reference_weights(reference, targets) if action == "revert" else None
-    _apply(targets, masks, action, reference_values)
+    check_action(action, aligned is not None)
+    aligned_values = aligned_weights(aligned, targets) if action == "revert" else None
+    _apply(targets, masks, action, aligned_values)
     return targets
 
 

@@ -19,14 +19,13 @@ import torch
 from antidote_llm.data.records import Pair, PairSet, load_pairs
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.generation import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_NEW_TOKENS,
     HFGenerator,
     TokenGenerator,
     decode,
     encode_prompts,
 )
 from antidote_llm.evaluation.judges import Judge, JudgeOptions, get_judge
+from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import Task, get_task, load_task_pairs
 from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_json, write_jsonl
 
@@ -188,29 +187,27 @@ def evaluate(
     tokenizer,
     *,
     harmful_prompts: Sequence[str | Pair] | None,
-    judge: str | Judge = "refusal",
-    judge_options: JudgeOptions | None = None,
     task: str | None = None,
     task_pairs: Sequence[Pair] | None = None,
+    settings: EvalSettings | None = None,
     template: str = "alpaca",
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    task_max_new_tokens: int | None = None,
+    judge: Judge | None = None,
+    judge_options: JudgeOptions | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """HS on `harmful_prompts` and FA on `task` with any token generator (HF in memory, vLLM, a stub).
 
     Everything is checked before the first answer is generated. `task_pairs` None loads the task's
-    hub test split (the paper's rows); `task_max_new_tokens` None uses the reference's limit for the task.
+    hub test split (the paper's rows). `judge` is a judge already built (else `settings.judge` is).
     """
+    settings = settings or EvalSettings()
     if task is None and task_pairs is not None:
         raise AntidoteError("task rows given without a task name; name the task so its answers can be scored")
     if harmful_prompts is None and task is None:
         raise AntidoteError("nothing to evaluate: give harmful prompts, a task, or both")
     if harmful_prompts is not None and not harmful_prompts:
         raise AntidoteError("the harmful prompt set is empty; give at least one prompt")
-    if max_new_tokens < 1 or (task_max_new_tokens is not None and task_max_new_tokens < 1):
-        raise AntidoteError("max new tokens must be at least 1")
-    active_judge = judge if isinstance(judge, Judge) else get_judge(judge, judge_options)
+    active_judge = judge if judge is not None else get_judge(settings.judge, judge_options)
     task_spec = get_task(task) if task is not None else None
     if task_spec is not None:
         task_pairs = list(task_pairs) if task_pairs is not None else load_task_pairs(task_spec.name, None, "test")
@@ -225,7 +222,7 @@ def evaluate(
     if harmful_prompts is not None:
         pairs = [p if isinstance(p, Pair) else Pair(prompt=str(p), response="") for p in harmful_prompts]
         harmful, result.answers, timing = _evaluate_harmful(
-            generator, tokenizer, pairs, active_judge, template=template, max_new_tokens=max_new_tokens,
+            generator, tokenizer, pairs, active_judge, template=template, max_new_tokens=settings.max_new_tokens,
             progress=progress,
         )
         metrics.update(harmful)
@@ -233,14 +230,14 @@ def evaluate(
     if task_spec is not None:
         task_metrics, result.task_answers, timing = _evaluate_task(
             generator, tokenizer, task_spec, task_pairs, template=template,
-            max_new_tokens=task_max_new_tokens or task_spec.max_new_tokens, progress=progress,
+            max_new_tokens=settings.task_max_new_tokens or task_spec.max_new_tokens, progress=progress,
         )
         metrics["finetune_accuracy"] = task_metrics["accuracy"]
         metrics["task"] = task_metrics
         timings.update(timing)
     metrics["generation"] = {
         "backend": generator.backend, "decoding": "greedy", "template": template,
-        "max_new_tokens": max_new_tokens, "batch_size": getattr(generator, "batch_size", None),
+        "max_new_tokens": settings.max_new_tokens, "batch_size": getattr(generator, "batch_size", None),
     }
     metrics["timings"] = timings
     return result
@@ -251,23 +248,24 @@ def evaluate_model(
     tokenizer,
     *,
     harmful_prompts: Sequence[str | Pair] | None,
-    judge: str | Judge = "refusal",
-    judge_options: JudgeOptions | None = None,
     task: str | None = None,
     task_pairs: Sequence[Pair] | None = None,
+    settings: EvalSettings | None = None,
     template: str = "alpaca",
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    task_max_new_tokens: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    judge_options: JudgeOptions | None = None,
     progress: bool = True,
     fingerprint: bool = True,
+    **setting_fields,
 ) -> EvalResult:
-    """`evaluate` for a transformers / PEFT model in memory; metrics["model"] identifies the weights."""
+    """`evaluate` for a transformers / PEFT model in memory; metrics["model"] identifies the weights.
+
+    `setting_fields` (judge, max_new_tokens, task_max_new_tokens, batch_size) replace those of `settings`.
+    """
+    settings = EvalSettings.build(settings, **setting_fields)
     result = evaluate(
-        HFGenerator(model, tokenizer, batch_size=batch_size), tokenizer,
-        harmful_prompts=harmful_prompts, judge=judge, judge_options=judge_options, task=task,
-        task_pairs=task_pairs, template=template, max_new_tokens=max_new_tokens,
-        task_max_new_tokens=task_max_new_tokens, progress=progress,
+        HFGenerator(model, tokenizer, batch_size=settings.batch_size), tokenizer,
+        harmful_prompts=harmful_prompts, task=task, task_pairs=task_pairs, settings=settings, template=template,
+        judge_options=judge_options, progress=progress,
     )
     result.metrics["model"] = model_identity(model, fingerprint=fingerprint)
     return result

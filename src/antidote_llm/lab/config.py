@@ -16,6 +16,7 @@ from antidote_llm.data.records import HUB_PREFIX
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.defenses import defense
 from antidote_llm.errors import AntidoteError, validation_message
+from antidote_llm.evaluation.settings import EvalSettings
 
 
 class Strict(BaseModel):
@@ -62,14 +63,12 @@ class DefenseSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class EvaluationSpec(Strict):
-    judge: str = "refusal"
+class EvaluationSpec(EvalSettings):
+    """The evaluation settings every command shares, plus the rows the lab evaluates on."""
+
     harmful_prompts: DataSpec
     task_data: str | None = None
     task_samples: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=512, ge=1)
-    task_max_new_tokens: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=16, ge=1)
 
 
 class Experiment(Strict):

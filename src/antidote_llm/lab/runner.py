@@ -132,9 +132,8 @@ class _Setting:
     def evaluate(self, model, tokenizer):
         spec = self.exp.evaluation
         return evaluate_model(
-            model, tokenizer, harmful_prompts=list(self.prompts.pairs), judge=spec.judge, task=self.exp.finetune.task,
-            task_pairs=self.task_test, template=self.exp.model.template, max_new_tokens=spec.max_new_tokens,
-            task_max_new_tokens=spec.task_max_new_tokens, batch_size=spec.batch_size, progress=self.progress,
+            model, tokenizer, harmful_prompts=list(self.prompts.pairs), task=self.exp.finetune.task,
+            task_pairs=self.task_test, settings=spec, template=self.exp.model.template, progress=self.progress,
         )
 
 

@@ -1,0 +1,37 @@
+"""How a model is evaluated: one settings object for `antidote evaluate`, the Python API and the lab."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from antidote_llm.errors import validated
+from antidote_llm.evaluation.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+
+
+class EvalSettings(BaseModel):
+    """The judge and the generation limits. Defaults are the paper's (512 new tokens for harmful prompts,
+    the authors' per-task limit for task rows)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    judge: str = Field(default="refusal", description="judge of harmful answers (see `antidote judge --help`)")
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1,
+                                description="answer length limit for harmful prompts (the paper's 512)")
+    task_max_new_tokens: int | None = Field(default=None, ge=1,
+                                            description="answer length limit for task rows (default: the authors' per task)")
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, description="prompts generated together")
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, name: str) -> str:
+        from antidote_llm.evaluation.judges import JUDGES
+
+        if name not in JUDGES:
+            raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGES)}")
+        return name
+
+    @classmethod
+    def build(cls, settings: EvalSettings | None = None, **fields) -> EvalSettings:
+        """`settings` with `fields` replaced (validated); the defaults when both are empty."""
+        base = settings.model_dump(include=set(cls.model_fields)) if settings is not None else {}
+        return validated(cls, {**base, **fields})
