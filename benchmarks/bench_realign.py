@@ -76,7 +76,7 @@ def main() -> None:
         restore()
         with MemoryMonitor() as memory:
             result = realign(model, tokenizer, config, pairs, progress=False)
-        timings = result.report["timings"]
+        timings = result.report.timings
         if timings["scoring_s"] + timings["selection_s"] < ours:
             ours, best = timings["scoring_s"] + timings["selection_s"], timings
     print(f"bare no-grad forward through the decoder layers: {bare:.2f} s")

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from antidote_llm.cli.main import main
+from antidote_llm.core.report import RealignReport
 from conftest import save_adapter, save_model
 
 
@@ -54,6 +55,7 @@ def test_adapter_mode_output_reloads_to_base_plus_masked_adapter(setup, capsys):
     assert set(report["timings"]) >= {"load_s", "scoring_s", "selection_s", "save_s"}
     assert report["data"]["rows"] == 12 and len(report["data"]["sha256"]) == 64
     assert report["method"]["targets"] == ["adapter"]
+    assert RealignReport.model_validate(report).totals.pruned > 0  # the file follows the typed schema
     assert report["memory"]["peak_rss_bytes"] >= report["memory"]["rss_start_bytes"] > 0
     assert not [p for p in tmp.iterdir() if p.name.startswith(".")]  # no temporary folders left
 

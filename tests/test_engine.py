@@ -78,7 +78,7 @@ def test_masks_equal_the_reference_algorithm_adapter():
     assert {t.module_name.split(".")[-2] for t in targets} == {"lora_A", "lora_B"}
     expected = reference_masks(model, tokenizer, PAIRS, targets, ratio=0.05)
     result = realign(model, tokenizer, RealignConfig(ratio=0.05, batch_size=3), PAIRS, progress=False)
-    assert result.report["method"]["targets"] == ["adapter"]
+    assert result.report.method.targets == ["adapter"]
     for name, mask in expected.items():
         assert torch.equal(result.masks[name], mask), name
 
@@ -140,9 +140,9 @@ def test_magnitude_needs_no_data_but_wanda_does():
 def test_granularities_prune_the_asked_fraction(granularity):
     model, tokenizer = make_model(), make_tokenizer()
     result = realign(model, tokenizer, RealignConfig(ratio=0.25, granularity=granularity, targets=("all-linear",)), PAIRS, progress=False)
-    totals = result.report["totals"]
-    assert totals["pruned"] == sum(int(m.sum()) for m in result.masks.values())
-    assert abs(totals["pruned_fraction"] - 0.25) < 0.01
+    totals = result.report.totals
+    assert totals.pruned == sum(int(m.sum()) for m in result.masks.values())
+    assert abs(totals.pruned_fraction - 0.25) < 0.01
     per_tensor = [m.float().mean().item() for m in result.masks.values()]
     if granularity == "global":
         assert max(per_tensor) - min(per_tensor) > 0.01  # tensors compete for one budget
@@ -217,8 +217,8 @@ def test_protection_spares_weights_important_on_benign_data():
     for name, mask in plain.masks.items():
         assert torch.equal(protected.masks[name], mask & ~benign_top[name])
         spared += int((mask & benign_top[name]).sum())
-    assert protected.report["totals"]["spared_by_protection"] == spared > 0
-    assert protected.report["protection"]["spared"] == spared
+    assert protected.report.totals.spared_by_protection == spared > 0
+    assert protected.report.protection.spared == spared
 
 
 def test_revert_restores_aligned_values():
@@ -263,11 +263,11 @@ def test_non_finite_weights_are_refused():
 def test_report_counts_match_masks():
     result = realign(add_lora(make_model()), make_tokenizer(), RealignConfig(ratio=0.1), PAIRS, progress=False)
     report = result.report
-    assert report["data"]["rows"] == len(PAIRS) and report["data"]["tokens"] > 0
-    for name, entry in report["modules"].items():
-        assert entry["pruned"] == int(result.masks[name].sum())
-        assert entry["scored"] == result.masks[name].numel()
-    assert set(report["timings"]) == {"scoring_s", "selection_s"}
+    assert report.data.rows == len(PAIRS) and report.data.tokens > 0
+    for name, entry in report.modules.items():
+        assert entry.pruned == int(result.masks[name].sum())
+        assert entry.scored == result.masks[name].numel()
+    assert set(report.timings) == {"scoring_s", "selection_s"}
 
 
 @pytest.mark.parametrize("spec", ["qkv", "attention", "all-linear", "model.layers.*.self_attn.q_proj"])

@@ -162,7 +162,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics["harmful_prompts"] = harmful.describe() if harmful is not None else None
     metrics["task_data"] = args.task_data or (f"hub default for {args.task}" if args.task else None)
     metrics["timings"] = {**metrics["timings"], **timings}
-    metrics["memory"] = memory.report()
+    metrics["memory"] = memory.report().model_dump()
     metrics["versions"] = library_versions()
     write_eval(result, out, overwrite=args.overwrite)
     _print_summary(metrics, out)

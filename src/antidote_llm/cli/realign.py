@@ -8,6 +8,7 @@ from antidote_llm.cli.common import add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
+from antidote_llm.core.report import RealignReport
 from antidote_llm.data.spec import DataSpec
 
 DATA_FIELDS = ("source", "prompt_field", "response_field", "input_field", "samples", "skip")
@@ -42,21 +43,19 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _summary(report: dict, out: str) -> str:
-    totals = report["totals"]
-    method = report["method"]
+def _summary(report: RealignReport, out: str) -> str:
+    totals, method = report.totals, report.method
     lines = [
-        f"antidote: pruned {totals['pruned']:,} of {totals['scored']:,} scored weights "
-        f"({100 * totals['pruned_fraction']:.3f}%) in {totals['targets']} tensors",
-        f"  method: score={method['score']} ratio={method['ratio']} granularity={method['granularity']} "
-        f"targets={','.join(method['targets'])} tokens={method['token_scope']}",
+        f"antidote: pruned {totals.pruned:,} of {totals.scored:,} scored weights "
+        f"({100 * totals.pruned_fraction:.3f}%) in {totals.targets} tensors",
+        f"  method: score={method.score} ratio={method.ratio} granularity={method.granularity} "
+        f"targets={','.join(method.targets)} tokens={method.tokens}",
     ]
-    if report.get("data"):
-        lines.append(f"  data: {report['data']['rows']} rows, {report['data']['tokens']:,} tokens from {report['data']['source']}")
-    if report.get("protection"):
-        lines.append(f"  protection: {report['protection']['spared']:,} selected weights spared")
-    timings = report["timings"]
-    lines.append("  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timings.items()))
+    if report.data:
+        lines.append(f"  data: {report.data.rows} rows, {report.data.tokens:,} tokens from {report.data.source}")
+    if report.protection:
+        lines.append(f"  protection: {report.protection.spared:,} selected weights spared")
+    lines.append("  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report.timings.items()))
     lines.append(f"  wrote {out}")
     return "\n".join(lines)
 
@@ -81,7 +80,7 @@ def run_apply_mask(args: argparse.Namespace) -> int:
         action=args.action or RealignConfig.model_fields["action"].default, aligned_model=args.aligned_model,
         save_merged=args.save_merged, overwrite=args.overwrite,
     )
-    print(f"antidote: applied {report['pruned']:,} masked weights in {report['parameters']} tensors; wrote {args.out}")
+    print(f"antidote: applied {report.pruned:,} masked weights in {report.parameters} tensors; wrote {args.out}")
     return 0
 
 

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, check_action, realign
+from antidote_llm.core.report import ApplyMaskReport
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import MERGE_DTYPE, Loaded, ModelSource, load_model, merge_adapter
-from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_json
+from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_report
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 
 MASK_FILE = "mask.safetensors"
@@ -23,24 +24,23 @@ def _local_inputs(source: ModelSource, *paths) -> list[str]:
     return [source.model, *source.adapters, *[p for p in paths if p]]
 
 
-def save_repaired(loaded: Loaded, masks: dict[str, torch.Tensor], report: dict, tmp: Path, save_merged: bool) -> None:
-    """Write the repaired model (adapter or full), the mask and nothing else, into `tmp`."""
+def save_repaired(loaded: Loaded, masks: dict[str, torch.Tensor], tmp: Path, save_merged: bool) -> dict:
+    """Write the repaired model (adapter or full) and the mask into `tmp`; returns what was written where."""
     model = loaded.model
     if loaded.adapter_kept:
         model.save_pretrained(tmp / "adapter")
-        report["outputs"] = {"adapter": "adapter", "base": {"model": loaded.source.model, "merged_adapters": list(loaded.source.adapters[:-1])}}
+        outputs = {"adapter": "adapter", "base": {"model": loaded.source.model, "merged_adapters": list(loaded.source.adapters[:-1])}}
         if save_merged:
             merged = merge_adapter(model)
             merged.save_pretrained(tmp / "merged")
             loaded.tokenizer.save_pretrained(tmp / "merged")
-            report["outputs"]["merged"] = "merged"
-            report["outputs"]["merge_dtype"] = str(MERGE_DTYPE).removeprefix("torch.")
+            outputs.update(merged="merged", merge_dtype=str(MERGE_DTYPE).removeprefix("torch."))
     else:
         model.save_pretrained(tmp / "model")
         loaded.tokenizer.save_pretrained(tmp / "model")
-        report["outputs"] = {"model": "model"}
+        outputs = {"model": "model"}
     save_file({name: mask.to(torch.bool).contiguous() for name, mask in masks.items()}, str(tmp / MASK_FILE))
-    report["outputs"]["mask"] = MASK_FILE
+    return {**outputs, "mask": MASK_FILE}
 
 
 def _load_aligned(path: str | None, like: ModelSource) -> torch.nn.Module | None:
@@ -80,20 +80,20 @@ def realign_to_disk(
             loaded.model, loaded.tokenizer, config, pairs,
             protect_data=protect_pairs, aligned=aligned, progress=progress,
         )
-        timings.update(result.report["timings"])
-        report = result.report
+        timings.update(result.report.timings)
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
-                save_repaired(loaded, result.masks, report, tmp, save_merged)
-            report.update(
+                outputs = save_repaired(loaded, result.masks, tmp, save_merged)
+            result.report = result.report.model_copy(update=dict(
                 model=source.describe(),
                 aligned_model=aligned_model,
+                outputs=outputs,
                 timings=dict(timings),
                 memory=memory.report(),
                 versions=library_versions(),
                 started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            )
-            write_json(tmp / REPORT_FILE, report)
+            ))
+            write_report(tmp / REPORT_FILE, result.report)
     return result
 
 
@@ -106,7 +106,7 @@ def apply_mask_to_disk(
     aligned_model: str | None = None,
     save_merged: bool = False,
     overwrite: bool = False,
-) -> dict:
+) -> ApplyMaskReport:
     """The `antidote apply-mask` command: re-apply a saved mask, no scores recomputed."""
     out = check_output_dir(out, overwrite=overwrite, inputs=_local_inputs(source, aligned_model, str(mask_path)))
     mask_path = Path(mask_path)
@@ -125,18 +125,13 @@ def apply_mask_to_disk(
         loaded = load_model(source, keep_adapter=adapter_mode)
         aligned = _load_aligned(aligned_model, source)
     targets = apply_masks(loaded.model, masks, action, aligned)
-    report = {
-        "mask": str(mask_path),
-        "action": action,
-        "model": source.describe(),
-        "aligned_model": aligned_model,
-        "pruned": int(sum(int(m.sum()) for m in masks.values())),
-        "parameters": len(targets),
-        "versions": library_versions(),
-    }
     with atomic_dir(out) as tmp:
         with timings.measure("save_s"):
-            save_repaired(loaded, masks, report, tmp, save_merged)
-        report["timings"] = dict(timings)
-        write_json(tmp / REPORT_FILE, report)
+            outputs = save_repaired(loaded, masks, tmp, save_merged)
+        report = ApplyMaskReport(
+            mask=str(mask_path), action=action, model=source.describe(), aligned_model=aligned_model,
+            pruned=int(sum(int(m.sum()) for m in masks.values())), parameters=len(targets),
+            versions=library_versions(), outputs=outputs, timings=dict(timings),
+        )
+        write_report(tmp / REPORT_FILE, report)
     return report

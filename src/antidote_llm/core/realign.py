@@ -7,7 +7,7 @@ report; `antidote_llm.core.pipeline` adds loading and saving around it for the C
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -15,8 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from antidote_llm.core import scoring
+from antidote_llm.core.report import (
+    DataReport,
+    MethodReport,
+    ModuleReport,
+    ProtectionReport,
+    RealignReport,
+    Totals,
+)
 from antidote_llm.core.statistics import collect_statistics, make_batches
-from antidote_llm.core.targets import NAMED_SETS, Target, check_finite, resolve_targets
+from antidote_llm.core.targets import NAMED_SETS, Target, check_finite, layout_of, resolve_targets
 from antidote_llm.data.records import Pair, PairSet, Rows, as_pairs, describe_rows
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
@@ -93,7 +101,7 @@ def check_action(action: str, has_aligned: bool) -> None:
 @dataclass
 class RealignResult:
     masks: dict[str, torch.Tensor]  # parameter name -> bool tensor in the parameter's layout, True = pruned
-    report: dict = field(default_factory=dict)
+    report: RealignReport
 
 
 def _pairs(data: Rows) -> tuple[tuple[Pair, ...], dict]:
@@ -222,45 +230,32 @@ def realign(
     _apply(targets, masks, config.action, aligned_values)
 
     modules = {
-        t.param_name: {
-            "shape": list(t.weight.shape),
-            "layout": t.layout,
-            "scored": t.weight.numel(),
-            "selected": selected[t.param_name],
-            "spared_by_protection": spared.get(t.param_name, 0),
-            "pruned": int(masks[t.param_name].sum()),
-        }
+        t.param_name: ModuleReport(
+            shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(), selected=selected[t.param_name],
+            spared_by_protection=spared.get(t.param_name, 0), pruned=int(masks[t.param_name].sum()),
+        )
         for t in targets
     }
-    scored = sum(m["scored"] for m in modules.values())
-    pruned = sum(m["pruned"] for m in modules.values())
-    report = {
-        "method": {
-            **config.model_dump(mode="json"),
-            "targets": list(config.effective_targets(has_adapter)),
-            "token_scope": config.tokens,
-        },
-        "data": None if data_info is None else {**data_info, "tokens": tokens},
-        "protection": None if protect_info is None else {**protect_info, "ratio": config.protect_ratio, "spared": sum(spared.values())},
-        "modules": modules,
-        "totals": {
-            "targets": len(targets),
-            "scored": scored,
-            "selected": sum(selected.values()),
-            "spared_by_protection": sum(spared.values()),
-            "pruned": pruned,
-            "pruned_fraction": pruned / scored if scored else 0.0,
-        },
-        "timings": dict(timings),
-        "seed": config.seed,
-    }
+    scored = sum(m.scored for m in modules.values())
+    pruned = sum(m.pruned for m in modules.values())
+    report = RealignReport(
+        method=MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))}),
+        data=None if data_info is None else DataReport(**data_info, tokens=tokens),
+        protection=None if protect_info is None else ProtectionReport(
+            **protect_info, ratio=config.protect_ratio, spared=sum(spared.values())),
+        modules=modules,
+        totals=Totals(
+            targets=len(targets), scored=scored, selected=sum(selected.values()),
+            spared_by_protection=sum(spared.values()), pruned=pruned, pruned_fraction=pruned / scored if scored else 0.0,
+        ),
+        timings=dict(timings),
+        seed=config.seed,
+    )
     return RealignResult(masks=masks, report=report)
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = "zero", aligned: nn.Module | None = None) -> list[Target]:
     """Re-apply saved masks (parameter name -> bool) to a model without recomputing any score."""
-    from antidote_llm.core.targets import layout_of
-
     modules = dict(model.named_modules())
     targets = []
     for name, mask in masks.items():

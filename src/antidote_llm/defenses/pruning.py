@@ -10,7 +10,7 @@ def _pruning(calibration: str):
     def apply(model, config: RealignConfig, context: DefenseContext) -> dict:
         data = context.benign if calibration == "benign" else context.harmful
         protect = context.benign if config.protect_ratio is not None else None
-        return realign(model, context.tokenizer, config, data, protect_data=protect, progress=False).report
+        return realign(model, context.tokenizer, config, data, protect_data=protect, progress=False).report.model_dump(mode="json")
 
     return apply
 

@@ -69,3 +69,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def write_report(path: str | Path, report) -> None:
+    """A typed report (a pydantic model) as JSON, through a temporary file and a rename."""
+    write_json(path, report.model_dump(mode="json"))

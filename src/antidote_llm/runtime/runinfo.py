@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import psutil
 import torch
+from pydantic import BaseModel
 
 LIBRARIES = ("antidote-llm", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "vllm")
 
@@ -33,6 +34,12 @@ class Timings(dict):
             yield
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+class MemoryReport(BaseModel):
+    rss_start_bytes: int
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
 
 
 class MemoryMonitor:
@@ -64,10 +71,6 @@ class MemoryMonitor:
             self._thread.join()
         self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
 
-    def report(self) -> dict:
+    def report(self) -> MemoryReport:
         gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        return {
-            "rss_start_bytes": self.start_rss,
-            "peak_rss_bytes": self.peak_rss,
-            "peak_gpu_bytes": gpu,
-        }
+        return MemoryReport(rss_start_bytes=self.start_rss, peak_rss_bytes=self.peak_rss, peak_gpu_bytes=gpu)

@@ -192,7 +192,7 @@ def _report(stage: str, config: TrainConfig, data: dict, facts: dict, timings: T
         "train": {k: v for k, v in facts.items() if k != "is_main_process"},
         "outputs": outputs,
         "timings": dict(timings),
-        "memory": memory.report(),
+        "memory": memory.report().model_dump(),
         "versions": library_versions(),
     }
 

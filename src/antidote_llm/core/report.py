@@ -1,0 +1,82 @@
+"""The typed schema of `report.json` for `antidote realign` and `apply-mask`: what the CLI summary, the lab
+and users' scripts read, field by field (`RealignReport.model_validate_json(path.read_text())`)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from antidote_llm.runtime.runinfo import MemoryReport
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataReport(Report):
+    """Which rows were used: source, count, content hash, the field mapping, and the counted tokens."""
+
+    source: str
+    rows: int
+    sha256: str
+    fields: dict[str, str | None] = {}
+    tokens: int = 0
+
+
+class ProtectionReport(DataReport):
+    ratio: float
+    spared: int  # selected weights left unpruned because they matter on the benign rows
+
+
+class ModuleReport(Report):
+    shape: list[int]
+    layout: str  # linear, conv1d or embedding
+    scored: int
+    selected: int
+    spared_by_protection: int
+    pruned: int
+
+
+class Totals(Report):
+    targets: int
+    scored: int
+    selected: int
+    spared_by_protection: int
+    pruned: int
+    pruned_fraction: float
+
+
+class MethodReport(Report):
+    """The RealignConfig that ran (every field), with `targets` resolved from `auto`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    targets: list[str]
+
+
+class RealignReport(Report):
+    method: MethodReport
+    data: DataReport | None
+    protection: ProtectionReport | None
+    modules: dict[str, ModuleReport]
+    totals: Totals
+    timings: dict[str, float]
+    seed: int
+    # Filled in by realign_to_disk:
+    model: dict | None = None
+    aligned_model: str | None = None
+    outputs: dict | None = None
+    memory: MemoryReport | None = None
+    versions: dict[str, str] | None = None
+    started_at: str | None = None
+
+
+class ApplyMaskReport(Report):
+    mask: str
+    action: str
+    model: dict
+    aligned_model: str | None
+    pruned: int
+    parameters: int
+    versions: dict[str, str]
+    outputs: dict | None = None
+    timings: dict[str, float] = {}
