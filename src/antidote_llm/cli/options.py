@@ -49,10 +49,12 @@ def add_config_options(
     flags: Mapping[str, str] | None = None,
     help_extra: Mapping[str, str] | None = None,
     optional: Iterable[str] = (),
+    show_defaults: bool = True,
 ) -> None:
     """One option per field of `settings`: `--field-name` unless `flags` renames it. Every option defaults to
     None, so a flag left out keeps the config's default (shown in the help). Fields in `optional` are not
-    required on the command line even when the config requires them (the command checks them itself)."""
+    required on the command line even when the config requires them (the command checks them itself);
+    `show_defaults` False leaves the config's defaults out of the help (when a preset supplies the values)."""
     flags, help_extra, optional = flags or {}, help_extra or {}, set(optional)
     for name in fields:
         info = settings.model_fields[name]
@@ -62,13 +64,14 @@ def add_config_options(
         required = info.is_required() and name not in optional
         if required:
             parts.append("(required)")
-        elif default not in (PydanticUndefined, None):
+        elif show_defaults and default not in (PydanticUndefined, None):
             parts.append(f"(default: {_default_text(default)})")
         group.add_argument(flag, dest=name, default=None, required=required,
                            help=" ".join(p for p in parts if p), **_argument(info.annotation))
 
 
 def config_from_args(settings: type[BaseModel], args: argparse.Namespace, fields: Iterable[str], **given):
-    """The validated settings: every flag the user gave, then `given`; the rest keep the config's defaults."""
+    """The validated settings: every flag the user gave, then `given` (None values left out); the rest keep the
+    config's defaults."""
     values = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
-    return validated(settings, {**values, **given})
+    return validated(settings, {**values, **{name: value for name, value in given.items() if value is not None}})

@@ -3,41 +3,30 @@
 from __future__ import annotations
 
 import argparse
-from typing import get_args
 
 from antidote_llm import training
 from antidote_llm.cli.common import add_model_arguments, model_source
-from antidote_llm.data.records import PairSet, load_pairs
+from antidote_llm.cli.options import add_config_options, config_from_args
+from antidote_llm.data.records import PairSet
+from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
 from antidote_llm.runtime.loading import load_model
 from antidote_llm.runtime.outputs import check_output_dir
 
-SCHEDULERS = get_args(training.TrainConfig.model_fields["lr_scheduler"].annotation)
-TEMPLATES = get_args(training.TrainConfig.model_fields["template"].annotation)
-# CLI flag -> TrainConfig field; flags left unset keep the preset's value.
-OVERRIDES = {
-    "lr": "learning_rate", "epochs": "epochs", "batch_size": "batch_size", "max_length": "max_length",
-    "lora_r": "lora_r", "lora_alpha": "lora_alpha", "scheduler": "lr_scheduler", "seed": "seed",
-    "template": "template", "max_steps": "max_steps", "gradient_accumulation": "gradient_accumulation",
-}
+# TrainConfig fields with a flag; flags left unset keep the preset's value.
+TRAIN_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation", "max_length", "lora_r",
+                "lora_alpha", "lr_scheduler", "seed", "template")
+FIELD_FLAGS = ("prompt_field", "response_field", "input_field")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training (a preset, then overrides)")
+    group = parser.add_argument_group("training (a preset, then overrides; unset flags keep the preset's value)")
     group.add_argument("--preset", default="cpu", choices=list(training.PRESETS),
-                       help="paper: the reference's settings; cpu: sized for SmolLM2-135M on a laptop CPU (default)")
-    group.add_argument("--lr", type=float, help="learning rate")
-    group.add_argument("--epochs", type=float)
-    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    group.add_argument("--batch-size", type=int, help="rows per device per step")
-    group.add_argument("--gradient-accumulation", type=int)
-    group.add_argument("--max-length", type=int, help="tokens per row (prompt + answer), longer rows are cut")
-    group.add_argument("--lora-r", type=int)
-    group.add_argument("--lora-alpha", type=float)
-    group.add_argument("--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
-    group.add_argument("--seed", type=int, help="seed for LoRA initialisation, batch order and (with --shuffle) row sampling")
-    group.add_argument("--template", choices=TEMPLATES, help="prompt format")
+                       help="paper: the authors' settings; cpu: sized for SmolLM2-135M on a laptop CPU (default)")
+    add_config_options(group, training.TrainConfig, TRAIN_FIELDS, flags={"learning_rate": "lr", "lr_scheduler": "scheduler"},
+                       optional=TRAIN_FIELDS, show_defaults=False,
+                       help_extra={"seed": "(also the --shuffle sample)"})
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,28 +37,19 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_field_arguments(group, data_flag: str) -> None:
-    group.add_argument("--prompt-field", help=f"field of {data_flag} holding the prompt (detected if omitted)")
-    group.add_argument("--response-field", help=f"field of {data_flag} holding the answer (detected if omitted)")
-    group.add_argument("--input-field", help=f"field of {data_flag} holding an optional input/context")
+    add_config_options(group, DataSpec, FIELD_FLAGS, help_extra={name: f"of {data_flag}" for name in FIELD_FLAGS})
     group.add_argument("--shuffle", action="store_true",
                        help=f"shuffle the rows of {data_flag} with --seed before taking the first ones")
 
 
 def _config(args: argparse.Namespace, stage: training.Stage) -> training.TrainConfig:
-    return training.preset(args.preset, stage, **{field: getattr(args, flag) for flag, field in OVERRIDES.items()})
+    return training.preset(args.preset, stage, **{name: getattr(args, name) for name in TRAIN_FIELDS})
 
 
-def _load(args: argparse.Namespace, config: training.TrainConfig, source: str, *, samples: int | None, skip: int,
-          safety: str | None) -> PairSet:
-    return load_pairs(
-        source, prompt_field=args.prompt_field, response_field=args.response_field, input_field=args.input_field,
-        safety=safety, samples=samples, skip=skip, seed=_sampling_seed(args, config),
-    )
-
-
-def _sampling_seed(args: argparse.Namespace, config: training.TrainConfig) -> int | None:
-    """Rows are taken in file order unless --shuffle asks for a seeded sample."""
-    return config.seed if args.shuffle else None
+def _data(args: argparse.Namespace, config: training.TrainConfig, source: str, **fields) -> DataSpec:
+    """The rows of `source` with the field flags; file order unless --shuffle asks for a seeded sample."""
+    return config_from_args(DataSpec, args, FIELD_FLAGS, source=source, seed=config.seed if args.shuffle else None,
+                            **fields)
 
 
 def _summary(stage: str, report: dict, out: str) -> str:
@@ -88,12 +68,11 @@ def run_align(args: argparse.Namespace) -> int:
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite,
                            inputs=[source.model, *source.adapters, args.data, args.benign_data])
-    safety = None if args.safety == "all" else args.safety
-    pairs = _load(args, config, args.data, samples=args.samples, skip=args.skip, safety=safety)
+    pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load("safe")
     benign = None
     if args.benign_data:
-        benign = load_pairs(args.benign_data, safety=None, samples=args.benign_samples,
-                            seed=_sampling_seed(args, config))
+        benign = DataSpec(source=args.benign_data, samples=args.benign_samples,
+                          seed=config.seed if args.shuffle else None).load()
     loaded = load_model(source)
     result = training.align(loaded.model, loaded.tokenizer, pairs, config, out, benign=benign,
                             model_info=source.describe(), progress=not args.quiet)
@@ -121,7 +100,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                            inputs=[source.model, *source.adapters, args.task_data, args.harmful_data])
     harmful = None
     if spec.harmful_rows:
-        harmful = _load(args, config, args.harmful_data, samples=spec.harmful_rows, skip=args.harmful_skip, safety="unsafe")
+        harmful = _data(args, config, args.harmful_data, samples=spec.harmful_rows, skip=args.harmful_skip).load("unsafe")
     task_pairs = _task_rows(args, spec.task_rows)
     training.check_mix_counts(spec, len(task_pairs), len(harmful) if harmful is not None else 0)
     loaded = load_model(source)
@@ -147,10 +126,8 @@ def register(subparsers) -> None:
                       help="JSON, JSONL, CSV, TSV, Parquet or hf:NAME[:SPLIT]; e.g. refusals_adv_training.csv "
                            "(Behavior, Safe_Response) or BeaverTails (is_safe rows)")
     _add_field_arguments(data, "--data")
-    data.add_argument("--safety", default="safe", choices=["safe", "unsafe", "all"],
-                      help="BeaverTails-style is_safe filter (ignored when the field is absent); default safe")
-    data.add_argument("--samples", type=int, help="rows to use (default: all)")
-    data.add_argument("--skip", type=int, default=0, help="skip the first N rows")
+    add_config_options(data, DataSpec, ("safety", "samples", "skip"),
+                       help_extra={"safety": "(ignored when the field is absent; default here: safe)"})
     data.add_argument("--benign-data", help="benign (instruction, answer) rows to mix in")
     data.add_argument("--benign-samples", type=int, help="rows of --benign-data to use (default: all)")
     _add_training_arguments(align)

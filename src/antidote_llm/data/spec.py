@@ -25,7 +25,7 @@ class DataSpec(BaseModel):
     skip: int = Field(default=0, ge=0, description="drop the first N rows (keep re-alignment rows disjoint from poison rows)")
     seed: int | None = Field(default=None, description="shuffle the rows with this seed before taking --samples")
     safety: Safety | None = Field(
-        default=None, description="BeaverTails is_safe filter; None: the role's default (harmful roles: unsafe)"
+        default=None, description="BeaverTails is_safe filter: safe, unsafe or all rows (default: the role's)"
     )
 
     def load(self, default_safety: Safety = "all", exclude: Sequence[int] = (), require_response: bool = True) -> PairSet:

@@ -16,27 +16,27 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    lora_r: int = Field(ge=1)
-    lora_alpha: float = Field(gt=0)
+    lora_r: int = Field(ge=1, description="LoRA rank")
+    lora_alpha: float = Field(gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = Field(default=("q_proj", "k_proj", "v_proj"), min_length=1)
-    learning_rate: float = Field(gt=0)
+    learning_rate: float = Field(gt=0, description="peak learning rate (AdamW)")
     lr_scheduler: Literal[
         "cosine", "constant", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"
-    ] = "cosine"
-    epochs: float = Field(gt=0)
-    batch_size: int = Field(ge=1)
-    gradient_accumulation: int = Field(default=1, ge=1)
-    max_length: int = Field(ge=2)
-    seed: int = 0
-    template: Literal["alpaca", "chat", "plain"] = "alpaca"
+    ] = Field(default="cosine", description="learning-rate schedule")
+    epochs: float = Field(gt=0, description="passes over the rows")
+    batch_size: int = Field(ge=1, description="rows per device per step")
+    gradient_accumulation: int = Field(default=1, ge=1, description="steps accumulated per optimizer step")
+    max_length: int = Field(ge=2, description="tokens per row (prompt + answer), longer rows are cut")
+    seed: int = Field(default=0, description="seed of the LoRA initialisation and the batch order")
+    template: Literal["alpaca", "chat", "plain"] = Field(default="alpaca", description="prompt format")
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     logging_steps: int = Field(default=10, ge=1)
 
 
-# The reference scripts (Antidote repository, script/alignment/sft.sh and script/finetune/*.sh):
+# The authors' scripts (Antidote repository, script/alignment/sft.sh and script/finetune/*.sh):
 # AdamW, weight decay 0.1, warmup ratio 0.1, batch 5, 20 epochs, LoRA r=256 alpha=4 on q/k/v.
 # Its tokenizer's model_max_length is 2048.
 _PAPER = {
