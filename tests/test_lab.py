@@ -79,7 +79,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(experiment_file, tmp_path):
         assert (out / name).stat().st_size > 0
     defense_dirs = list((out / "stages").glob("defense-antidote-*"))
     assert (defense_dirs[0] / "eval" / "answers.jsonl").is_file()
-    assert json.loads((defense_dirs[0] / "defense.json").read_text())["report"]["totals"]["pruned"] > 0
+    record = json.loads((defense_dirs[0] / "defense.json").read_text())
+    assert record["outcome"]["report"]["totals"]["pruned"] > 0 and record["outcome"]["changed_fraction"] > 0.1
 
     again = run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
     assert again.ran == []

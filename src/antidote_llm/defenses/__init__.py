@@ -1,11 +1,18 @@
 """Defenses against harmful fine-tuning, one registry keyed by name, each declaring the stage it acts on."""
 
 from antidote_llm.defenses.pruning import PRUNING_DEFENSES
-from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseStage, get_defense, registry
+from antidote_llm.defenses.registry import (
+    Defense,
+    DefenseContext,
+    DefenseOutcome,
+    DefenseStage,
+    get_defense,
+    registry,
+)
 
 NO_DEFENSE = Defense(
     name="none", stage="post", description="no defense: the fine-tuned model as the user got it",
-    apply=lambda model, settings, context: None,
+    apply=lambda model, settings, context: DefenseOutcome(),
 )
 DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *PRUNING_DEFENSES)
 
@@ -15,4 +22,4 @@ def defense(name: str, stage: DefenseStage | None = None) -> Defense:
     return get_defense(DEFENSES, name, stage)
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseStage", "defense"]
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseOutcome", "DefenseStage", "defense"]

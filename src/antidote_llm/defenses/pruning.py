@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from antidote_llm.core.realign import RealignConfig, realign
-from antidote_llm.defenses.registry import Defense, DefenseContext
+from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 
 
 def _pruning(calibration: str):
-    def apply(model, config: RealignConfig, context: DefenseContext) -> dict:
+    def apply(model, config: RealignConfig, context: DefenseContext) -> DefenseOutcome:
         data = context.benign if calibration == "benign" else context.harmful
         protect = context.benign if config.protect_ratio is not None else None
-        return realign(model, context.tokenizer, config, data, protect_data=protect, progress=False).report.model_dump(mode="json")
+        report = realign(model, context.tokenizer, config, data, protect_data=protect, progress=False).report
+        return DefenseOutcome(report=report.model_dump(mode="json"), changed_fraction=report.totals.pruned_fraction)
 
     return apply
 

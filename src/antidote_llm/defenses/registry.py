@@ -28,19 +28,26 @@ class DefenseContext:
     benign: PairSet | None
 
 
+class DefenseOutcome(BaseModel):
+    """What a post-fine-tuning defense did: its own report, and the share of the weights it acted on that it changed."""
+
+    report: dict | None = None
+    changed_fraction: float | None = None
+
+
 @dataclass(frozen=True)
 class Defense:
     """A registered defense.
 
     `settings` validates the defense's options (None: it takes none). `apply(model, settings, context)`
-    changes the model in place and returns its report (or None). `live_adapter(settings)` says whether it
+    changes the model in place and returns a DefenseOutcome. `live_adapter(settings)` says whether it
     acts on the fine-tuning adapter kept separate (True) or on the merged model (False).
     """
 
     name: str
     stage: DefenseStage
     description: str
-    apply: Callable[[object, BaseModel | None, DefenseContext], dict | None]
+    apply: Callable[[object, BaseModel | None, DefenseContext], DefenseOutcome]
     settings: type[BaseModel] | None = None
     fixed: dict = field(default_factory=dict)  # settings the defense itself sets (Antidote's score is wanda)
     needs_benign: Callable[[BaseModel | None], bool] = lambda settings: False

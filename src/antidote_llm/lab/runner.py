@@ -12,18 +12,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from antidote_llm import training
 from antidote_llm.data.records import pairs_sha256
-from antidote_llm.defenses import DefenseContext, defense
+from antidote_llm.defenses import DefenseContext, DefenseOutcome, defense
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
 from antidote_llm.evaluation.evaluate import evaluate_model, write_eval
 from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
-from antidote_llm.runtime.outputs import atomic_dir, write_json
+from antidote_llm.runtime.outputs import atomic_dir, write_report
 
 STAGES_DIR = "stages"
+DEFENSE_FILE = "defense.json"
+
+
+class DefenseRecord(BaseModel):
+    """defense.json of a lab defense stage: which defense, its settings, its time and what it did."""
+
+    method: str
+    stage: str
+    settings: dict | None
+    defense_s: float
+    outcome: DefenseOutcome
 
 
 @dataclass
@@ -198,22 +211,20 @@ def _run_setting(setting: _Setting) -> list[dict]:
             loaded = load_model(finetuned, keep_adapter=chosen.live_adapter(settings))
             context = DefenseContext(loaded.tokenizer, realign_pairs, benign)
             started = time.perf_counter()
-            report = chosen.apply(loaded.model, settings, context)
+            outcome = chosen.apply(loaded.model, settings, context)
             defense_s = round(time.perf_counter() - started, 2)
             result = setting.evaluate(loaded.model, loaded.tokenizer)
             with atomic_dir(folder) as tmp:
                 write_eval(result, tmp / "eval")
-                write_json(tmp / "defense.json", {"method": chosen.name, "stage": chosen.stage, "settings": settings_dump,
-                                                  "defense_s": defense_s, "report": report})
+                write_report(tmp / DEFENSE_FILE, DefenseRecord(method=chosen.name, stage=chosen.stage,
+                                                              settings=settings_dump, defense_s=defense_s, outcome=outcome))
 
         folder = setting.run_stage(f"defense-{label}", key, work)
-        record = _read_json(folder / "defense.json")
-        report = record["report"] or {}
+        record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
         rows.append(_row(
             setting.values, "fine-tuned", label, spec.method, getattr(settings, "ratio", None),
             _read_json(folder / "eval" / "metrics.json"),
-            pruned_fraction=report.get("totals", {}).get("pruned_fraction"), defense_s=record["defense_s"],
-            finetune_s=finetune_s,
+            pruned_fraction=record.outcome.changed_fraction, defense_s=record.defense_s, finetune_s=finetune_s,
         ))
     return rows
 
