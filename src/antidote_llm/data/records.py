@@ -244,13 +244,14 @@ def load_pairs(
     pairs = []
     for position in (positions[i] for i in indices):
         row = rows[position]
+        prompt = _text(row, prompt_key, source, lines, position)
         if require_response:
             response = _text(row, response_key, source, lines, position)
         else:  # a reader of prompts only ignores the responses, whatever they hold
             response = row.get(response_key) if response_key else None
             response = response if isinstance(response, str) else ""
         pairs.append(Pair(
-            prompt=_text(row, prompt_key, source, lines, position),
+            prompt=prompt,
             response=response,
             input=_text(row, input_key, source, lines, position, optional=True) if input_key else "",
         ))
