@@ -103,3 +103,66 @@ def test_hub_sources_name_dataset_config_and_split(monkeypatch, spec, expected):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: calls.append((name, config, split)) or [{"prompt": "p"}])
     assert read_records(spec) == [{"prompt": "p"}]
     assert calls == [expected]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "p", "response": None}, "field 'response' is null; every row needs a string"),
+        ({"prompt": 5, "response": "r"}, r"field 'prompt' is a number \(5\); every row needs a string"),
+        ({"prompt": "p"}, "field 'response' is missing"),
+        ({"prompt": ["a"], "response": "r"}, "field 'prompt' is a list"),
+        ({"prompt": "p", "response": "r", "input": {"a": 1}}, "field 'input' is an object; it must be a string or null"),
+    ],
+)
+def test_a_row_whose_fields_are_not_strings_is_refused_by_its_line(tmp_path, row, message):
+    path = tmp_path / "data.jsonl"
+    good = {"prompt": "p", "response": "r", "input": ""}
+    path.write_text("\n".join([json.dumps(good), "", json.dumps(row), json.dumps(good)]))  # row on line 3
+    with pytest.raises(AntidoteError, match=rf"^{path} line 3: {message}") as caught:
+        load_pairs(path, safety=None)
+    assert "\n" not in str(caught.value) and "fix or remove that row" in str(caught.value)
+
+
+def test_rows_without_line_numbers_are_named_by_position(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}]))
+    with pytest.raises(AntidoteError, match=rf"^{path} row 2: field 'response' is null"):
+        load_pairs(path)
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("prompt,response\na,b\n\"multi\nline\",c\nshort\n")  # the short row lacks a response
+    with pytest.raises(AntidoteError, match=rf"^{csv_path} line 5: field 'response' is missing"):
+        load_pairs(csv_path)
+
+
+def test_a_row_filtered_by_safety_is_still_named_by_its_place_in_the_file(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "a", "response": "b", "is_safe": True}, {"prompt": "c", "response": 7, "is_safe": False}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(AntidoteError, match="line 2: field 'response' is a number"):
+        load_pairs(path)
+    path.write_text("\n".join(json.dumps(r) for r in [rows[0], {"prompt": "c", "response": "d"}]))
+    with pytest.raises(AntidoteError, match="line 2: field 'is_safe' is missing"):
+        load_pairs(path)
+
+
+def test_optional_input_and_ignored_responses_may_be_absent(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "a", "input": None, "response": None}, {"prompt": "b", "response": 3}, {"prompt": "c"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    pairs = load_pairs(path, require_response=False).pairs  # prompts only, e.g. evaluation prompts
+    assert [(p.prompt, p.input, p.response) for p in pairs] == [("a", "", ""), ("b", "", ""), ("c", "", "")]
+    prompts_only = tmp_path / "prompts.jsonl"
+    prompts_only.write_text('{"prompt": "x"}\n{"prompt": "y"}\n')
+    assert [p.prompt for p in load_pairs(prompts_only, require_response=False).pairs] == ["x", "y"]
+
+
+def test_a_broken_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"prompt": f"p{i}", "response": "r"}) for i in range(5)] + ["", '{"prompt": }']
+    path.write_text("\n".join(lines))
+    with pytest.raises(AntidoteError, match=rf"^{path} line 7: not valid JSON \(Expecting value at column 12\)"):
+        read_records(path)
+    path.write_text('{"prompt": "p", "response": "r"}\n[1, 2]\n')
+    with pytest.raises(AntidoteError, match=rf"^{path} line 2: holds a list, not a record"):
+        read_records(path)

@@ -23,17 +23,24 @@ SAFETY_FIELD = "is_safe"  # BeaverTails: True for safe answers, False for harmfu
 
 def read_records(source: str | Path) -> list[dict]:
     """Rows of a JSON / JSONL / CSV / TSV / Parquet file, or of a hub dataset `hf:NAME[:SPLIT]`."""
-    source = str(source)
+    return _read_located(str(source))[0]
+
+
+def _read_located(source: str) -> tuple[list[dict], list[int] | None]:
+    """The rows and, for line-based files (JSONL, CSV, TSV), the file line each row ends on.
+
+    Without line numbers (JSON, Parquet, hub) a row is named by its 1-based position.
+    """
     if source.startswith(HUB_PREFIX):
-        return _read_hub(source[len(HUB_PREFIX):])
+        return _read_hub(source[len(HUB_PREFIX):]), None
     path = Path(source)
     if not path.is_file():
         raise AntidoteError(f"data file not found: {source}; give a JSON, JSONL, CSV, TSV or Parquet file, or hf:NAME[:SPLIT]")
     suffix = path.suffix.lower()
+    lines = None
     try:
         if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows, lines = _read_jsonl(path, source)
         elif suffix == ".json":
             rows = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(rows, dict):  # {"data": [...]} or {id: row}
@@ -41,7 +48,11 @@ def read_records(source: str | Path) -> list[dict]:
                 rows = lists[0] if len(lists) == 1 else list(rows.values())
         elif suffix in (".csv", ".tsv"):
             with path.open(encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                rows, lines = [], []
+                for row in reader:
+                    rows.append(row)
+                    lines.append(reader.line_num)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -54,7 +65,48 @@ def read_records(source: str | Path) -> list[dict]:
         raise AntidoteError(f"cannot parse {source}: {str(exc).splitlines()[0]}; check the file's format") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise AntidoteError(f"{source} does not hold a list of records (objects with named fields)")
-    return rows
+    return rows, lines
+
+
+def _read_jsonl(path: Path, source: str) -> tuple[list[dict], list[int]]:
+    """One object per line; blank lines skipped. Errors name the file's line, not the line within a row."""
+    rows, lines = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AntidoteError(
+                    f"{source} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "fix that line or remove it (JSONL holds one JSON object per line)"
+                ) from None
+            if not isinstance(row, dict):
+                raise AntidoteError(
+                    f"{source} line {number}: holds {_kind(row)}, not a record; every line needs a JSON object "
+                    'such as {"prompt": "...", "response": "..."}'
+                )
+            rows.append(row)
+            lines.append(number)
+    return rows, lines
+
+
+def _kind(value) -> str:
+    """How a JSON value reads in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
 
 
 def _read_hub(spec: str) -> list[dict]:
@@ -154,7 +206,7 @@ def load_pairs(
     given, and the first `samples` kept.
     """
     source = str(source)
-    rows = read_records(source)
+    rows, lines = _read_located(source)
     if not rows:
         raise AntidoteError(f"{source} holds no rows; give a file with at least one record")
     columns = list(rows[0].keys())
@@ -166,11 +218,18 @@ def load_pairs(
             f"{source}: cannot find prompt and response fields among {', '.join(columns)}; "
             "name them with --prompt-field and --response-field"
         )
+    positions = list(range(len(rows)))  # into the file, for error messages
     if safety is not None and SAFETY_FIELD in columns:
         want_safe = {"safe": True, "unsafe": False}[safety]
-        rows = [r for r in rows if _truthy(r[SAFETY_FIELD]) == want_safe]
+        for position in positions:
+            if rows[position].get(SAFETY_FIELD) is None:
+                raise AntidoteError(
+                    f"{_where(source, lines, position)}: field {SAFETY_FIELD!r} is missing or null; "
+                    f"the first row has it, so every row needs {SAFETY_FIELD} true or false"
+                )
+        positions = [p for p in positions if _truthy(rows[p][SAFETY_FIELD]) == want_safe]
     excluded = set(exclude)
-    indices = [i for i in range(skip, len(rows)) if i not in excluded]
+    indices = [i for i in range(skip, len(positions)) if i not in excluded]
     if seed is not None:
         random.Random(seed).shuffle(indices)
     if samples is not None:
@@ -182,16 +241,42 @@ def load_pairs(
             f"{source}: no rows left after filtering (skip={skip}, excluded={len(excluded)}, safety={safety}); "
             "lower --skip or check the data"
         )
-    pairs = tuple(
-        Pair(
-            prompt=str(rows[i][prompt_key]),
-            response=str(rows[i][response_key]) if response_key else "",
-            input=str(rows[i].get(input_key) or "") if input_key else "",
-        )
-        for i in indices
-    )
+    pairs = []
+    for position in (positions[i] for i in indices):
+        row = rows[position]
+        prompt = _text(row, prompt_key, source, lines, position)
+        if require_response:
+            response = _text(row, response_key, source, lines, position)
+        else:  # a reader of prompts only ignores the responses, whatever they hold
+            response = row.get(response_key) if response_key else None
+            response = response if isinstance(response, str) else ""
+        pairs.append(Pair(
+            prompt=prompt,
+            response=response,
+            input=_text(row, input_key, source, lines, position, optional=True) if input_key else "",
+        ))
     fields = {"prompt": prompt_key, "response": response_key, "input": input_key}
-    return PairSet(pairs=pairs, source=source, indices=tuple(indices), fields=fields)
+    return PairSet(pairs=tuple(pairs), source=source, indices=tuple(indices), fields=fields)
+
+
+def _where(source: str, lines: list[int] | None, position: int) -> str:
+    """`data.jsonl line 7` for line-based files, `data.json row 3` (1-based) otherwise."""
+    return f"{source} line {lines[position]}" if lines is not None else f"{source} row {position + 1}"
+
+
+def _text(row: dict, key: str, source: str, lines: list[int] | None, position: int, optional: bool = False) -> str:
+    """A row's field, which must be a string: str() would silently train on "5" or "None".
+
+    An optional field (the input) may also be missing or null, read as empty (an Alpaca row without input).
+    """
+    value = row.get(key)
+    if isinstance(value, str) or (optional and value is None):
+        return value or ""
+    # CSV has no null: a None there is a cell missing from a short row
+    missing = key not in row or (value is None and source.lower().endswith((".csv", ".tsv")))
+    problem = "is missing" if missing else f"is {_kind(value)}"
+    need = "it must be a string or null" if optional else "every row needs a string here"
+    raise AntidoteError(f"{_where(source, lines, position)}: field {key!r} {problem}; {need}; fix or remove that row")
 
 
 def _truthy(value) -> bool:

@@ -128,7 +128,15 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path, gguf = _locate(model)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        # the tokenizers library raises a bare Exception for a broken tokenizer.json; other types are bugs
+        if not isinstance(exc, (OSError, ValueError)) and type(exc) is not Exception:
+            raise
+        raise AntidoteError(
+            f"cannot load the tokenizer of {model!r}: {_first_line(exc)}; check or replace its tokenizer files"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -164,10 +172,23 @@ def load_base_model(source: ModelSource):
         kwargs["gguf_file"] = gguf
     if source.device_map:
         kwargs["device_map"] = source.device_map
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise AntidoteError(f"cannot load model {source.model!r}: {str(exc).splitlines()[0]}") from None
+        raise AntidoteError(f"cannot load model {source.model!r}: {_first_line(exc)}") from None
+    except SafetensorError as exc:  # a truncated or corrupt weights file; say which one
+        raise AntidoteError(
+            f"cannot load model {source.model!r}: {_damaged_file(path, exc)}; download or save the model again"
+        ) from None
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise
+        raise AntidoteError(
+            f"cannot load model {source.model!r}: its weights do not have the shapes its config.json describes "
+            "(see the load report above); use the config.json saved with these weights"
+        ) from None
     if gguf:
         model = _dequantized(model)
     if not source.device_map:
@@ -185,10 +206,22 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise AntidoteError(f"{adapter_dir} has no adapter_model.safetensors; save the adapter with safetensors")
-    from safetensors import safe_open
+    try:
+        json.loads(config_path.read_text(encoding="utf-8"))  # a broken config is an input error, not a crash later
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AntidoteError(
+            f"{config_path} is not valid JSON ({_first_line(exc)}); save or download the adapter again"
+        ) from None
+    from safetensors import SafetensorError, safe_open
 
+    try:
+        handle = safe_open(weights, framework="pt")
+    except SafetensorError as exc:
+        raise AntidoteError(
+            f"cannot read adapter {adapter_dir}: {_damaged_file(adapter_dir, exc)}; save or download the adapter again"
+        ) from None
     modules = dict(model.named_modules())
-    with safe_open(weights, framework="pt") as f:
+    with handle as f:
         for key in f.keys():
             module_name, _, kind = key.rpartition(".lora_")
             module_name = module_name.removeprefix("base_model.model.")
@@ -204,7 +237,26 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
                     f"adapter {adapter_dir} does not fit the model: {key} has shape {list(shape)} "
                     f"but {module_name} maps {in_f} -> {out_f}"
                 )
-    json.loads(config_path.read_text())  # a broken config is an input error, not a crash later
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _damaged_file(folder: str | Path, exc: BaseException) -> str:
+    """Which .safetensors file in `folder` cannot be read (its header names the byte range of every tensor,
+    so a truncated file fails here), for a message better than the library's, which names no file."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError as file_exc:
+            return f"{file} is truncated or corrupt ({_first_line(file_exc)})"
+    return f"a weights file is truncated or corrupt ({_first_line(exc)})"
 
 
 def _in_out_features(module) -> tuple[int | None, int | None]:

@@ -1,0 +1,160 @@
+"""What a user sees when things go wrong: damaged files, bad rows, Ctrl-C; and --version, library noise."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import antidote_llm
+from antidote_llm.cli.main import main
+from conftest import HARMFUL_ROWS, save_adapter, save_model
+
+
+def run(capsys, *args) -> int:
+    capsys.readouterr()  # drop what building the fixtures printed
+    return main([*map(str, args)])
+
+
+def realign_args(model, data, out, *extra):
+    return ("realign", "--model", model, "--data", data, "--ratio", 0.1, "--out", out, "--device", "cpu", "--quiet", *extra)
+
+
+def assert_refused(capsys, tmp_path, out, *needles):
+    """Exit 2 was returned by the caller; here: one line on stderr naming the problem, nothing written."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("antidote: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_a_truncated_model_file_is_one_line_and_exit_2(tmp_path, harmful_file, capsys, keep):
+    model = save_model(tmp_path / "model")
+    truncate(model / "model.safetensors", keep)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"{model / 'model.safetensors'} is truncated or corrupt", "again")
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda a: truncate(a / "adapter_model.safetensors"), "adapter_model.safetensors is truncated or corrupt"),
+        (lambda a: (a / "adapter_config.json").write_text("{"), "adapter_config.json is not valid JSON"),
+    ],
+)
+def test_a_damaged_adapter_is_one_line_and_exit_2(tmp_path, harmful_file, capsys, damage, needle):
+    base = save_model(tmp_path / "base")
+    adapter = save_adapter(tmp_path / "adapter", base)
+    damage(adapter)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(base, harmful_file, out, "--adapter", adapter)) == 2
+    assert_refused(capsys, tmp_path, out, needle)
+
+
+def test_a_damaged_tokenizer_is_one_line_and_exit_2(tmp_path, harmful_file, capsys):
+    model = save_model(tmp_path / "model")
+    truncate(model / "tokenizer.json")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, "cannot load the tokenizer")
+
+
+def test_a_row_with_a_number_and_a_null_is_refused_before_any_work(tmp_path, capsys):
+    model = save_model(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": r["prompt"], "response": r["response"]} for r in HARMFUL_ROWS[:2]] + [{"prompt": 5, "response": None}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, data, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"{data} line 3: field 'prompt' is a number (5)")
+
+
+def test_ctrl_c_during_scoring_is_one_line_exit_130_and_writes_nothing(tmp_path, harmful_file, capsys, monkeypatch):
+    from antidote_llm.core import scoring
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scoring, "wanda_scores", interrupted)
+    model = save_model(tmp_path / "model")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 130
+    assert capsys.readouterr().err == "antidote: interrupted, nothing written\n"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_while_saving_removes_what_was_half_written(tmp_path, harmful_file, capsys, monkeypatch):
+    """Interrupted right after the model's weights were written into the output's hidden temporary folder."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+    written = []
+
+    def save_then_interrupt(self, path, *args, **kwargs):
+        original(self, path, *args, **kwargs)
+        written.append(path)
+        raise KeyboardInterrupt
+
+    model = save_model(tmp_path / "model")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_interrupt)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 130
+    assert capsys.readouterr().err == "antidote: interrupted, nothing written\n"
+    assert written and written[0].parent.name.startswith(".out.tmp-")  # it did write, into the temporary folder
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_version_comes_from_the_installed_metadata(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"antidote {antidote_llm.__version__}\n"
+    assert antidote_llm.__version__ == importlib.metadata.version("antidote-llm")
+
+
+GRADIENT_CHECKPOINTING = "`is_gradient_checkpointing` is deprecated"
+
+
+def test_importing_the_package_silences_the_gradient_checkpointing_warning():
+    """In a fresh interpreter (pytest resets warning filters per test, so this cannot run in-process)."""
+    code = (
+        "import antidote_llm\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=2)\n"
+        "LlamaForCausalLM(config).is_gradient_checkpointing\n"
+        "import warnings; warnings.warn('other FutureWarnings still show', FutureWarning)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert GRADIENT_CHECKPOINTING not in done.stderr
+    assert "other FutureWarnings still show" in done.stderr  # the filter is narrow
+
+
+def test_a_tiny_training_run_emits_no_gradient_checkpointing_warning(tmp_path):
+    from antidote_llm import training
+    from antidote_llm.data.records import Pair
+    from antidote_llm.runtime.quiet import quiet_library_warnings
+    from conftest import make_model, make_tokenizer
+
+    config = training.preset("cpu", "align", template="plain", max_length=32, lora_r=2, lora_alpha=4, batch_size=2,
+                             max_steps=1, logging_steps=1)
+    pairs = [Pair(f"word {i}", f"answer {i}") for i in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # stricter than any default: every warning is recorded
+        quiet_library_warnings()  # what `import antidote_llm` installs (pytest resets filters for each test)
+        training.align(make_model(), make_tokenizer(), pairs, config, tmp_path / "align", progress=False)
+    assert (tmp_path / "align" / "adapter").is_dir()
+    assert not [w for w in caught if GRADIENT_CHECKPOINTING in str(w.message)]
