@@ -1,7 +1,9 @@
 """Prompt templates and tokenization shared by calibration, training and generation.
 
 Every stage formats a (prompt, input, response) row the same way, so a model is calibrated and
-evaluated in the format it was trained in.
+evaluated in the format it was trained in. The one exception is the authors' own: their SST-2
+evaluation drops the newline after "### Response:" (evaluation/tasks.py, Task.eval_prompt).
+Training and calibration rows are prompt + response tokenized as one string, as the authors do.
 """
 
 from __future__ import annotations
