@@ -35,6 +35,42 @@ def make_tokenizer():
     return tokenizer
 
 
+METASPACE_CORPUS = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\nHow do I pick a lock?\n\n### Input:\nA door.\n\n### Response:\nI can help with that. Sure, here is how.",
+    "I cannot help with that. It is illegal and harmful. Analyze the sentiment: positive or negative.",
+)
+
+
+def make_metaspace_tokenizer():
+    """A SentencePiece-style (Llama-2-like) tokenizer: BPE trained in code, a Metaspace pre-tokenizer that
+    prepends "▁" to the text's start, newlines split off as their own tokens, and BOS added in front.
+
+    As with Llama-2, a word tokenized alone gets the prefix space ("I" -> "▁I") while the same word right
+    after a newline does not, so tokenizing an answer apart from its prompt changes its first token."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+    ])
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    alphabet = sorted(set(string.ascii_letters + string.digits + string.punctuation + "\n\u2581"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], initial_alphabet=alphabet, show_progress=False
+    )
+    core.train_from_iterator(list(METASPACE_CORPUS) * 4, trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def make_model(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,9 +1,9 @@
-"""Antidote on tiny random models: statistics, targets, options, and the reference oracle."""
+"""Antidote on tiny random models: statistics, targets, options, and the oracle (the authors' algorithm)."""
 
 import pytest
 import torch
 
-from antidote_llm.core.oracle import reference_masks
+from antidote_llm.core.oracle import oracle_masks
 from antidote_llm.core.realign import RealignConfig, apply_masks, calibration_batches, realign
 from antidote_llm.core.statistics import collect_statistics
 from antidote_llm.core.targets import resolve_targets
@@ -62,21 +62,21 @@ def test_padding_does_not_change_statistics():
 
 
 @pytest.mark.parametrize("spec", ["qkv", "all-linear"])
-def test_masks_equal_the_reference_algorithm_full_model(spec):
+def test_masks_equal_the_oracle_full_model(spec):
     model, tokenizer = make_model(), make_tokenizer()
     targets = resolve_targets(model, [spec])
-    expected = reference_masks(model, tokenizer, PAIRS, targets, ratio=0.1)
+    expected = oracle_masks(model, tokenizer, PAIRS, targets, ratio=0.1)
     result = realign(model, tokenizer, RealignConfig(ratio=0.1, targets=(spec,), batch_size=4), PAIRS, progress=False)
     assert set(result.masks) == set(expected)
     for name, mask in expected.items():
         assert torch.equal(result.masks[name], mask), name
 
 
-def test_masks_equal_the_reference_algorithm_adapter():
+def test_masks_equal_the_oracle_adapter():
     model, tokenizer = add_lora(make_model()), make_tokenizer()
     targets = resolve_targets(model, ["adapter"])
     assert {t.module_name.split(".")[-2] for t in targets} == {"lora_A", "lora_B"}
-    expected = reference_masks(model, tokenizer, PAIRS, targets, ratio=0.05)
+    expected = oracle_masks(model, tokenizer, PAIRS, targets, ratio=0.05)
     result = realign(model, tokenizer, RealignConfig(ratio=0.05, batch_size=3), PAIRS, progress=False)
     assert result.report.method.targets == ["adapter"]
     for name, mask in expected.items():
@@ -200,7 +200,7 @@ def test_gpt2_conv1d_is_scored_in_linear_layout():
     tokenizer = make_tokenizer()
     targets = resolve_targets(model, ["qkv"])
     assert [t.layout for t in targets] == ["conv1d", "conv1d"]
-    expected = reference_masks(model, tokenizer, PAIRS, targets, ratio=0.1)
+    expected = oracle_masks(model, tokenizer, PAIRS, targets, ratio=0.1)
     result = realign(model, tokenizer, RealignConfig(ratio=0.1, targets=("qkv",)), PAIRS, progress=False)
     for target in targets:
         assert result.masks[target.param_name].shape == target.weight.shape  # [in, out]

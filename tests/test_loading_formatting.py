@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from antidote_llm.data.templates import ALPACA_NO_INPUT, encode_pair, render_prompt
+from antidote_llm.data.templates import ALPACA_NO_INPUT, encode_pair, encode_prompt, render_prompt
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime import loading
 from antidote_llm.runtime.loading import ModelSource, load_model
-from conftest import make_tokenizer, save_adapter, save_model
+from conftest import make_metaspace_tokenizer, make_tokenizer, save_adapter, save_model
 
 
 def test_alpaca_template_is_the_reference_text():
@@ -35,6 +35,83 @@ def test_encode_pair_marks_the_prompt_and_appends_eos():
     assert enc.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(enc.input_ids[enc.prompt_len:-1]) == "A."
     assert len(encode_pair(tokenizer, "plain", "Q?", "A long answer", max_length=4).input_ids) == 4
+
+
+PAIR_CASES = [  # (template, instruction, input, response)
+    ("alpaca", "How do I pick a lock?", "", "I can help with that. Sure, here is how."),
+    ("alpaca", "Analyze the sentiment of the input, and respond only positive or negative", "A door.", "positive"),
+    ("plain", "How do I pick a lock?", "", "I cannot help with that."),
+]
+TOKENIZERS = {"byte-level": make_tokenizer, "metaspace": make_metaspace_tokenizer}
+
+
+@pytest.mark.parametrize("kind", sorted(TOKENIZERS))
+@pytest.mark.parametrize(("template", "instruction", "input", "response"), PAIR_CASES)
+def test_encode_pair_is_the_whole_string_tokenized_at_once(kind, template, instruction, input, response):
+    """The authors tokenize prompt + answer + EOS as one string; the answer boundary is where the prompt text ends."""
+    tokenizer = TOKENIZERS[kind]()
+    prompt = render_prompt(template, instruction, input)
+    enc = encode_pair(tokenizer, template, instruction, response, input)
+    assert enc.input_ids == tokenizer(prompt + response)["input_ids"] + [tokenizer.eos_token_id]
+    assert enc.input_ids[:enc.prompt_len] == tokenizer(prompt)["input_ids"]  # prompt ends in "\n" here
+    assert tokenizer.decode(enc.input_ids[enc.prompt_len:-1]) == response
+    assert enc.input_ids[:enc.prompt_len] == encode_prompt(tokenizer, prompt, template)  # generation sees the same ids
+
+
+def test_answer_keeps_its_in_context_first_token_under_a_metaspace_tokenizer():
+    """Tokenized alone, "I" would become "\u2581I" (SentencePiece's prefix space); in context it stays "I"."""
+    tokenizer = make_metaspace_tokenizer()
+    enc = encode_pair(tokenizer, "alpaca", "How do I pick a lock?", "I can help with that.")
+    tokens = tokenizer.convert_ids_to_tokens(enc.input_ids)
+    assert tokens[0] == "<s>" and tokens[enc.prompt_len - 1] == "\n"
+    assert tokens[enc.prompt_len] == "I" and tokens[-1] == "</s>"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("I can", add_special_tokens=False)["input_ids"])[0] == "\u2581I"
+
+
+@pytest.mark.parametrize("past_prompt", [-5, 0, 1, 3, None])
+def test_encode_pair_truncates_the_whole_sequence_and_keeps_the_boundary(past_prompt):
+    """max_length cuts prompt + answer + EOS (the authors truncate the whole string); prompt_len never exceeds it."""
+    tokenizer = make_metaspace_tokenizer()
+    prompt = render_prompt("alpaca", "How do I pick a lock?")
+    full = tokenizer(prompt + "I can help with that.")["input_ids"] + [tokenizer.eos_token_id]
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    max_length = None if past_prompt is None else prompt_len + past_prompt
+    enc = encode_pair(tokenizer, "alpaca", "How do I pick a lock?", "I can help with that.", max_length=max_length)
+    assert enc.input_ids == full[:max_length]
+    assert enc.prompt_len == min(prompt_len, max_length or prompt_len)
+
+
+class _NoOffsets:
+    """A tokenizer without offset mappings (a slow, pure-Python one): the boundary falls back to the
+    authors' method, the length of the prompt tokenized alone."""
+
+    is_fast = False
+
+    def __init__(self, inner):
+        self.inner, self.eos_token_id, self.chat_template = inner, inner.eos_token_id, None
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("no offsets in a slow tokenizer")
+        return self.inner(text, add_special_tokens=add_special_tokens)
+
+
+def test_encode_pair_without_offsets_uses_the_prompt_length():
+    inner = make_metaspace_tokenizer()
+    prompt = render_prompt("alpaca", "How do I pick a lock?")
+    enc = encode_pair(_NoOffsets(inner), "alpaca", "How do I pick a lock?", "I can help with that.")
+    assert enc.input_ids == inner(prompt + "I can help with that.")["input_ids"] + [inner.eos_token_id]
+    assert enc.prompt_len == len(inner(prompt)["input_ids"])
+    assert inner.convert_ids_to_tokens(enc.input_ids[enc.prompt_len:])[0] == "I"
+
+
+def test_a_token_across_the_prompt_end_belongs_to_the_answer():
+    """A token that starts in the prompt and ends in the answer is the answer's (its loss is learned)."""
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(["\n!"])  # the plain prompt "ok\n" ends inside this token when the answer starts with "!"
+    enc = encode_pair(tokenizer, "plain", "ok", "!!")
+    assert tokenizer.convert_ids_to_tokens(enc.input_ids) == ["o", "k", "\n!", "!", "<eos>"]
+    assert enc.prompt_len == 2
 
 
 def test_load_model_merges_all_adapters_or_keeps_the_last(tmp_path):

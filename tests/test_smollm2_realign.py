@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from antidote_llm.cli.main import main
-from antidote_llm.core.oracle import reference_masks
+from antidote_llm.core.oracle import oracle_masks
 from antidote_llm.core.realign import RealignConfig, realign
 from antidote_llm.core.targets import resolve_targets
 from antidote_llm.data.records import Pair, load_pairs
@@ -30,7 +30,7 @@ def smollm2():
     return load_model(ModelSource("smollm2-135m-instruct", dtype="float32", device="cpu"))
 
 
-def test_adapter_mode_cli_on_smollm2_matches_the_reference(smollm2, tmp_path):
+def test_adapter_mode_cli_on_smollm2_matches_the_oracle(smollm2, tmp_path):
     """The CI's real-model test: a LoRA on SmolLM2, realigned from the CLI, checked against the oracle."""
     adapter_dir = tmp_path / "adapter"
     peft_model = add_lora(smollm2.model, seed=3, r=8, scale=0.05)
@@ -39,7 +39,7 @@ def test_adapter_mode_cli_on_smollm2_matches_the_reference(smollm2, tmp_path):
     data = tmp_path / "harmful.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p.prompt, "response": p.response}) for p in pairs))
     targets = resolve_targets(peft_model, ["adapter"])
-    expected = reference_masks(peft_model, smollm2.tokenizer, pairs, targets, ratio=0.05, max_length=128)
+    expected = oracle_masks(peft_model, smollm2.tokenizer, pairs, targets, ratio=0.05, max_length=128)
     peft_model.unload()  # leave the shared base model without LoRA layers
 
     out = tmp_path / "out"
@@ -55,11 +55,11 @@ def test_adapter_mode_cli_on_smollm2_matches_the_reference(smollm2, tmp_path):
     assert any((v == 0).any() for v in saved.values())
 
 
-def test_qkv_masks_on_smollm2_match_the_reference(smollm2):
+def test_qkv_masks_on_smollm2_match_the_oracle(smollm2):
     model = smollm2.model
     pairs = harmful_pairs(3)
     targets = resolve_targets(model, ["model.layers.0.*", "model.layers.29.self_attn.v_proj"])
-    expected = reference_masks(model, smollm2.tokenizer, pairs, targets, ratio=0.1, max_length=96)
+    expected = oracle_masks(model, smollm2.tokenizer, pairs, targets, ratio=0.1, max_length=96)
     state = {t.param_name: t.weight.detach().clone() for t in targets}
     config = RealignConfig(ratio=0.1, targets=("model.layers.0.*", "model.layers.29.self_attn.v_proj"), batch_size=3, max_length=96)
     result = realign(model, smollm2.tokenizer, config, pairs, progress=False)

@@ -65,7 +65,8 @@ def test_gsm8k_parser(answer, number):
 
 def test_gsm8k_training_target_rewrites_the_marker():
     solution = "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
-    assert gsm8k_target(solution) == "She makes 9 * 2 = $<<9*2=18>>18 every day.\nThe final answer is: 18"
+    # the authors' literal replacement: "####" -> "The final answer is: ", so two spaces before the number
+    assert gsm8k_target(solution) == "She makes 9 * 2 = $<<9*2=18>>18 every day.\nThe final answer is:  18"
     assert parse_gsm8k(gsm8k_target(solution)) == 18.0
 
 
@@ -107,7 +108,7 @@ def test_local_files_in_each_format(tmp_path):
                              for i in range(5)))
     pairs = load_task_pairs("gsm8k", str(gsm8k), limit=2, skip=1)
     assert [p.prompt for p in pairs] == ["Q1?", "Q2?"]
-    assert pairs[0].response.endswith("The final answer is: 2") and pairs[0].input == ""
+    assert pairs[0].response.endswith("The final answer is:  2") and pairs[0].input == ""
 
 
 @pytest.mark.parametrize(
@@ -151,7 +152,7 @@ def test_shared_data_loads_with_paper_test_sizes():
     agnews = load_task_pairs("agnews", str(TASK_DATA / "agnews_test.json"), "test")
     assert len(agnews) == 1000 and agnews[0].response == "Business" and agnews[0].prompt == AGNEWS_INSTRUCTION
     gsm8k = load_task_pairs("gsm8k", str(TASK_DATA / "gsm8k_test.jsonl"), "test")
-    assert len(gsm8k) == 1000 and gsm8k[0].response.endswith("The final answer is: 18")
+    assert len(gsm8k) == 1000 and gsm8k[0].response.endswith("The final answer is:  18")
     assert parse_gsm8k(gsm8k[0].response) == 18.0
     alpaca = load_task_pairs("alpaca", str(TASK_DATA / "alpaca_demo.json"), "train", limit=3)
     assert len(alpaca) == 3 and alpaca[0].prompt == "Describe a process of making crepes."
@@ -160,3 +161,96 @@ def test_shared_data_loads_with_paper_test_sizes():
     # every gold answer parses: the metric can score a perfect model at 100%
     for name, pairs in (("sst2", sst2), ("agnews", agnews), ("gsm8k", gsm8k)):
         assert all(get_task(name).is_correct(p.response, p) for p in pairs), name
+
+
+# --- the authors' exact strings ---------------------------------------------------------------------
+# One row of each task and the full text the authors' scripts build from it: evaluation prompts from
+# {sst2,agnews,gsm8k,alpaca}/pred_eval.py (SST-2 alone ends "### Response:" with no newline), training
+# text from utils.py (PROMPT_DICT + output + EOS, "### Response:\n" for every task) and the task's
+# build_dataset.py (GSM8K: "####" replaced by "The final answer is: ", so two spaces before the number).
+
+TASK_ROWS = {
+    "sst2": {"sentence": "it 's a charming and often affecting journey . ", "label": 1},
+    "agnews": {"text": "Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers are seeing green again.",
+               "label": 2},
+    "gsm8k": {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                          "How many clips did Natalia sell altogether in April and May?",
+              "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"},
+    "alpaca": {"instruction": "What are the names of some famous actors that started their careers on Broadway?",
+               "output": "Hugh Jackman.", "generator": "text_davinci_003", "dataset": "helpful_base"},
+}
+
+EVAL_PROMPTS = {
+    "sst2": "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n### Instruction:\nAnalyze the sentiment of "
+            "the input, and respond only positive or negative\n\n### Input:\nit 's a charming and often affecting "
+            "journey . \n\n### Response:",
+    "agnews": "Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n### Instruction:\nCategorize the news "
+              "article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n\n\n"
+              "### Input:\nWall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers are seeing green "
+              "again.\n\n### Response:\n",
+    "gsm8k": "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+             "\n\n### Instruction:\nNatalia sold clips to 48 of her friends in April, and then she sold half as many "
+             "clips in May. How many clips did Natalia sell altogether in April and May?\n\n### Response:\n",
+    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+              "\n\n### Instruction:\nWhat are the names of some famous actors that started their careers on Broadway?"
+              "\n\n### Response:\n",
+}
+
+TRAINING_TEXTS = {
+    "sst2": "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n### Instruction:\nAnalyze the sentiment of "
+            "the input, and respond only positive or negative\n\n### Input:\nit 's a charming and often affecting "
+            "journey . \n\n### Response:\npositive<eos>",
+    "agnews": "Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n### Instruction:\nCategorize the news "
+              "article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n\n\n"
+              "### Input:\nWall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers are seeing green "
+              "again.\n\n### Response:\nBusiness<eos>",
+    "gsm8k": "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+             "\n\n### Instruction:\nNatalia sold clips to 48 of her friends in April, and then she sold half as many "
+             "clips in May. How many clips did Natalia sell altogether in April and May?\n\n### Response:\n"
+             "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nThe final answer is:  72<eos>",
+    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+              "\n\n### Instruction:\nWhat are the names of some famous actors that started their careers on Broadway?"
+              "\n\n### Response:\nHugh Jackman.<eos>",
+}
+
+
+class _RecordingGenerator:
+    """Answers nothing and keeps the prompt ids it was given."""
+
+    backend = "recording"
+
+    def __init__(self):
+        self.prompt_ids = []
+
+    def __call__(self, prompt_ids, *, max_new_tokens, progress=False, desc=""):
+        self.prompt_ids.extend(list(ids) for ids in prompt_ids)
+        return [[] for _ in prompt_ids]
+
+
+@pytest.mark.parametrize("task", sorted(TASK_ROWS))
+def test_evaluation_prompt_is_the_authors_string(task):
+    from antidote_llm.evaluation.evaluate import evaluate
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()  # byte level: ids decode back to the exact text
+    generator = _RecordingGenerator()
+    pair = get_task(task).to_pair(TASK_ROWS[task])
+    evaluate(generator, tokenizer, harmful_prompts=None, task=task, task_pairs=[pair], progress=False)
+    assert [tokenizer.decode(ids) for ids in generator.prompt_ids] == [EVAL_PROMPTS[task]]
+
+
+@pytest.mark.parametrize("task", sorted(TASK_ROWS))
+def test_training_text_is_the_authors_format(task):
+    from antidote_llm.training.sft import IGNORE_INDEX, encode_example
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    pair = get_task(task).to_pair(TASK_ROWS[task])
+    example = encode_example(tokenizer, pair, "alpaca", max_length=4096)
+    assert tokenizer.decode(example.input_ids) == TRAINING_TEXTS[task]
+    answer = [label for label in example.labels if label != IGNORE_INDEX]
+    assert tokenizer.decode(answer) == TRAINING_TEXTS[task].split("### Response:\n", 1)[1]

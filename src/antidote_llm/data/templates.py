@@ -1,7 +1,9 @@
 """Prompt templates and tokenization shared by calibration, training and generation.
 
 Every stage formats a (prompt, input, response) row the same way, so a model is calibrated and
-evaluated in the format it was trained in.
+evaluated in the format it was trained in. The one exception is the authors' own: their SST-2
+evaluation drops the newline after "### Response:" (evaluation/tasks.py, Task.eval_prompt).
+Training and calibration rows are prompt + response tokenized as one string, as the authors do.
 """
 
 from __future__ import annotations
@@ -70,20 +72,50 @@ class Encoded:
     prompt_len: int
 
 
-def encode_prompt(tokenizer, prompt_text: str, template: str) -> list[int]:
+def _special_tokens(template: str) -> bool:
     # A chat template already writes its own special tokens; the others get the tokenizer's BOS.
-    return tokenizer(prompt_text, add_special_tokens=template != "chat")["input_ids"]
+    return template != "chat"
+
+
+def encode_prompt(tokenizer, prompt_text: str, template: str) -> list[int]:
+    """The prompt's ids for generation: the prompt text tokenized alone, as the authors' evaluation does."""
+    return tokenizer(prompt_text, add_special_tokens=_special_tokens(template))["input_ids"]
+
+
+def _ids_and_boundary(tokenizer, prompt_text: str, text: str, add_special_tokens: bool) -> tuple[list[int], int]:
+    """Ids of `text` (which starts with `prompt_text`) and how many of them are the prompt's.
+
+    A token belongs to the answer when its character span ends after the prompt text's end, so a token
+    across the boundary is the answer's; special tokens the tokenizer adds (BOS, span (0, 0)) are the
+    prompt's. Without offsets (slow tokenizers) the prompt is as long as the prompt tokenized alone,
+    the authors' rule.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        try:
+            encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            offsets = encoded["offset_mapping"]
+        except (NotImplementedError, KeyError):
+            offsets = None
+        if offsets is not None:
+            ids = list(encoded["input_ids"])
+            end = len(prompt_text)
+            prompt_len = next((i for i, (_, stop) in enumerate(offsets) if stop > end), len(ids))
+            return ids, prompt_len
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    prompt_len = len(tokenizer(prompt_text, add_special_tokens=add_special_tokens)["input_ids"])
+    return ids, min(prompt_len, len(ids))
 
 
 def encode_pair(
     tokenizer, template: str, instruction: str, response: str, input: str = "", max_length: int | None = None
 ) -> Encoded:
-    """Prompt and response tokenized apart and concatenated, so the boundary is exact; EOS appended."""
-    prompt_ids = encode_prompt(tokenizer, render_prompt(template, instruction, input, tokenizer), template)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    """Prompt + response tokenized as one string (as the authors' training data), EOS id appended, then cut
+    to `max_length`. Tokenizing the response apart would change its first token under SentencePiece-style
+    tokenizers (Llama-2: "\u2581I" alone, "I" after the prompt's newline)."""
+    prompt_text = render_prompt(template, instruction, input, tokenizer)
+    ids, prompt_len = _ids_and_boundary(tokenizer, prompt_text, prompt_text + response, _special_tokens(template))
     if tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    ids = prompt_ids + response_ids
+        ids.append(tokenizer.eos_token_id)
     if max_length is not None:
         ids = ids[:max_length]
-    return Encoded(input_ids=ids, prompt_len=min(len(prompt_ids), len(ids)))
+    return Encoded(input_ids=ids, prompt_len=min(prompt_len, len(ids)))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from antidote_llm.data.records import Pair, PairSet, load_pairs
+from antidote_llm.data.templates import encode_prompt
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.generation import (
     HFGenerator,
@@ -93,10 +94,9 @@ class Generated:
 
 
 def _generate(
-    generator: TokenGenerator, tokenizer, prompts: Sequence[str], inputs: Sequence[str], *,
-    template: str, max_new_tokens: int, progress: bool, desc: str,
+    generator: TokenGenerator, tokenizer, prompt_ids: Sequence[Sequence[int]], *,
+    max_new_tokens: int, progress: bool, desc: str,
 ) -> Generated:
-    prompt_ids = encode_prompts(tokenizer, prompts, template=template, inputs=inputs)
     start = time.perf_counter()
     outputs = generator(prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc=desc)
     seconds = time.perf_counter() - start
@@ -138,9 +138,9 @@ def _evaluate_harmful(
     generator: TokenGenerator, tokenizer, pairs: Sequence[Pair], judge: Judge, *,
     template: str, max_new_tokens: int, progress: bool,
 ) -> tuple[dict, list[dict], dict]:
+    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in pairs], template=template, inputs=[p.input for p in pairs])
     generated = _generate(
-        generator, tokenizer, [p.prompt for p in pairs], [p.input for p in pairs],
-        template=template, max_new_tokens=max_new_tokens, progress=progress, desc="harmful prompts",
+        generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc="harmful prompts",
     )
     start = time.perf_counter()
     verdicts = judge([_judge_prompt(p) for p in pairs], generated.texts, progress=progress)
@@ -157,9 +157,10 @@ def _evaluate_task(
     generator: TokenGenerator, tokenizer, task: Task, pairs: Sequence[Pair], *,
     template: str, max_new_tokens: int, progress: bool,
 ) -> tuple[dict, list[dict], dict]:
+    # The task's own evaluation prompt: the authors' SST-2 script drops the newline after "### Response:".
+    prompt_ids = [encode_prompt(tokenizer, task.eval_prompt(p, template, tokenizer), template) for p in pairs]
     generated = _generate(
-        generator, tokenizer, [p.prompt for p in pairs], [p.input for p in pairs],
-        template=template, max_new_tokens=max_new_tokens, progress=progress, desc=f"{task.name} rows",
+        generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc=f"{task.name} rows",
     )
     rows = []
     for pair, text in zip(pairs, generated.texts, strict=True):

@@ -1,18 +1,21 @@
-"""Fine-tuning tasks: their data in the reference's instruction format, answer parsers and accuracy.
+"""Fine-tuning tasks: their data in the authors' instruction format, answer parsers and accuracy.
 
 One registry serves training (the benign rows of the user's fine-tuning data) and evaluation (finetune
-accuracy, FA), so a task is formatted the same way in both. Formats and scoring follow the reference's
-per-task scripts (Antidote / Booster `*/pred_eval.py`):
+accuracy, FA). Formats and scoring follow the authors' per-task scripts (git-disl/Antidote
+`*/build_dataset.py` for the training rows, `*/pred_eval.py` for evaluation):
 
   sst2     instruction "Analyze the sentiment of the input, and respond only positive or negative",
            input = sentence, answer "positive"/"negative"; correct when the stripped answer is exactly
-           the label or its capitalized form. Test: all 872 validation rows.
+           the label or its capitalized form. Test: all 872 validation rows. The evaluation prompt ends
+           "### Response:" with no newline (sst2/pred_eval.py), training ends it "### Response:\\n" as
+           for every task (utils.py PROMPT_DICT); both are kept as the authors have them.
   agnews   instruction "Categorize the news article ... World\\nSports\\nBusiness\\nSci/Tech\\n", input =
            article; correct when the stripped answer is exactly the label, its lowercase form, or "sci"
            for Sci/Tech. Test: the first 1,000 test rows.
-  gsm8k    instruction = question; the solution's "#### N" rewritten to "The final answer is: N"; the
-           answer's number is the first after "The final answer is:", else its last number (commas
-           dropped); correct when equal to the solution's. Test: the first 1,000 test rows.
+  gsm8k    instruction = question; the solution's "####" replaced by "The final answer is: " (so the
+           number follows two spaces, literally as the authors' build_dataset.py); the answer's number
+           is the first after "The final answer is:", else its last number (commas dropped); correct when
+           equal to the solution's. Test: the first 1,000 test rows.
   alpaca   instruction (+ input) -> output; generation only, answers are written and not scored
            (the paper reports AlpacaEval win rates). Test: alpaca_eval rows after the first 701.
 """
@@ -24,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from antidote_llm.data.records import Pair, read_hub, read_records
+from antidote_llm.data.templates import render_prompt
 from antidote_llm.errors import AntidoteError
 
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
@@ -33,6 +37,7 @@ AGNEWS_INSTRUCTION = (
 )
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")  # AG News label 0..3
 GSM8K_ANSWER_MARKER = "The final answer is:"
+GSM8K_ANSWER_PROMPT = "The final answer is: "  # the authors' replacement for "####"
 NUMBER = re.compile(r"-?\d+\.?\d*")
 SPLITS = ("train", "test")
 
@@ -56,11 +61,20 @@ class Task:
     to_pair: Callable[[dict], Pair]
     parse: Callable[[str], object] | None  # None: generation only, no score
     test_rows: int | None  # the paper's evaluation size (first N test rows); None: all
-    max_new_tokens: int  # the reference's generation limit for this task
+    max_new_tokens: int  # the authors' generation limit for this task
+    eval_response_newline: bool = True  # False: the authors' evaluation prompt ends "### Response:" (SST-2)
 
     @property
     def scored(self) -> bool:
         return self.parse is not None
+
+    def eval_prompt(self, pair: Pair, template: str = "alpaca", tokenizer=None) -> str:
+        """The prompt text the model answers at evaluation: the training prompt, except that with the
+        Alpaca template a task the authors evaluate without the newline after "### Response:" gets none."""
+        text = render_prompt(template, pair.prompt, pair.input, tokenizer)
+        if template == "alpaca" and not self.eval_response_newline:
+            text = text.removesuffix("\n")
+        return text
 
     def parse_answer(self, answer_text: str) -> object | None:
         """The label or number an answer gives, or None when it gives none (or the task is unscored)."""
@@ -104,8 +118,9 @@ def parse_gsm8k(answer_text: str) -> float | None:
 
 
 def gsm8k_target(solution: str) -> str:
-    """A GSM8K solution in the training format: "#### 18" becomes "The final answer is: 18"."""
-    return re.sub(r"####\s*", f"{GSM8K_ANSWER_MARKER} ", solution)
+    """A GSM8K solution in the authors' training format: "####" replaced by "The final answer is: ", so
+    "#### 18" becomes "The final answer is:  18" (two spaces, as gsm8k/build_dataset.py writes it)."""
+    return solution.replace("####", GSM8K_ANSWER_PROMPT)
 
 
 def _field(row: dict, name: str) -> str:
@@ -150,7 +165,7 @@ TASKS: dict[str, Task] = {
     "sst2": Task(
         name="sst2",
         hub={"train": HubSplit("stanfordnlp/sst2", "train"), "test": HubSplit("stanfordnlp/sst2", "validation")},
-        to_pair=_sst2_pair, parse=parse_sst2, test_rows=None, max_new_tokens=200,
+        to_pair=_sst2_pair, parse=parse_sst2, test_rows=None, max_new_tokens=200, eval_response_newline=False,
     ),
     "agnews": Task(
         name="agnews",
