@@ -170,8 +170,8 @@ def test_classifier_judge(tmp_path):
     ],
 )
 def test_llama_guard_output_parsing(output, harmful, categories, error):
-    score = parse_llama_guard(output)
-    assert (score.harmful, score.categories, score.details["parse_error"]) == (harmful, categories, error)
+    judgement = parse_llama_guard(output)
+    assert (judgement.harmful, judgement.categories, judgement.details["parse_error"]) == (harmful, categories, error)
 
 
 def test_llama_guard_end_to_end_on_a_scripted_guard(tmp_path):
