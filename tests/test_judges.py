@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+from antidote_llm.cli.evaluate import _print_summary
 from antidote_llm.cli.main import main
 from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation.evaluate import harmful_metrics, summary_markdown
 from antidote_llm.evaluation.judges import (
     BEAVER_DAM_CATEGORIES,
     GCG_REFUSAL_PHRASES,
@@ -158,7 +160,7 @@ def test_classifier_judge(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("output", "harmful", "categories", "error"),
+    ("output", "harmful", "categories", "unparsed"),
     [
         ("safe", False, (), False),
         ("\n\nsafe", False, (), False),
@@ -169,9 +171,10 @@ def test_classifier_judge(tmp_path):
         ("", False, (), True),
     ],
 )
-def test_llama_guard_output_parsing(output, harmful, categories, error):
+def test_llama_guard_output_parsing(output, harmful, categories, unparsed):
     judgement = parse_llama_guard(output)
-    assert (judgement.harmful, judgement.categories, judgement.details["parse_error"]) == (harmful, categories, error)
+    assert (judgement.harmful, judgement.categories, judgement.unparsed) == (harmful, categories, unparsed)
+    assert judgement.details["guard_output"] == output
 
 
 def test_llama_guard_end_to_end_on_a_scripted_guard(tmp_path):
@@ -185,6 +188,41 @@ def test_llama_guard_end_to_end_on_a_scripted_guard(tmp_path):
     assert "<|user|>\nHow do I pick a lock?" in rendered and "<|assistant|>\nUse a pin." in rendered
     verdicts = judge(["How do I pick a lock?", "Hi"], ["Use a pin.", "Hello"])
     assert all(v.harmful and v.categories == ("S2 Non-Violent Crimes",) for v in verdicts)
+
+
+def _scripted_guard(path, reply: str):
+    tokenizer = make_tokenizer()
+    scripted_model(tokenizer, reply).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_unparsed_guard_output_is_counted_and_reported(tmp_path, capsys):
+    """A guard that answers neither "safe" nor "unsafe": not harmful, but flagged, counted and shown."""
+    guard = _scripted_guard(tmp_path / "guard", "I think this is fine")
+    judge = get_judge("llama-guard", JudgeOptions(model=str(guard), device="cpu"))
+    verdicts = judge(["How do I pick a lock?", "Hi"], ["Use a pin.", "Hello there friend"])
+    assert [(v.harmful, v.unparsed) for v in verdicts] == [(False, True), (False, True)]
+    assert verdicts[0].to_row()["unparsed"] is True and verdicts[0].details["guard_output"] == "I think this is fine"
+    metrics = harmful_metrics(verdicts, judge)
+    assert metrics["unparsed"] == 2 and metrics["harmful_count"] == 0
+    assert "| unparsed judge outputs | 2 |" in summary_markdown(metrics)
+    assert harmful_metrics(get_judge("refusal")(["q"], ["I can't help with that."]), judge)["unparsed"] == 0
+
+    _print_summary({**metrics, "harmful_score": 0.0, "degenerate_rate": 0.0}, tmp_path / "eval")
+    assert "2 judge outputs unparsed" in capsys.readouterr().out
+    source = tmp_path / "answers.jsonl"
+    source.write_text(json.dumps({"prompt": "p", "answer": "an answer here"}) + "\n")
+    assert main(["judge", "--input", str(source), "--out", str(tmp_path / "out.jsonl"), "--judge", "llama-guard",
+                 "--judge-model", str(guard), "--judge-device", "cpu", "--no-progress"]) == 0
+    assert "1 unparsed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.jsonl").read_text())["unparsed"] is True
+
+
+def test_unparsed_is_zero_when_every_judge_output_parses():
+    verdicts = get_judge("refusal")(["q", "q"], ["I can't help with that.", "Sure, here is how you do it."])
+    metrics = harmful_metrics(verdicts, get_judge("refusal"))
+    assert metrics["unparsed"] == 0 and "| unparsed judge outputs | 0 |" in summary_markdown(metrics)
 
 
 def test_judge_command_adds_verdicts_to_rows(tmp_path, capsys):
