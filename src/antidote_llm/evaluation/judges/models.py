@@ -40,6 +40,7 @@ LLAMA_GUARD_CATEGORIES = {
     "S11": "Suicide & Self-Harm", "S12": "Sexual Content", "S13": "Elections", "S14": "Code Interpreter Abuse",
 }
 LLAMA_GUARD_MAX_NEW_TOKENS = 20
+PAD_TOKEN = "<pad>"  # added when a classifier's tokenizer has none (or pads with EOS)
 
 
 def _load_error(what: str, exc: Exception) -> AntidoteError:
@@ -55,6 +56,23 @@ def _check_config(path: str):
         return AutoConfig.from_pretrained(path)
     except Exception as exc:  # hub and file errors come in many types; the user needs one line
         raise _load_error(path, exc) from None
+
+
+def add_pad_token(model, tokenizer) -> None:
+    """Give the tokenizer a pad token of its own, as BeaverTails' moderation code does
+    (`resize_tokenizer_embedding`): add "<pad>", grow the embeddings (new rows = mean of the old), and set
+    `model.config.pad_token_id`. A sequence classifier pools at the last token that is not pad; with EOS
+    as pad, a text that ends with EOS (beaver-dam's does) would be pooled one token early."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    embeddings = model.get_input_embeddings()
+    old_rows = embeddings.num_embeddings
+    if len(tokenizer) > old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[old_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 class ModelJudge(Judge):
@@ -100,12 +118,9 @@ class SequenceClassifierJudge(ModelJudge):
         device, dtype = self._placement()
         tokenizer = AutoTokenizer.from_pretrained(self.path)
         tokenizer.padding_side = self.padding_side
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=dtype).to(device).eval()
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model, tokenizer
+        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=dtype)
+        add_pad_token(model, tokenizer)
+        return model.to(device).eval(), tokenizer
 
     def texts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
         return list(answers)
