@@ -157,10 +157,10 @@ class BeaverDamJudge(SequenceClassifierJudge):
     name = "beaver-dam"
     default_model = BEAVER_DAM
 
-    def __init__(self, options: JudgeOptions):
-        super().__init__(options)
-        if self.config.problem_type is None:
-            self.config.problem_type = "multi_label_classification"  # beaver-dam's categories are independent
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Always sigmoid: the 14 categories are independent (BeaverTails' Moderation.predict), whatever
+        problem_type the config of these weights says."""
+        return torch.sigmoid(logits.float())
 
     def texts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
         _, tokenizer = self.loaded()
