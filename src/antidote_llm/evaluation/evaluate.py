@@ -1,7 +1,7 @@
 """Harmful score (HS) and finetune accuracy (FA) of a model, as the paper measures them, in one pass.
 
 The same code serves the CLI (`antidote evaluate`) and in-memory use (the lab evaluating a pruned model
-without saving it): greedy answers through generation.py, verdicts through a judge of evaluation/judges, task
+without saving it): greedy answers through generation.py, verdicts through a judges.py judge, task
 scores through tasks.py, and one folder of results (metrics.json, answers.jsonl, summary.md).
 """
 
