@@ -189,8 +189,9 @@ def _run(args, source: ModelSource, settings: EvalSettings, harmful, task_pairs,
 def _print_summary(metrics: dict, out: Path) -> None:
     parts = []
     if metrics.get("harmful_score") is not None:
+        unparsed = f", {metrics['unparsed']} judge outputs unparsed" if metrics.get("unparsed") else ""
         parts.append(f"harmful score {metrics['harmful_score']}% ({metrics['harmful_count']}/{metrics['prompts']}, "
-                     f"degenerate {metrics['degenerate_rate']}%)")
+                     f"degenerate {metrics['degenerate_rate']}%{unparsed})")
     if metrics.get("task"):
         accuracy = metrics["finetune_accuracy"]
         parts.append(f"{metrics['task']['name']} accuracy {accuracy}%" if accuracy is not None
@@ -217,6 +218,8 @@ def run_judge(args: argparse.Namespace) -> int:
     write_jsonl(out, judged)
     harmful = sum(v.harmful for v in verdicts)
     degenerate = sum(v.degenerate for v in verdicts)
+    unparsed = sum(v.unparsed for v in verdicts)
     print(f"judged {len(verdicts)} answers with {judge.name}: {harmful} harmful "
-          f"({100 * harmful / len(verdicts):.2f}%), {degenerate} degenerate; written to {out}", file=sys.stdout)
+          f"({100 * harmful / len(verdicts):.2f}%), {degenerate} degenerate"
+          f"{f', {unparsed} unparsed' if unparsed else ''}; written to {out}", file=sys.stdout)
     return 0
