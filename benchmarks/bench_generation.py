@@ -1,4 +1,4 @@
-"""Batched greedy generation against the reference's one-prompt-at-a-time loop, on SmolLM2-135M-Instruct
+"""Batched greedy generation against the authors' one-prompt-at-a-time loop, on SmolLM2-135M-Instruct
 with AdvBench prompts in the Alpaca template, measured in one run. Prints prompts/s of each and the ratio
 (goal: >= 4x on CPU), and how many answers are identical.
 
@@ -25,7 +25,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "harmful" / "ad
 
 @torch.inference_mode()
 def one_at_a_time(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """The reference's loop: model.generate on each unpadded prompt, greedy, stop at EOS."""
+    """The authors' loop: model.generate on each unpadded prompt, greedy, stop at EOS."""
     answers = []
     for ids in prompt_ids:
         output = model.generate(
@@ -68,7 +68,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(batched, single, strict=True))
     print(f"SmolLM2-135M-Instruct, {len(prompts)} AdvBench prompts (alpaca template), up to {args.new_tokens} new "
           f"tokens, {args.threads} thread(s), fp32 CPU")
-    print(f"one prompt at a time (reference): {single_s:8.2f} s  {len(prompts) / single_s:7.2f} prompts/s")
+    print(f"one prompt at a time (authors'): {single_s:8.2f} s  {len(prompts) / single_s:7.2f} prompts/s")
     print(f"batched (batch {args.batch_size:>3}):              {batched_s:8.2f} s  {len(prompts) / batched_s:7.2f} prompts/s  "
           f"{new_tokens / batched_s:8.1f} new tokens/s")
     print(f"speed-up: {single_s / batched_s:.2f}x  [goal >= 4x]")

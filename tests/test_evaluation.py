@@ -91,7 +91,7 @@ def test_task_accuracy_of_a_model_that_always_says_positive():
     assert result.metrics["finetune_accuracy"] == expected == 75.0
     assert result.metrics["task"]["unparsed"] == 0 and result.metrics["harmful_score"] is None
     assert [row["correct"] for row in result.task_answers] == [True, False, True, True]
-    assert result.metrics["task"]["max_new_tokens"] == 200  # the reference's limit for SST-2
+    assert result.metrics["task"]["max_new_tokens"] == 200  # the authors' limit for SST-2
 
 
 def test_generation_only_task_writes_answers_without_score():

@@ -28,8 +28,8 @@ PROMPTS = [
 ]
 
 
-def reference_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """The reference's way: one unpadded prompt through model.generate, cut at EOS."""
+def one_at_a_time_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The authors' way: one unpadded prompt through model.generate, cut at EOS."""
     output = model.generate(
         input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -45,8 +45,8 @@ def test_batched_equals_unbatched_on_tiny_model(seed):
     prompt_ids = encode_prompts(tokenizer, PROMPTS, template="alpaca")
     batched = HFGenerator(model, tokenizer, batch_size=3)(prompt_ids, max_new_tokens=12)
     single = [HFGenerator(model, tokenizer, batch_size=1)([ids], max_new_tokens=12)[0] for ids in prompt_ids]
-    reference = [reference_greedy(model, tokenizer, ids, 12) for ids in prompt_ids]
-    assert batched == single == reference
+    unbatched = [one_at_a_time_greedy(model, tokenizer, ids, 12) for ids in prompt_ids]
+    assert batched == single == unbatched
     assert sum(map(len, batched)) > len(PROMPTS)  # real answers compared, not empty ones
 
 
@@ -115,5 +115,5 @@ def test_batched_equals_unbatched_on_smollm2():
     for template in ("alpaca", "chat"):
         prompt_ids = encode_prompts(loaded.tokenizer, prompts, template=template)
         batched = HFGenerator(loaded.model, loaded.tokenizer, batch_size=4)(prompt_ids, max_new_tokens=16)
-        single = [reference_greedy(loaded.model, loaded.tokenizer, ids, 16) for ids in prompt_ids]
+        single = [one_at_a_time_greedy(loaded.model, loaded.tokenizer, ids, 16) for ids in prompt_ids]
         assert batched == single, template

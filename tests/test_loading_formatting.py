@@ -10,7 +10,7 @@ from antidote_llm.runtime.loading import ModelSource, load_model
 from conftest import make_metaspace_tokenizer, make_tokenizer, save_adapter, save_model
 
 
-def test_alpaca_template_is_the_reference_text():
+def test_alpaca_template_is_the_authors_text():
     assert render_prompt("alpaca", "Say hi") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nSay hi\n\n### Response:\n"

@@ -87,7 +87,7 @@ def test_metrics_lines_against_the_ratio_name_each_method_once():
     rows = [row("none", 60.0, 90.0, method="none")] + [
         row(f"{m}-{r}", 50.0 - 100 * r, 85.0, method=m, ratio=r) for m in ("antidote", "random") for r in (0.05, 0.1, 0.2)
     ]
-    rows.append(row("none-again", 61.0, 89.0, method="none"))  # a second reference value: still one legend entry
+    rows.append(row("none-again", 61.0, 89.0, method="none"))  # a second undefended value: still one legend entry
     fig = metrics_figure(rows, sweep=[])
     for ax in fig.axes:
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["none", "antidote", "random"]

@@ -64,9 +64,9 @@ def test_row_selection_matches_brute_force(ratio, cols):
     assert (mask.sum(1) == cols - math.floor(cols * (1 - ratio))).all()
 
 
-def test_prune_count_follows_the_reference_rounding():
+def test_prune_count_follows_the_authors_rounding():
     assert scoring.prune_count(4096, 0.05) == 4096 - math.floor(4096 * 0.95)
-    assert scoring.prune_count(10, 0.01) == 1  # the reference prunes at least one per row when cols*alpha rounds up
+    assert scoring.prune_count(10, 0.01) == 1  # the authors' code prunes at least one per row when cols*alpha rounds up
     assert scoring.prune_count(100, 0.5) == 50
 
 

@@ -1,4 +1,4 @@
-"""Tasks: loaders in the reference format, answer parsers on real-looking (and malformed) outputs."""
+"""Tasks: loaders in the authors' format, answer parsers on real-looking (and malformed) outputs."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ class ChannelStats:
     """Running sum of squared inputs per input channel over counted tokens, in fp32.
 
     `mean_sq` is s_j = (1/N) sum_tokens x_j^2; the 1/N is common to every module seeing the same
-    tokens, so it changes no row, matrix or global selection (the reference divides by sequences).
+    tokens, so it changes no row, matrix or global selection (the authors divide by rows).
     """
 
     def __init__(self, channels: int, device: torch.device | str = "cpu"):
@@ -67,7 +67,7 @@ def random_scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def prune_count(size: int, ratio: float) -> int:
-    """How many of `size` weights the top fraction `ratio` is: size - floor(size * (1 - ratio)), as the reference."""
+    """How many of `size` weights the top fraction `ratio` is: size - floor(size * (1 - ratio)), as the authors' code."""
     return size - math.floor(size * (1.0 - ratio))
 
 
@@ -101,7 +101,7 @@ def _top_by_stable_sort(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def select_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The reference's selection: in each output row, the top `ratio` of weights by score."""
+    """The authors' selection: in each output row, the top `ratio` of weights by score."""
     return _top_by_stable_sort(scores, prune_count(scores.shape[-1], ratio))
 
 

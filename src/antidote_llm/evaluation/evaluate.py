@@ -100,7 +100,7 @@ def _generate(
     start = time.perf_counter()
     outputs = generator(prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc=desc)
     seconds = time.perf_counter() - start
-    # The reference strips answers before judging and scoring; so do we.
+    # The authors strip answers before judging and scoring; so do we.
     texts = [text.strip() for text in decode(tokenizer, outputs)]
     return Generated(texts=texts, new_tokens=sum(len(ids) for ids in outputs), seconds=seconds)
 

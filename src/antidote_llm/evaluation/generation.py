@@ -1,6 +1,6 @@
 """Greedy generation: the one decoder behind evaluation, the model-based judges and the benchmarks.
 
-The reference generates one prompt at a time (about 2 s a prompt on an H100). Here prompts are
+The authors' code generates one prompt at a time (about 2 s a prompt on an H100). Here prompts are
 tokenized once in the training template, identical prompts are generated once, the rest are sorted by
 length so a batch holds prompts of similar length (little padding), left-padded, decoded greedily in
 batches, and the answers are handed back in input order. Greedy decoding with a correct attention mask

@@ -44,7 +44,7 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class HubSplit:
-    """Where a split lives on the hub; `skip` rows are dropped first (the reference's alpaca_eval offset)."""
+    """Where a split lives on the hub; `skip` rows are dropped first (the authors' alpaca_eval offset)."""
 
     name: str
     split: str
@@ -89,7 +89,7 @@ class Task:
 
 
 def _exact_label(variants: Mapping[str, str]) -> Callable[[str], str | None]:
-    """Reference scoring: the whole stripped answer must be one of the accepted spellings."""
+    """The authors' scoring: the whole stripped answer must be one of the accepted spellings."""
 
     def parse(answer_text: str) -> str | None:
         return variants.get(answer_text.strip())
@@ -139,7 +139,7 @@ def _label_index(row: dict, labels: tuple[str, ...]) -> int:
 
 
 def _instruction_pair(row: dict) -> Pair:
-    """A row already in the reference format: instruction, optional input, output."""
+    """A row already in the authors' format: instruction, optional input, output."""
     return Pair(prompt=_field(row, "instruction"), response=_field(row, "output"), input=_field(row, "input") if "input" in row else "")
 
 
@@ -202,7 +202,7 @@ def _hub_rows(hub: HubSplit) -> list[dict]:
 def load_task_pairs(
     task: str, source: str | None = None, split: str = "train", limit: int | None = None, skip: int = 0
 ) -> list[Pair]:
-    """Rows of `task` as (instruction, input, gold answer) pairs in the reference format.
+    """Rows of `task` as (instruction, input, gold answer) pairs in the authors' format.
 
     `source` is a local file (the formats of shared/data/tasks, or any instruction/input/output rows) or
     `hf:NAME[:SPLIT]`; None loads the task's hub dataset for `split`. The first `skip` rows are dropped,

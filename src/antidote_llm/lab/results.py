@@ -87,13 +87,13 @@ def _plot_metric(ax, rows: list[dict], metric: str, x_key: str | None) -> None:
         points = sorted((r[x_key], r[metric]) for r in rows if r["method"] == method and r[x_key] is not None and r[metric] is not None)
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
-        elif x_key == "ratio":  # the undefended model has no ratio: a reference line
+        elif x_key == "ratio":  # the undefended model has no ratio: a horizontal line
             for value in sorted({r[metric] for r in rows if r["method"] == method and r[metric] is not None}):
                 ax.axhline(value, linestyle="--", color="gray", label=method)
     ax.set_xlabel(x_key)
     ax.set_ylim(-2, 102)
     handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))  # one entry per method, even with several reference lines
+    unique = dict(zip(labels, handles, strict=True))  # one entry per method, even with several horizontal lines
     ax.legend(unique.values(), unique.keys(), fontsize=8)
 
 

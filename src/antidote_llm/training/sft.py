@@ -2,7 +2,7 @@
 
 Both are LoRA supervised fine-tuning through the Hugging Face Trainer, so `accelerate launch` brings
 multi-GPU data parallelism without changes here. The loss covers the answer tokens only, as in the
-reference; rows are grouped by length so batches carry little padding.
+authors' code; rows are grouped by length so batches carry little padding.
 """
 
 from __future__ import annotations

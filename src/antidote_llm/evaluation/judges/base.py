@@ -23,7 +23,7 @@ DEFAULT_JUDGE_BATCH_SIZE = 8
 # Degenerate-answer heuristic, on lowercase whitespace-separated words (surrounding punctuation removed):
 #   empty             nothing but whitespace;
 #   no_words          text without a single letter or digit ("!!!!!!", "... ???");
-#   repeated_word     a token with letters more than 3 times in a row, punctuation kept (the reference's
+#   repeated_word     a token with letters more than 3 times in a row, punctuation kept (the authors'
 #                     "HS+" check; "Fa la la la la, la la la la" is a song, not a loop);
 #   repeated_ngrams   >= 12 words and under 40% of the word 3-grams distinct (the text loops);
 #   low_unique_words  >= 12 words and under 15% of the words distinct (salad from a tiny vocabulary);
