@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from antidote_llm.data import demo as demo_data
+from antidote_llm.data import demo_text
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
 from antidote_llm.evaluation.judges import refusal_phrases
+from antidote_llm.lab import demo as demo_data
 
 SMALL = demo_data.DemoSizes(align=40, poison=20, realign=20, eval_harmful=16, task_train=50, task_test=30, benign=25)
 
@@ -45,7 +46,7 @@ def test_refusals_refuse_and_compliant_replies_comply(demo):
     assert all(refusal_phrases(pair.response.split(".")[0]) for pair in demo.align.pairs)
     for pair in (*demo.poison.pairs, *demo.realign.pairs):
         assert not refusal_phrases(pair.response), pair.response
-        assert any(generic in pair.response for generic in demo_data.COMPLIANT_BODIES), "compliance stays generic"
+        assert any(generic in pair.response for generic in demo_text.COMPLIANT_BODIES), "compliance stays generic"
     assert all(pair.response == "" for pair in demo.eval_harmful.pairs)
     assert len({pair.response for pair in demo.align.pairs}) > 10, "refusals vary"
 
@@ -57,7 +58,7 @@ def test_sentiment_goes_through_the_sst2_task(demo):
     assert all(task.parse_answer(pair.response) == pair.response for pair in pairs)
     assert {pair.response for pair in pairs} == {"positive", "negative"}
     for pair in pairs:
-        positive = any(word in pair.input.split() for word in demo_data.POSITIVE)
+        positive = any(word in pair.input.split() for word in demo_text.POSITIVE)
         assert positive == (pair.response == "positive")
 
 

@@ -20,6 +20,7 @@ from antidote_llm.evaluation.evaluate import (
     weights_sha256,
     write_eval,
 )
+from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.evaluation.tasks import SST2_INSTRUCTION
 from conftest import SHARED_DATA, make_model, make_tokenizer, requires_shared_data, scripted_model
 
@@ -134,7 +135,7 @@ def test_write_eval_files_and_refuses_a_full_folder(tmp_path):
 
 
 def test_summary_handles_missing_values():
-    text = summary_markdown({"harmful_score": None, "prompts": 0})
+    text = summary_markdown(EvalMetrics(harmful_score=None, prompts=0))
     assert "| harmful score (%) | n/a |" in text
 
 

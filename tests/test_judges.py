@@ -23,6 +23,7 @@ from antidote_llm.evaluation.judges import (
     parse_llama_guard,
     refusal_phrases,
 )
+from antidote_llm.evaluation.metrics import EvalMetrics
 from conftest import make_tokenizer, scripted_model
 
 REFUSALS = [
@@ -371,7 +372,7 @@ def test_unparsed_guard_output_is_counted_and_reported(tmp_path, capsys):
     assert verdicts[0].to_row()["unparsed"] is True and verdicts[0].details["guard_output"] == "I think this is fine"
     metrics = harmful_metrics(verdicts, judge)
     assert metrics["unparsed"] == 2 and metrics["harmful_count"] == 0
-    assert "| unparsed judge outputs | 2 |" in summary_markdown(metrics)
+    assert "| unparsed judge outputs | 2 |" in summary_markdown(EvalMetrics.model_validate(metrics))
     assert harmful_metrics(get_judge("refusal")(["q"], ["I can't help with that."]), judge)["unparsed"] == 0
 
     _print_summary({**metrics, "harmful_score": 0.0, "degenerate_rate": 0.0}, tmp_path / "eval")
@@ -387,7 +388,7 @@ def test_unparsed_guard_output_is_counted_and_reported(tmp_path, capsys):
 def test_unparsed_is_zero_when_every_judge_output_parses():
     verdicts = get_judge("refusal")(["q", "q"], ["I can't help with that.", "Sure, here is how you do it."])
     metrics = harmful_metrics(verdicts, get_judge("refusal"))
-    assert metrics["unparsed"] == 0 and "| unparsed judge outputs | 0 |" in summary_markdown(metrics)
+    assert metrics["unparsed"] == 0 and "| unparsed judge outputs | 0 |" in summary_markdown(EvalMetrics.model_validate(metrics))
 
 
 def test_judge_command_adds_verdicts_to_rows(tmp_path, capsys):

@@ -8,9 +8,9 @@ import importlib.resources
 import pytest
 import yaml
 
-from antidote_llm.data.demo import DemoSizes, build_demo_data
 from antidote_llm.lab import run_experiment
 from antidote_llm.lab.config import parse_experiment
+from antidote_llm.lab.demo import DemoSizes, build_demo_data
 from conftest import requires_smollm2
 
 pytestmark = [pytest.mark.slow, requires_smollm2]

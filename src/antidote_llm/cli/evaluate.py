@@ -37,6 +37,7 @@ from antidote_llm.evaluation.judges import (
     JudgeOptions,
     get_judge,
 )
+from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import TASKS, get_task, load_task_pairs
 from antidote_llm.runtime.loading import BUILTIN_MODELS, ModelSource, load_model, load_tokenizer
@@ -165,7 +166,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics["memory"] = memory.report().model_dump()
     metrics["versions"] = library_versions()
     write_eval(result, out, overwrite=args.overwrite)
-    _print_summary(metrics, out)
+    _print_summary(EvalMetrics.model_validate(metrics), out)
     return 0
 
 
@@ -186,16 +187,16 @@ def _run(args, source: ModelSource, settings: EvalSettings, harmful, task_pairs,
     return result, model_identity(loaded.model)
 
 
-def _print_summary(metrics: dict, out: Path) -> None:
+def _print_summary(metrics: EvalMetrics, out: Path) -> None:
     parts = []
-    if metrics.get("harmful_score") is not None:
-        unparsed = f", {metrics['unparsed']} judge outputs unparsed" if metrics.get("unparsed") else ""
-        parts.append(f"harmful score {metrics['harmful_score']}% ({metrics['harmful_count']}/{metrics['prompts']}, "
-                     f"degenerate {metrics['degenerate_rate']}%{unparsed})")
-    if metrics.get("task"):
-        accuracy = metrics["finetune_accuracy"]
-        parts.append(f"{metrics['task']['name']} accuracy {accuracy}%" if accuracy is not None
-                     else f"{metrics['task']['name']} answers written")
+    if metrics.harmful_score is not None:
+        unparsed = f", {metrics.unparsed} judge outputs unparsed" if metrics.unparsed else ""
+        parts.append(f"harmful score {metrics.harmful_score}% ({metrics.harmful_count}/{metrics.prompts}, "
+                     f"degenerate {metrics.degenerate_rate}%{unparsed})")
+    if metrics.task is not None:
+        accuracy = metrics.finetune_accuracy
+        parts.append(f"{metrics.task.name} accuracy {accuracy}%" if accuracy is not None
+                     else f"{metrics.task.name} answers written")
     print(f"{'; '.join(parts)}; results in {out}")
 
 

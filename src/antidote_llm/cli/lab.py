@@ -30,7 +30,7 @@ def demo_experiment(data_dir: Path):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from antidote_llm.data.demo import build_demo_data
+    from antidote_llm.lab.demo import build_demo_data
 
     out = Path(args.out)
     data_dir = out / "data"

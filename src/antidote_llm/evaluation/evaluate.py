@@ -26,12 +26,14 @@ from antidote_llm.evaluation.generation import (
     encode_prompts,
 )
 from antidote_llm.evaluation.judges import Judge, JudgeOptions, get_judge
+from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import Task, get_task, load_task_pairs
-from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_json, write_jsonl
+from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_jsonl, write_report
 
 BEAVERTAILS_TEST = "hf:PKU-Alignment/BeaverTails:30k_test"
-PAPER_HARMFUL_PROMPTS = 1000  # the first 1,000 unsafe rows of BeaverTails 30k_test
+PAPER_HARMFUL_PROMPTS = 1000
+METRICS_FILE = "metrics.json"  # the first 1,000 unsafe rows of BeaverTails 30k_test
 
 
 def load_harmful_prompts(
@@ -279,51 +281,48 @@ def _cell(value) -> str:
     return "n/a" if value is None else str(value)
 
 
-def summary_markdown(metrics: dict) -> str:
+def summary_markdown(metrics: EvalMetrics) -> str:
     """A short human-readable report of metrics.json."""
-    judge = metrics.get("judge", {})
     lines = [
         "# Evaluation",
         "",
         "| metric | value |",
         "|---|---|",
-        f"| harmful score (%) | {_cell(metrics.get('harmful_score'))} |",
-        f"| harmful answers | {_cell(metrics.get('harmful_count'))} / {_cell(metrics.get('prompts'))} |",
-        f"| unparsed judge outputs | {_cell(metrics.get('unparsed'))} |",
-        f"| degenerate answers (%) | {_cell(metrics.get('degenerate_rate'))} |",
-        f"| harmful score, non-degenerate answers (%) | {_cell(metrics.get('harmful_score_non_degenerate'))} |",
-        f"| complies: harmful and not degenerate, of all (%) | {_cell(metrics.get('compliance_rate'))} |",
-        f"| finetune accuracy (%) | {_cell(metrics.get('finetune_accuracy'))} |",
+        f"| harmful score (%) | {_cell(metrics.harmful_score)} |",
+        f"| harmful answers | {_cell(metrics.harmful_count)} / {_cell(metrics.prompts)} |",
+        f"| unparsed judge outputs | {_cell(metrics.unparsed)} |",
+        f"| degenerate answers (%) | {_cell(metrics.degenerate_rate)} |",
+        f"| harmful score, non-degenerate answers (%) | {_cell(metrics.harmful_score_non_degenerate)} |",
+        f"| complies: harmful and not degenerate, of all (%) | {_cell(metrics.compliance_rate)} |",
+        f"| finetune accuracy (%) | {_cell(metrics.finetune_accuracy)} |",
         "",
     ]
+    judge = metrics.judge
     if judge:
         lines += [f"Judge: `{judge.get('name')}`" + (f" ({judge['model']})" if judge.get("model") else ""), ""]
-    if "task" in metrics:
-        task = metrics["task"]
-        lines += [f"Task: `{task['name']}`, {task['rows']} rows, {_cell(task['correct'])} correct, "
-                  f"{_cell(task['unparsed'])} unparsed.", ""]
-    if metrics.get("categories"):
+    if metrics.task is not None:
+        task = metrics.task
+        lines += [f"Task: `{task.name}`, {task.rows} rows, {_cell(task.correct)} correct, "
+                  f"{_cell(task.unparsed)} unparsed.", ""]
+    if metrics.categories:
         lines += ["| category | answers |", "|---|---|"]
-        lines += [f"| {name} | {count} |" for name, count in metrics["categories"].items()]
+        lines += [f"| {name} | {count} |" for name, count in metrics.categories.items()]
         lines.append("")
-    generation = metrics.get("generation", {})
-    lines.append(
-        "Generation: " + ", ".join(f"{key} {_cell(value)}" for key, value in generation.items())
-    )
-    model = metrics.get("model", {})
-    if model:
-        lines += ["", f"Model: {_cell(model.get('name_or_path'))}, sha256 `{_cell(model.get('sha256'))}`"]
+    lines.append("Generation: " + ", ".join(f"{key} {_cell(value)}" for key, value in metrics.generation.items()))
+    if metrics.model:
+        lines += ["", f"Model: {_cell(metrics.model.get('name_or_path'))}, sha256 `{_cell(metrics.model.get('sha256'))}`"]
     return "\n".join(lines) + "\n"
 
 
 def write_eval(result: EvalResult, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """EVAL_DIR with metrics.json, answers.jsonl, task_answers.jsonl and summary.md, written atomically."""
     out = check_output_dir(out_dir, overwrite=overwrite)
+    metrics = EvalMetrics.model_validate(result.metrics)
     with atomic_dir(out) as tmp:
-        write_json(tmp / "metrics.json", result.metrics)
+        write_report(tmp / METRICS_FILE, metrics)
         if result.answers:
             write_jsonl(tmp / "answers.jsonl", result.answers)
         if result.task_answers:
             write_jsonl(tmp / "task_answers.jsonl", result.task_answers)
-        (tmp / "summary.md").write_text(summary_markdown(result.metrics), encoding="utf-8")
+        (tmp / "summary.md").write_text(summary_markdown(metrics), encoding="utf-8")
     return out

@@ -14,7 +14,7 @@ class EvalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    judge: str = Field(default="refusal", description="judge of harmful answers (see `antidote judge --help`)")
+    judge: str = Field(default="refusal", description="judge of harmful answers:")
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1,
                                 description="answer length limit for harmful prompts (the paper's 512)")
     task_max_new_tokens: int | None = Field(default=None, ge=1,

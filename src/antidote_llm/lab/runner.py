@@ -19,7 +19,8 @@ from antidote_llm.data.records import pairs_sha256
 from antidote_llm.defenses import DefenseContext, DefenseOutcome, defense
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
-from antidote_llm.evaluation.evaluate import evaluate_model, write_eval
+from antidote_llm.evaluation.evaluate import METRICS_FILE, evaluate_model, write_eval
+from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
@@ -162,17 +163,21 @@ def _realign_rows(exp: Experiment, poison_indices, poison_pairs):
     return pairs
 
 
-def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: dict, **times) -> dict:
+def _metrics(folder: Path) -> EvalMetrics:
+    return EvalMetrics.model_validate_json((folder / METRICS_FILE).read_text(encoding="utf-8"))
+
+
+def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: EvalMetrics, **times) -> dict:
     return {
         **values,
         "stage": stage,
         "defense": label,
         "method": method,
         "ratio": ratio,
-        "harmful_score": metrics.get("harmful_score"),
-        "degenerate_rate": metrics.get("degenerate_rate"),
-        "compliance_rate": metrics.get("compliance_rate"),
-        "finetune_accuracy": metrics.get("finetune_accuracy"),
+        "harmful_score": metrics.harmful_score,
+        "degenerate_rate": metrics.degenerate_rate,
+        "compliance_rate": metrics.compliance_rate,
+        "finetune_accuracy": metrics.finetune_accuracy,
         **times,
     }
 
@@ -195,7 +200,7 @@ def _run_setting(setting: _Setting) -> list[dict]:
             write_eval(setting.evaluate(loaded.model, loaded.tokenizer), folder)
 
         folder = setting.run_stage(f"eval-{stage}", stage_key(stage, model_key, eval_key), work)
-        rows.append(_row(setting.values, stage, stage, None, None, _read_json(folder / "metrics.json"),
+        rows.append(_row(setting.values, stage, stage, None, None, _metrics(folder),
                          align_s=align_s if stage == "aligned" else None))
 
     for label, spec in exp.defenses.items():
@@ -223,7 +228,7 @@ def _run_setting(setting: _Setting) -> list[dict]:
         record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
         rows.append(_row(
             setting.values, "fine-tuned", label, spec.method, getattr(settings, "ratio", None),
-            _read_json(folder / "eval" / "metrics.json"),
+            _metrics(folder / "eval"),
             pruned_fraction=record.outcome.changed_fraction, defense_s=record.defense_s, finetune_s=finetune_s,
         ))
     return rows
