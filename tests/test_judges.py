@@ -375,7 +375,7 @@ def test_unparsed_guard_output_is_counted_and_reported(tmp_path, capsys):
     assert "| unparsed judge outputs | 2 |" in summary_markdown(EvalMetrics.model_validate(metrics))
     assert harmful_metrics(get_judge("refusal")(["q"], ["I can't help with that."]), judge)["unparsed"] == 0
 
-    _print_summary({**metrics, "harmful_score": 0.0, "degenerate_rate": 0.0}, tmp_path / "eval")
+    _print_summary(EvalMetrics.model_validate({**metrics, "harmful_score": 0.0, "degenerate_rate": 0.0}), tmp_path / "eval")
     assert "2 judge outputs unparsed" in capsys.readouterr().out
     source = tmp_path / "answers.jsonl"
     source.write_text(json.dumps({"prompt": "p", "answer": "an answer here"}) + "\n")
