@@ -13,6 +13,7 @@ from antidote_llm.cli import main as cli
 from antidote_llm.data.records import Pair, PairSet
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import ModelSource, load_model
+from antidote_llm.training.report import TrainReport
 from antidote_llm.training.sft import supervised_collator, training_arguments
 from conftest import make_model, make_tokenizer, requires_smollm2
 
@@ -138,21 +139,23 @@ def test_align_writes_adapter_and_merged_model_equal_to_base_plus_adapter(tmp_pa
     assert report["train"]["steps"] == 3 and len(report["train"]["loss_history"]) == 3
     assert {"train_s", "merge_s", "save_s"} <= set(report["timings"])
     assert report["memory"]["peak_rss_bytes"] > 0 and "transformers" in report["versions"]
+    assert report["outputs"]["merge_dtype"] == "float32"  # the report says which dtype the merge used
+    assert TrainReport.model_validate(report).train.steps == 3
 
 
 def test_align_mixes_in_benign_rows(tmp_path):
     benign = [Pair("add 2 and 2", "4")]
     result = training.align(make_model(), make_tokenizer(), MEMO, tiny_config(), tmp_path / "a", benign=benign,
                             progress=False)
-    assert result.report["train"]["rows"] == len(MEMO) + 1
-    assert result.report["data"]["benign"]["rows"] == 1
+    assert result.report.train.rows == len(MEMO) + 1
+    assert result.report.data["benign"]["rows"] == 1
 
 
 def test_training_loss_decreases_on_a_memorizable_set(tmp_path):
     # A LoRA on the output head as well lets the random tiny model memorize two rows.
     result = run_align(tmp_path, pairs=MEMO[:2], max_steps=30, learning_rate=2e-2, lora_r=8, lr_scheduler="constant",
                        warmup_ratio=0.0, target_modules=("q_proj", "k_proj", "v_proj", "lm_head"))
-    losses = [entry["loss"] for entry in result.report["train"]["loss_history"]]
+    losses = [entry["loss"] for entry in result.report.train.loss_history]
     assert len(losses) == 30
     assert sum(losses[-3:]) / 3 < 0.25 * sum(losses[:3]) / 3
 
@@ -211,8 +214,8 @@ def test_finetune_trains_a_fresh_adapter_and_records_the_mix(tmp_path):
     assert len(mix["rows"]) == 10
     assert mix["harmful_indices"] == [3, 5, 7] == list(result.harmful_indices)
     assert {(r["source"], r["index"]) for r in mix["rows"] if r["kind"] == "harmful"} == {("harm.json", i) for i in (3, 5, 7)}
-    assert result.report["train"]["rows"] == 10
-    assert result.report["data"]["mix"]["harmful_source"]["source"] == "harm.json"
+    assert result.report.train.rows == 10
+    assert result.report.data["mix"]["harmful_source"]["source"] == "harm.json"
     assert type(result.model).__name__.startswith("Peft")  # the adapter stays live for Antidote's scoring
     assert "lora_A" in " ".join(adapter_tensors(out / "adapter"))
 
@@ -299,10 +302,10 @@ def test_smollm2_from_gguf_aligns_and_finetunes_in_memory(tmp_path):
     loaded = load_model(ModelSource("smollm2-135m-instruct", device="cpu"))
     config = training.preset("cpu", "align", max_steps=1, batch_size=2, max_length=64)
     aligned = training.align(loaded.model, loaded.tokenizer, MEMO[:2], config, tmp_path / "a", progress=False)
-    assert aligned.report["train"]["steps"] == 1 and aligned.report["train"]["train_loss"] > 0
+    assert aligned.report.train.steps == 1 and aligned.report.train.train_loss > 0
     tuned = training.finetune(aligned.model, loaded.tokenizer, TASK, HARMFUL, harmful_fraction=0.5, n=2,
                               config=config, out_dir=tmp_path / "f", progress=False)
-    assert tuned.report["train"]["steps"] == 1
+    assert tuned.report.train.steps == 1
 
 
 def test_adapters_merge_in_fp32_then_cast():

@@ -13,6 +13,7 @@ from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
 from antidote_llm.runtime.loading import load_model
 from antidote_llm.runtime.outputs import check_output_dir
+from antidote_llm.training.report import TrainReport
 
 # TrainConfig fields with a flag; flags left unset keep the preset's value.
 TRAIN_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation", "max_length", "lora_r",
@@ -52,13 +53,14 @@ def _data(args: argparse.Namespace, config: training.TrainConfig, source: str, *
                             **fields)
 
 
-def _summary(stage: str, report: dict, out: str) -> str:
-    train = report["train"]
+def _summary(stage: str, report: TrainReport, out: str) -> str:
+    train = report.train
+    written = [value for key, value in report.outputs.items() if key != "merge_dtype"]
     lines = [
-        f"antidote: {stage}: {train['rows']} rows ({train['dropped_no_answer']} dropped: no answer token left), "
-        f"{train['steps']} steps, mean loss {train['train_loss']:.4f}",
-        "  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items()),
-        f"  wrote {out} ({', '.join(report['outputs'].values())}, report.json)",
+        f"antidote: {stage}: {train.rows} rows ({train.dropped_no_answer} dropped: no answer token left), "
+        f"{train.steps} steps, mean loss {train.train_loss:.4f}",
+        "  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report.timings.items()),
+        f"  wrote {out} ({', '.join(written)}, report.json)",
     ]
     return "\n".join(lines)
 

@@ -112,8 +112,7 @@ def calibration_batches(tokenizer, pairs: Sequence[Pair], config: RealignConfig)
     if not pairs:
         raise AntidoteError("the calibration data has no rows; give at least one (prompt, response) pair")
     encoded = [encode_pair(tokenizer, config.template, p.prompt, p.response, p.input, config.max_length) for p in pairs]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return make_batches(encoded, config.batch_size, pad_id, response_only=config.tokens == "response")
+    return make_batches(encoded, config.batch_size, tokenizer, response_only=config.tokens == "response")
 
 
 def _score(target: Target, stats, config: RealignConfig, generator: torch.Generator) -> torch.Tensor:

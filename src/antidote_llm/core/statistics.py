@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from antidote_llm.core.scoring import ChannelStats, squared_sum
 from antidote_llm.core.targets import Target, decoder_layers
-from antidote_llm.data.templates import Encoded
+from antidote_llm.data.templates import Encoded, pad_ids
 
 
 @dataclass
@@ -26,9 +26,7 @@ class Batch:
         return int(self.count_mask.sum())
 
 
-def make_batches(
-    encoded: Sequence[Encoded], batch_size: int, pad_id: int, response_only: bool = False
-) -> list[Batch]:
+def make_batches(encoded: Sequence[Encoded], batch_size: int, tokenizer, response_only: bool = False) -> list[Batch]:
     """Right-padded batches of rows sorted by length (longest first), so padding stays small.
 
     Padding never counts; with `response_only` the prompt tokens do not count either.
@@ -37,15 +35,11 @@ def make_batches(
     batches = []
     for start in range(0, len(order), batch_size):
         rows = [encoded[i] for i in order[start:start + batch_size]]
-        width = max(len(r.input_ids) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        count = torch.zeros((len(rows), width), dtype=torch.bool)
-        for b, row in enumerate(rows):
-            n = len(row.input_ids)
-            ids[b, :n] = torch.tensor(row.input_ids)
-            attention[b, :n] = 1
-            count[b, row.prompt_len if response_only else 0:n] = True
+        ids, attention = pad_ids(tokenizer, [row.input_ids for row in rows], "right")
+        count = attention.bool()
+        if response_only:
+            for b, row in enumerate(rows):
+                count[b, :row.prompt_len] = False
         batches.append(Batch(ids, attention, count))
     return batches
 

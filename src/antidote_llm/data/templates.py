@@ -8,8 +8,10 @@ Training and calibration rows are prompt + response tokenized as one string, as 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from antidote_llm.errors import AntidoteError
 
@@ -119,3 +121,12 @@ def encode_pair(
     if max_length is not None:
         ids = ids[:max_length]
     return Encoded(input_ids=ids, prompt_len=min(prompt_len, len(ids)))
+
+
+def pad_ids(tokenizer, rows: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id rows padded to the longest by the tokenizer, on `side`.
+
+    The mask comes from row lengths, not from the pad id: many tokenizers pad with their EOS."""
+    padded = tokenizer.pad({"input_ids": [list(ids) for ids in rows]}, padding=True, padding_side=side,
+                           return_attention_mask=True, return_tensors="pt")
+    return padded["input_ids"], padded["attention_mask"]

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from antidote_llm.data.templates import encode_prompt, render_prompt
+from antidote_llm.data.templates import encode_prompt, pad_ids, render_prompt
 from antidote_llm.errors import AntidoteError
 
 DEFAULT_MAX_NEW_TOKENS = 512  # the paper's limit for harmful-score answers
@@ -54,17 +54,6 @@ def _cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
     return tokens
 
 
-def _left_padded(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        if ids:
-            input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-            attention[row, width - len(ids):] = 1
-    return input_ids.to(device), attention.to(device)
-
-
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -81,8 +70,9 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stops = stop_token_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.stops[0] if self.stops else 0)
+        if tokenizer.pad_token_id is None:  # padding is masked out; any id will do, the EOS is the usual one
+            tokenizer.pad_token_id = self.stops[0] if self.stops else 0
+        self.pad_id = tokenizer.pad_token_id
 
     def _config(self, max_new_tokens: int):
         from transformers import GenerationConfig
@@ -96,7 +86,9 @@ class HFGenerator:
 
     @torch.inference_mode()
     def _batch(self, batch: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        input_ids, attention = _left_padded(batch, self.pad_id, _model_device(self.model))
+        input_ids, attention = pad_ids(self.tokenizer, batch, "left")
+        device = _model_device(self.model)
+        input_ids, attention = input_ids.to(device), attention.to(device)
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention, generation_config=self._config(max_new_tokens)
         )

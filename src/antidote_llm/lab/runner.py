@@ -6,7 +6,6 @@ or a grown sweep reuses finished stages and an interrupted run resumes where it 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
 from antidote_llm.runtime.outputs import atomic_dir, write_report
+from antidote_llm.training.report import TrainReport
+from antidote_llm.training.sft import REPORT_FILE as TRAIN_REPORT
 
 STAGES_DIR = "stages"
 DEFENSE_FILE = "defense.json"
@@ -48,12 +49,8 @@ class LabResult:
     ran: list[str] = field(default_factory=list)  # stage folders computed in this run (the rest were cached)
 
 
-def _stage_seconds(report: dict) -> float:
-    return round(sum(v for k, v in report.get("timings", {}).items() if isinstance(v, int | float)), 2)
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+def _train_seconds(folder: Path) -> float:
+    return TrainReport.model_validate_json((folder / TRAIN_REPORT).read_text(encoding="utf-8")).seconds
 
 
 class _Setting:
@@ -122,7 +119,7 @@ class _Setting:
 
         folder = self.run_stage("align", key, work)
         source = ModelSource(str(folder / "merged"), dtype=exp.model.dtype, device=exp.model.device)
-        return key, source, _stage_seconds(_read_json(folder / "report.json"))
+        return key, source, _train_seconds(folder)
 
     def finetune(self, align_key: str, aligned: ModelSource) -> tuple[str, Path, float]:
         spec = self.exp.finetune
@@ -139,7 +136,7 @@ class _Setting:
                               model_info=aligned.describe(), progress=self.progress)
 
         folder = self.run_stage("finetune", key, work)
-        return key, folder / "adapter", _stage_seconds(_read_json(folder / "report.json"))
+        return key, folder / "adapter", _train_seconds(folder)
 
     # --- evaluation ----------------------------------------------------------------------------------
 

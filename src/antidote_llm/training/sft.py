@@ -19,11 +19,13 @@ from antidote_llm.data.records import Pair, Rows, as_pairs, describe_rows, pairs
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import MERGE_DTYPE, merge_adapter
-from antidote_llm.runtime.outputs import atomic_dir, write_json
+from antidote_llm.runtime.outputs import atomic_dir, write_json, write_report
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 from antidote_llm.training.config import TrainConfig
+from antidote_llm.training.report import TrainFacts, TrainReport
 
 IGNORE_INDEX = -100
+REPORT_FILE = "report.json"
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ class TrainResult:
     out_dir: Path
     adapter_dir: Path
     model: torch.nn.Module
-    report: dict
+    report: TrainReport | None
 
 
 @dataclass
@@ -143,8 +145,9 @@ def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progr
 
 def _train(
     model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, timings: Timings, progress: bool
-) -> tuple[object, dict]:
-    """Add a LoRA to `model` and train it; returns the PEFT model (in eval mode) and training facts."""
+) -> tuple[object, TrainFacts, bool]:
+    """Add a LoRA to `model` and train it; returns the PEFT model (in eval mode), the training facts and
+    whether this is the main process (under `accelerate launch` only the main process writes)."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
@@ -169,32 +172,22 @@ def _train(
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    facts = {
-        "rows": len(items),
-        "dropped_no_answer": dropped,
-        "tokens": sum(len(item["input_ids"]) for item in items),
-        "answer_tokens": sum(sum(label != IGNORE_INDEX for label in item["labels"]) for item in items),
-        "steps": trainer.state.global_step,
-        "train_loss": output.training_loss,
-        "loss_history": history,
-        "is_main_process": trainer.is_world_process_zero(),
-    }
-    return peft_model, facts
+    facts = TrainFacts(
+        rows=len(items),
+        dropped_no_answer=dropped,
+        tokens=sum(len(item["input_ids"]) for item in items),
+        answer_tokens=sum(sum(label != IGNORE_INDEX for label in item["labels"]) for item in items),
+        steps=trainer.state.global_step,
+        train_loss=output.training_loss,
+        loss_history=history,
+    )
+    return peft_model, facts, trainer.is_world_process_zero()
 
 
-def _report(stage: str, config: TrainConfig, data: dict, facts: dict, timings: Timings,
-            memory: MemoryMonitor, model_info: dict | None, outputs: dict) -> dict:
-    return {
-        "stage": stage,
-        "model": model_info,
-        "config": config.model_dump(mode="json"),
-        "data": data,
-        "train": {k: v for k, v in facts.items() if k != "is_main_process"},
-        "outputs": outputs,
-        "timings": dict(timings),
-        "memory": memory.report().model_dump(),
-        "versions": library_versions(),
-    }
+def _report(stage: str, config: TrainConfig, data: dict, facts: TrainFacts, timings: Timings,
+            memory: MemoryMonitor, model_info: dict | None, outputs: dict) -> TrainReport:
+    return TrainReport(stage=stage, model=model_info, config=config, data=data, train=facts, outputs=outputs,
+                       timings=dict(timings), memory=memory.report(), versions=library_versions())
 
 
 def align(
@@ -219,8 +212,8 @@ def align(
     data = {"safety": describe_rows(pairs), **({"benign": describe_rows(benign)} if benign is not None else {})}
     out = Path(out_dir)
     with MemoryMonitor() as memory:
-        peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
-        if not facts["is_main_process"]:  # under accelerate launch only the main process writes
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress)
+        if not main_process:  # under accelerate launch only the main process writes
             merged = merge_adapter(peft_model)
             report = _report("align", config, data, facts, timings, memory, model_info, {})
             return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
@@ -235,7 +228,7 @@ def align(
             report = _report("align", config, data, facts, timings, memory, model_info,
                              {"adapter": "adapter", "merged": "merged",
                               "merge_dtype": str(MERGE_DTYPE).removeprefix("torch.")})
-            write_json(tmp / "report.json", report)
+            write_report(tmp / REPORT_FILE, report)
     return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
 
 
@@ -279,10 +272,10 @@ def finetune(
     timings = Timings()
     out = Path(out_dir)
     with MemoryMonitor() as memory:
-        peft_model, facts = _train(model, tokenizer, rows, config, timings, progress)
-    result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report={},
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress)
+    result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report=None,
                             mix=mix, harmful_indices=harmful_indices)
-    if not facts["is_main_process"]:  # under accelerate launch only the main process writes
+    if not main_process:  # under accelerate launch only the main process writes
         result.report = _report("finetune", config, data, facts, timings, memory, model_info, {})
         return result
     with atomic_dir(out) as tmp:
@@ -291,5 +284,5 @@ def finetune(
         write_json(tmp / "mix.json", mix)
         result.report = _report("finetune", config, data, facts, timings, memory, model_info,
                                 {"adapter": "adapter", "mix": "mix.json"})
-        write_json(tmp / "report.json", result.report)
+        write_report(tmp / REPORT_FILE, result.report)
     return result
