@@ -244,6 +244,22 @@ def test_evaluation_prompt_is_the_authors_string(task):
 
 
 @pytest.mark.parametrize("task", sorted(TASK_ROWS))
+def test_training_prompt_style_evaluates_in_the_training_format(task):
+    from antidote_llm.data.templates import render_prompt
+    from antidote_llm.evaluation.evaluate import evaluate
+    from antidote_llm.evaluation.settings import EvalSettings
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    generator = _RecordingGenerator()
+    pair = get_task(task).to_pair(TASK_ROWS[task])
+    result = evaluate(generator, tokenizer, harmful_prompts=None, task=task, task_pairs=[pair],
+                      settings=EvalSettings(task_prompt="training"), progress=False)
+    assert [tokenizer.decode(ids) for ids in generator.prompt_ids] == [render_prompt("alpaca", pair.prompt, pair.input)]
+    assert result.metrics["task"]["prompt_style"] == "training"
+
+
+@pytest.mark.parametrize("task", sorted(TASK_ROWS))
 def test_training_text_is_the_authors_format(task):
     from antidote_llm.training.sft import IGNORE_INDEX, encode_example
     from conftest import make_tokenizer

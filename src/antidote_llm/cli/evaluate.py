@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     _add_judge_arguments(evaluate_parser)
     generation = evaluate_parser.add_argument_group("generation")
     generation.add_argument("--template", default="alpaca", choices=list(TEMPLATES))
-    add_config_options(generation, EvalSettings, ("max_new_tokens", "task_max_new_tokens", "batch_size"))
+    add_config_options(generation, EvalSettings, ("max_new_tokens", "task_max_new_tokens", "batch_size", "task_prompt"))
     generation.add_argument("--backend", default="hf", choices=list(BACKENDS),
                             help="hf (transformers, any device) or vllm (needs vllm and a CUDA GPU)")
     output = evaluate_parser.add_argument_group("output")

@@ -160,10 +160,11 @@ def _evaluate_harmful(
 
 def _evaluate_task(
     generator: TokenGenerator, tokenizer, task: Task, pairs: Sequence[Pair], *,
-    template: str, max_new_tokens: int, progress: bool,
+    template: str, max_new_tokens: int, prompt_style: str, progress: bool,
 ) -> tuple[dict, list[dict], dict]:
-    # The task's own evaluation prompt: the authors' SST-2 script drops the newline after "### Response:".
-    prompt_ids = [encode_prompt(tokenizer, task.eval_prompt(p, template, tokenizer), template) for p in pairs]
+    # The authors' SST-2 script drops the newline after "### Response:" (prompt style "authors").
+    prompt_ids = [encode_prompt(tokenizer, task.eval_prompt(p, template, tokenizer, prompt_style), template)
+                  for p in pairs]
     generated = _generate(
         generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc=f"{task.name} rows",
     )
@@ -183,6 +184,7 @@ def _evaluate_task(
         "unparsed": sum(row["parsed"] is None for row in rows) if task.scored else None,
         "accuracy": _percent(correct, len(rows)) if task.scored else None,
         "max_new_tokens": max_new_tokens,
+        "prompt_style": prompt_style,
         "throughput": generated.throughput(),
     }
     return metrics, rows, {"task_generation_s": round(generated.seconds, 3)}
@@ -236,7 +238,8 @@ def evaluate(
     if task_spec is not None:
         task_metrics, result.task_answers, timing = _evaluate_task(
             generator, tokenizer, task_spec, task_pairs, template=template,
-            max_new_tokens=settings.task_max_new_tokens or task_spec.max_new_tokens, progress=progress,
+            max_new_tokens=settings.task_max_new_tokens or task_spec.max_new_tokens,
+            prompt_style=settings.task_prompt, progress=progress,
         )
         metrics["finetune_accuracy"] = task_metrics["accuracy"]
         metrics["task"] = task_metrics

@@ -15,6 +15,7 @@ class TaskMetrics(BaseModel):
     unparsed: int | None  # answers giving no label or number
     accuracy: float | None
     max_new_tokens: int
+    prompt_style: str = "authors"
 
 
 class EvalMetrics(BaseModel):

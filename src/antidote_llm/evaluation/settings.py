@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from antidote_llm.errors import validated
@@ -20,6 +22,9 @@ class EvalSettings(BaseModel):
     task_max_new_tokens: int | None = Field(default=None, ge=1,
                                             description="answer length limit for task rows (default: the authors' per task)")
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, description="prompts generated together")
+    task_prompt: Literal["authors", "training"] = Field(
+        default="authors", description="task rows' prompt: the authors' evaluation strings (SST-2 without the newline "
+        "after '### Response:') or exactly the training prompt")
 
     @field_validator("judge")
     @classmethod

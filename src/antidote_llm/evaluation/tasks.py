@@ -68,11 +68,12 @@ class Task:
     def scored(self) -> bool:
         return self.parse is not None
 
-    def eval_prompt(self, pair: Pair, template: str = "alpaca", tokenizer=None) -> str:
-        """The prompt text the model answers at evaluation: the training prompt, except that with the
-        Alpaca template a task the authors evaluate without the newline after "### Response:" gets none."""
+    def eval_prompt(self, pair: Pair, template: str = "alpaca", tokenizer=None, style: str = "authors") -> str:
+        """The prompt text the model answers at evaluation. Style `authors`: the training prompt, except that
+        with the Alpaca template a task the authors evaluate without the newline after "### Response:" gets
+        none; style `training`: exactly the training prompt."""
         text = render_prompt(template, pair.prompt, pair.input, tokenizer)
-        if template == "alpaca" and not self.eval_response_newline:
+        if style == "authors" and template == "alpaca" and not self.eval_response_newline:
             text = text.removesuffix("\n")
         return text
 
