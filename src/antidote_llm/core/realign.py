@@ -128,16 +128,18 @@ def _score(target: Target, stats, config: RealignConfig, generator: torch.Genera
     return scoring.wanda_scores(weight, mean_sq)
 
 
-def _select(targets: Sequence[Target], stats, config: RealignConfig, ratio: float) -> dict[str, torch.Tensor]:
-    """Masks in Linear layout. Per row or matrix, one score tensor lives at a time; global needs all."""
+def _select_levels(targets: Sequence[Target], stats, config: RealignConfig, ratios: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Nested selections at every ratio from one score per weight, as levels (Linear layout; see
+    scoring.nested_levels). Per row or matrix, one score tensor lives at a time; global needs all."""
     generator = torch.Generator().manual_seed(config.seed)
+
+    def levels_of(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        per_ratio = [scoring.select(scores, ratio, config.granularity) for ratio in ratios]
+        return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in scores}
+
     if config.granularity == "global":
-        scores = {t.param_name: _score(t, stats, config, generator) for t in targets}
-        return scoring.select(scores, ratio, "global")
-    return {
-        t.param_name: scoring.select({t.param_name: _score(t, stats, config, generator)}, ratio, config.granularity)[t.param_name]
-        for t in targets
-    }
+        return levels_of({t.param_name: _score(t, stats, config, generator) for t in targets})
+    return {name: level for t in targets for name, level in levels_of({t.param_name: _score(t, stats, config, generator)}).items()}
 
 
 def _statistics(model, tokenizer, targets, pairs, config, progress, desc):
@@ -178,6 +180,108 @@ def aligned_weights(aligned: nn.Module, targets: Sequence[Target]) -> dict[str, 
     return found
 
 
+@dataclass
+class NestedSelection:
+    """Which weights Antidote selects at several ratios from one statistics pass and one score per weight.
+
+    `levels[param]` (uint8, the parameter's layout): 0 = never pruned; i = pruned at `ratios[i-1]` and every
+    larger ratio. Per-row top-k selections at growing ratios are nested, so one tensor holds them all.
+    """
+
+    targets: list[Target]
+    ratios: tuple[float, ...]
+    levels: dict[str, torch.Tensor]
+    selected: dict[str, list[int]]  # per parameter, per ratio: selected before protection spared any
+    data: DataReport | None
+    protection: ProtectionReport | None
+    method: MethodReport
+    timings: dict[str, float]
+
+    def masks(self, index: int) -> dict[str, torch.Tensor]:
+        """Bool masks (True = pruned) at `ratios[index]`."""
+        return {name: scoring.level_mask(level, index) for name, level in self.levels.items()}
+
+    def report(self, index: int) -> RealignReport:
+        masks = self.masks(index)
+        modules = {
+            t.param_name: ModuleReport(
+                shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(),
+                selected=self.selected[t.param_name][index],
+                spared_by_protection=self.selected[t.param_name][index] - int(masks[t.param_name].sum()),
+                pruned=int(masks[t.param_name].sum()),
+            )
+            for t in self.targets
+        }
+        scored = sum(m.scored for m in modules.values())
+        pruned = sum(m.pruned for m in modules.values())
+        spared = sum(m.spared_by_protection for m in modules.values())
+        protection = None if self.protection is None else self.protection.model_copy(update={"spared": spared})
+        return RealignReport(
+            method=self.method.model_copy(update={"ratio": self.ratios[index]}), data=self.data, protection=protection,
+            modules=modules,
+            totals=Totals(targets=len(self.targets), scored=scored, selected=sum(m.selected for m in modules.values()),
+                          spared_by_protection=spared, pruned=pruned, pruned_fraction=pruned / scored if scored else 0.0),
+            timings=self.timings, seed=self.method.seed,
+        )
+
+
+def select_nested(
+    model: nn.Module,
+    tokenizer,
+    config: RealignConfig,
+    data: Rows | None = None,
+    *,
+    ratios: Sequence[float] | None = None,
+    protect_data: Rows | None = None,
+    progress: bool = True,
+) -> NestedSelection:
+    """Score once and select at every ratio (default: `config.ratio`), changing nothing in the model."""
+    ratios = check_ratios(ratios if ratios is not None else (config.ratio,))
+    timings = Timings()
+    has_adapter = hasattr(model, "peft_config")
+    targets = resolve_targets(model, config.effective_targets(has_adapter))
+    check_finite(targets)
+    pairs, data_info = _pairs(data) if data is not None else ((), None)
+    with timings.measure("scoring_s"):
+        stats, tokens = _statistics(model, tokenizer, targets, pairs, config, progress, "harmful statistics")
+    with timings.measure("selection_s"):
+        levels = _select_levels(targets, stats, config, ratios)
+        selected = {name: [int(scoring.level_mask(level, i).sum()) for i in range(len(ratios))]
+                    for name, level in levels.items()}
+    protection = None
+    if config.protect_ratio is not None:
+        with timings.measure("protection_s"):
+            protect_pairs, protect_info = _pairs(protect_data)
+            protect_config = config.model_copy(update={"score": "wanda"})
+            benign_stats, benign_tokens = _statistics(
+                model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics"
+            )
+            protected = _select_levels(targets, benign_stats, protect_config, (config.protect_ratio,))
+            for name in levels:
+                levels[name][protected[name] > 0] = 0
+            protection = ProtectionReport(**protect_info, tokens=benign_tokens, ratio=config.protect_ratio, spared=0)
+    return NestedSelection(
+        targets=targets, ratios=ratios,
+        levels={t.param_name: t.from_linear(levels[t.param_name]).contiguous().cpu() for t in targets},
+        selected=selected, data=None if data_info is None else DataReport(**data_info, tokens=tokens),
+        protection=protection,
+        method=MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))}),
+        timings=dict(timings),
+    )
+
+
+def check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    """Ratios in (0, 1), strictly increasing (so the selections are nested in order)."""
+    ratios = tuple(float(r) for r in ratios)
+    if not ratios:
+        raise AntidoteError("give at least one ratio")
+    for ratio in ratios:
+        scoring.check_ratio(ratio)
+    if any(b <= a for a, b in zip(ratios, ratios[1:], strict=False)):
+        raise AntidoteError(f"ratios must be increasing without repeats, got {', '.join(map(str, ratios))}")
+    return ratios
+
+
 def realign(
     model: nn.Module,
     tokenizer,
@@ -195,62 +299,18 @@ def realign(
     benign data are never pruned. With `config.action == "revert"` the selected weights take the
     `aligned` model's values instead of zero.
     """
-    timings = Timings()
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned is not None)
     has_adapter = hasattr(model, "peft_config")
     targets = resolve_targets(model, config.effective_targets(has_adapter))
-    check_finite(targets)
-    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned is not None)
+    aligned_values = None
     if config.action == "revert":
         if any("lora_" in t.module_name for t in targets):
             raise AntidoteError("action 'revert' applies to full fine-tunes; adapter targets can only be zeroed")
         aligned_values = aligned_weights(aligned, targets)
-    else:
-        aligned_values = None
-    pairs, data_info = _pairs(data) if data is not None else ((), None)
-
-    with timings.measure("scoring_s"):
-        stats, tokens = _statistics(model, tokenizer, targets, pairs, config, progress, "harmful statistics")
-    with timings.measure("selection_s"):
-        masks = _select(targets, stats, config, config.ratio)
-        selected = {name: int(mask.sum()) for name, mask in masks.items()}
-    spared, protect_info = {}, None
-    if config.protect_ratio is not None:
-        with timings.measure("protection_s"):
-            protect_pairs, protect_info = _pairs(protect_data)
-            protect_config = config.model_copy(update={"score": "wanda"})
-            benign_stats, protect_info["tokens"] = _statistics(
-                model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics"
-            )
-            protected = _select(targets, benign_stats, protect_config, config.protect_ratio)
-            for name in masks:
-                spared[name] = int((masks[name] & protected[name]).sum())
-                masks[name] &= ~protected[name]
-    masks = {t.param_name: t.from_linear(masks[t.param_name]).contiguous().cpu() for t in targets}
-    _apply(targets, masks, config.action, aligned_values)
-
-    modules = {
-        t.param_name: ModuleReport(
-            shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(), selected=selected[t.param_name],
-            spared_by_protection=spared.get(t.param_name, 0), pruned=int(masks[t.param_name].sum()),
-        )
-        for t in targets
-    }
-    scored = sum(m.scored for m in modules.values())
-    pruned = sum(m.pruned for m in modules.values())
-    report = RealignReport(
-        method=MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))}),
-        data=None if data_info is None else DataReport(**data_info, tokens=tokens),
-        protection=None if protect_info is None else ProtectionReport(
-            **protect_info, ratio=config.protect_ratio, spared=sum(spared.values())),
-        modules=modules,
-        totals=Totals(
-            targets=len(targets), scored=scored, selected=sum(selected.values()),
-            spared_by_protection=sum(spared.values()), pruned=pruned, pruned_fraction=pruned / scored if scored else 0.0,
-        ),
-        timings=dict(timings),
-        seed=config.seed,
-    )
-    return RealignResult(masks=masks, report=report)
+    selection = select_nested(model, tokenizer, config, data, protect_data=protect_data, progress=progress)
+    masks = selection.masks(0)
+    _apply(selection.targets, masks, config.action, aligned_values)
+    return RealignResult(masks=masks, report=selection.report(0))
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = "zero", aligned: nn.Module | None = None) -> list[Target]:

@@ -135,3 +135,21 @@ def select(scores: Mapping[str, torch.Tensor], ratio: float, granularity: str) -
     if per_tensor is None:
         raise AntidoteError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     return {name: per_tensor(score, ratio) for name, score in scores.items()}
+
+
+def nested_levels(masks) -> torch.Tensor:
+    """One uint8 tensor for masks selected at increasing ratios: 0 = never selected, i = selected from the
+    i-th mask on. Refuses masks that are not nested (each contained in the next)."""
+    if len(masks) > 255:
+        raise AntidoteError(f"at most 255 ratios at once, got {len(masks)}")
+    levels = torch.zeros(masks[0].shape, dtype=torch.uint8, device=masks[0].device)
+    for index in range(len(masks) - 1, -1, -1):
+        if index + 1 < len(masks) and bool((masks[index] & ~masks[index + 1]).any()):
+            raise AssertionError("selections at growing ratios are not nested")
+        levels[masks[index]] = index + 1
+    return levels
+
+
+def level_mask(levels: torch.Tensor, index: int) -> torch.Tensor:
+    """The selection at the `index`-th ratio (0-based) from nested levels."""
+    return (levels > 0) & (levels <= index + 1)
