@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from antidote_llm.lab.results import group_points, metrics_figure, plot, tradeoff_figure  # noqa: E402
+from antidote_llm.lab.results import metrics_figure, plot, tradeoff_figure  # noqa: E402
+from antidote_llm.runtime.plotting import group_points  # noqa: E402
 
 
 def row(defense, hs, fa, stage="fine-tuned", method=None, ratio=None):

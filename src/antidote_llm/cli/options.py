@@ -28,8 +28,9 @@ def _argument(annotation) -> dict:
     if get_origin(annotation) is Literal:
         choices = get_args(annotation)
         return {"choices": list(choices), "type": type(choices[0])}
-    if get_origin(annotation) is tuple:
-        return {"action": "append", "type": get_args(annotation)[0]}
+    if get_origin(annotation) is tuple:  # repeatable; comma lists and choices are the config's to check
+        inner = get_args(annotation)[0]
+        return {"action": "append", "type": str if get_origin(inner) is Literal else inner}
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     return {"type": annotation}
@@ -50,15 +51,17 @@ def add_config_options(
     help_extra: Mapping[str, str] | None = None,
     optional: Iterable[str] = (),
     show_defaults: bool = True,
+    prefix: str = "",
 ) -> None:
     """One option per field of `settings`: `--field-name` unless `flags` renames it. Every option defaults to
     None, so a flag left out keeps the config's default (shown in the help). Fields in `optional` are not
     required on the command line even when the config requires them (the command checks them itself);
-    `show_defaults` False leaves the config's defaults out of the help (when a preset supplies the values)."""
+    `show_defaults` False leaves the config's defaults out of the help (when a preset supplies the values);
+    `prefix` keeps two settings objects' fields of one name apart (dest and default flag `--PREFIX-name`)."""
     flags, help_extra, optional = flags or {}, help_extra or {}, set(optional)
     for name in fields:
         info = settings.model_fields[name]
-        flag = "--" + flags.get(name, name.replace("_", "-"))
+        flag = "--" + flags.get(name, (prefix + name).replace("_", "-"))
         default = info.get_default(call_default_factory=True)
         parts = [info.description or "", help_extra.get(name, "")]
         required = info.is_required() and name not in optional
@@ -66,12 +69,13 @@ def add_config_options(
             parts.append("(required)")
         elif show_defaults and default not in (PydanticUndefined, None):
             parts.append(f"(default: {_default_text(default)})")
-        group.add_argument(flag, dest=name, default=None, required=required,
+        group.add_argument(flag, dest=prefix + name, default=None, required=required,
                            help=" ".join(p for p in parts if p), **_argument(info.annotation))
 
 
-def config_from_args(settings: type[BaseModel], args: argparse.Namespace, fields: Iterable[str], **given):
+def config_from_args(settings: type[BaseModel], args: argparse.Namespace, fields: Iterable[str], *, prefix: str = "",
+                     **given):
     """The validated settings: every flag the user gave, then `given` (None values left out); the rest keep the
     config's defaults."""
-    values = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    values = {name: getattr(args, prefix + name) for name in fields if getattr(args, prefix + name, None) is not None}
     return validated(settings, {**values, **{name: value for name, value in given.items() if value is not None}})

@@ -10,10 +10,16 @@ from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
 from antidote_llm.core.report import RealignReport
 from antidote_llm.data.spec import DataSpec
+from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.evaluation.tasks import TASKS
+from antidote_llm.frontier import DEFAULT_RATIOS, FrontierConfig
+from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk
 
 DATA_FIELDS = ("source", "prompt_field", "response_field", "input_field", "samples", "skip")
-METHOD_FIELDS = tuple(name for name in RealignConfig.model_fields if name not in ("template", "max_length", "batch_size",
-                                                                                  "tokens", "seed"))
+METHOD_FIELDS = tuple(name for name in RealignConfig.model_fields if name not in ("ratio", "template", "max_length",
+                                                                                  "batch_size", "tokens", "seed"))
+EVAL_PREFIX = "eval_"
 CALIBRATION_FIELDS = ("template", "tokens", "max_length", "batch_size", "seed")
 
 
@@ -29,10 +35,40 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method")
+    group.add_argument("--ratio", required=True, type=str, metavar="RATIO[,RATIO...]|auto", help=(
+        f"{RealignConfig.model_fields['ratio'].description}. Several, comma-separated and increasing: one scoring "
+        "pass, one nested mask each (masks.safetensors), each point evaluated when --probe-prompts is given. auto: "
+        f"the ratio of {', '.join(map(str, DEFAULT_RATIOS))} with the lowest harmful score whose fine-tune accuracy "
+        "stays within --max-accuracy-drop of the un-repaired model's"))
     add_config_options(group, RealignConfig, METHOD_FIELDS)
     group.add_argument("--protect-data", help="benign rows for --protect-ratio")
     group.add_argument("--protect-samples", type=int, help="rows of --protect-data to use")
     group.add_argument("--aligned-model", help="the aligned model the fine-tune started from, for --action revert")
+
+
+def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("frontier (several ratios or --ratio auto): where each point is evaluated")
+    group.add_argument("--probe-prompts", metavar="SRC", help="harmful probe prompts for the harmful score (file or hf:)")
+    group.add_argument("--probe-field", help="field of the probe prompt (detected if omitted)")
+    group.add_argument("--probe-samples", type=int, help="probe prompts to use (default: all)")
+    group.add_argument("--task", help=f"the user's task, scored on --validation-data: {', '.join(TASKS)}")
+    group.add_argument("--validation-data", metavar="SRC", help="the user's validation rows of --task (never the test rows)")
+    group.add_argument("--validation-samples", type=int, help="validation rows to use (default: all)")
+    group.add_argument("--benign-data", metavar="SRC", help="benign rows for the benign-calibrated control")
+    add_config_options(group, FrontierConfig, ("max_accuracy_drop", "controls"))
+    add_config_options(group, EvalSettings, tuple(EvalSettings.model_fields), prefix=EVAL_PREFIX,
+                       flags={"judge": "judge", "max_new_tokens": "max-new-tokens",
+                              "task_max_new_tokens": "task-max-new-tokens", "task_prompt": "task-prompt"})
+
+
+def parse_ratio(text: str) -> tuple[float, ...] | None:
+    """`0.05` -> (0.05,); `0.01,0.05` -> (0.01, 0.05); `auto` -> None (the default grid, picked automatically)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise AntidoteError(f"--ratio {text!r} is not a number, a comma-separated list of numbers, or auto") from None
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,12 +96,51 @@ def _summary(report: RealignReport, out: str) -> str:
     return "\n".join(lines)
 
 
+def _probe(args: argparse.Namespace) -> ProbeSpec | None:
+    given = [args.probe_prompts, args.task, args.validation_data]
+    if not any(given):
+        return None
+    if not all(given):
+        raise AntidoteError("evaluating the frontier needs --probe-prompts, --task and --validation-data together")
+    return ProbeSpec(
+        prompts=DataSpec(source=args.probe_prompts, prompt_field=args.probe_field, samples=args.probe_samples),
+        task=args.task, validation=args.validation_data, validation_samples=args.validation_samples,
+        settings=config_from_args(EvalSettings, args, EvalSettings.model_fields, prefix=EVAL_PREFIX),
+    )
+
+
+def _frontier_summary(report, out: str) -> str:
+    lines = [f"antidote: {len(report.ratios)} ratios from one scoring pass; nested masks in {out}/masks.safetensors"]
+    for point in report.points:
+        name = "un-repaired" if point.ratio is None else f"{point.selection} {point.ratio:g}"
+        lines.append(f"  {name:<22} HS {point.harmful_score}  FA {point.finetune_accuracy}  "
+                     f"pruned {100 * point.pruned_fraction:.2f}%")
+    if report.picked_ratio is not None:
+        lines.append(f"  auto: ratio {report.picked_ratio:g} (lowest HS within {report.max_accuracy_drop} FA points); "
+                     "the repaired model is in the output folder")
+    lines.append(f"  wrote {out}")
+    return "\n".join(lines)
+
+
 def run_realign(args: argparse.Namespace) -> int:
-    config = config_from_args(RealignConfig, args, RealignConfig.model_fields)
+    ratios = parse_ratio(args.ratio)
+    config = config_from_args(RealignConfig, args, RealignConfig.model_fields, ratio=ratios[0] if ratios else DEFAULT_RATIOS[0])
     data = None
     if args.source:
         data = config_from_args(DataSpec, args, DATA_FIELDS, seed=config.seed if args.shuffle else None)
     protect = DataSpec(source=args.protect_data, samples=args.protect_samples) if args.protect_data else None
+    probe = _probe(args)
+    if ratios is None or len(ratios) > 1 or probe is not None:
+        if data is None:
+            raise AntidoteError("several ratios and --ratio auto score on harmful rows; pass --data")
+        frontier = config_from_args(FrontierConfig, args, ("max_accuracy_drop", "controls"), ratios=ratios)
+        benign = DataSpec(source=args.benign_data) if args.benign_data else None
+        report = frontier_to_disk(
+            model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign, protect_data=protect,
+            pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
+        )
+        print(_frontier_summary(report, args.out))
+        return 0
     result = realign_to_disk(
         model_source(args), config, args.out, data=data, protect_data=protect, aligned_model=args.aligned_model,
         save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
@@ -92,6 +167,7 @@ def register(subparsers) -> None:
     add_model_arguments(realign)
     _add_data_arguments(realign)
     _add_method_arguments(realign)
+    _add_frontier_arguments(realign)
     _add_output_arguments(realign)
     realign.set_defaults(func=run_realign)
 

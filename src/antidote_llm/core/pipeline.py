@@ -20,7 +20,7 @@ MASK_FILE = "mask.safetensors"
 REPORT_FILE = "report.json"
 
 
-def _local_inputs(source: ModelSource, *paths) -> list[str]:
+def local_inputs(source: ModelSource, *paths) -> list[str]:
     return [source.model, *source.adapters, *[p for p in paths if p]]
 
 
@@ -66,7 +66,7 @@ def realign_to_disk(
     started = time.time()
     out = check_output_dir(
         out, overwrite=overwrite,
-        inputs=_local_inputs(source, aligned_model, data and data.source, protect_data and protect_data.source),
+        inputs=local_inputs(source, aligned_model, data and data.source, protect_data and protect_data.source),
     )
     targets = config.effective_targets(bool(source.adapters))
     config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned_model is not None)
@@ -108,7 +108,7 @@ def apply_mask_to_disk(
     overwrite: bool = False,
 ) -> ApplyMaskReport:
     """The `antidote apply-mask` command: re-apply a saved mask, no scores recomputed."""
-    out = check_output_dir(out, overwrite=overwrite, inputs=_local_inputs(source, aligned_model, str(mask_path)))
+    out = check_output_dir(out, overwrite=overwrite, inputs=local_inputs(source, aligned_model, str(mask_path)))
     mask_path = Path(mask_path)
     if not mask_path.is_file():
         raise AntidoteError(f"mask file not found: {mask_path}; give the mask.safetensors a realign run wrote")

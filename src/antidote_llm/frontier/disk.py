@@ -1,0 +1,162 @@
+"""`antidote realign` with several ratios or `--ratio auto`: one scoring pass, the nested masks, the evaluated
+frontier (frontier.csv, frontier.png, report.json) and, with auto, the model repaired at the chosen ratio."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import save_file
+
+from antidote_llm.core.pipeline import MASK_FILE, REPORT_FILE, local_inputs, save_repaired
+from antidote_llm.core.realign import RealignConfig, select_nested
+from antidote_llm.core.report import RealignReport
+from antidote_llm.data.spec import DataSpec
+from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.evaluation.tasks import get_task, load_task_pairs
+from antidote_llm.frontier.search import FrontierConfig, FrontierPoint, Probe, run_frontier
+from antidote_llm.runtime.loading import ModelSource, load_model
+from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_report
+from antidote_llm.runtime.plotting import save_figure, tradeoff_axes
+from antidote_llm.runtime.runinfo import MemoryMonitor, MemoryReport, Timings, library_versions
+
+LEVELS_FILE = "masks.safetensors"  # one uint8 tensor per parameter: 0 kept, i pruned from the i-th ratio on
+CSV_FILE, PLOT_FILE = "frontier.csv", "frontier.png"
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Where the points are evaluated: harmful probe prompts and the user's validation rows of a task."""
+
+    prompts: DataSpec
+    task: str
+    validation: str
+    validation_samples: int | None = None
+    settings: EvalSettings = EvalSettings()
+
+    def load(self, template: str) -> Probe:
+        get_task(self.task)
+        prompts = self.prompts.load("unsafe", require_response=False)
+        validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples)
+        return Probe(prompts=prompts.pairs, task=self.task, validation=validation, settings=self.settings,
+                     template=template)
+
+
+class FrontierReport(BaseModel):
+    """report.json of a frontier run: the selection at every ratio, every evaluated point, the choice."""
+
+    ratios: list[float]
+    selections: list[RealignReport]  # Antidote at each ratio (what was scored, selected and pruned)
+    points: list[FrontierPoint]  # empty when nothing was evaluated
+    picked_ratio: float | None
+    max_accuracy_drop: float | None
+    probe: dict | None
+    model: dict
+    outputs: dict
+    timings: dict[str, float]
+    memory: MemoryReport
+    versions: dict[str, str]
+    started_at: str
+
+
+def frontier_csv(points: Sequence[FrontierPoint]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(FrontierPoint.model_fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(point.model_dump() for point in points)
+    return buffer.getvalue()
+
+
+def frontier_figure(points: Sequence[FrontierPoint], picked_ratio: float | None):
+    """Harmful score against accuracy, each point labelled by its ratio (controls by name and ratio)."""
+
+    def label(point: FrontierPoint) -> str:
+        if point.ratio is None:
+            return "un-repaired"
+        name = f"{point.ratio:g}" if point.selection == "antidote" else f"{point.selection} {point.ratio:g}"
+        return name + (" (auto)" if point.selection == "antidote" and point.ratio == picked_ratio else "")
+
+    scored = [(p.finetune_accuracy, p.harmful_score, label(p)) for p in points
+              if p.finetune_accuracy is not None and p.harmful_score is not None]
+    return tradeoff_axes(scored, "Antidote's frontier (labels: ratio)")
+
+
+def _save_levels(levels: dict[str, torch.Tensor], ratios: Sequence[float], path: Path) -> None:
+    save_file({name: level.contiguous() for name, level in levels.items()}, str(path),
+              metadata={"ratios": ",".join(map(repr, ratios))})
+
+
+def frontier_to_disk(
+    source: ModelSource,
+    config: RealignConfig,
+    frontier: FrontierConfig,
+    out: str | Path,
+    *,
+    data: DataSpec,
+    probe: ProbeSpec | None = None,
+    benign: DataSpec | None = None,
+    protect_data: DataSpec | None = None,
+    pick: bool = False,
+    save_merged: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FrontierReport:
+    """Score once at every ratio of `frontier`; evaluate the points when `probe` is given; with `pick`, choose
+    the ratio and save the model repaired at it. Every input is checked before the model is loaded."""
+    timings, started = Timings(), time.time()
+    if pick and probe is None:
+        raise AntidoteError("--ratio auto needs --probe-prompts, --task and --validation-data to evaluate the ratios")
+    if frontier.controls and probe is None:
+        raise AntidoteError("--controls draw evaluated points; give --probe-prompts, --task and --validation-data")
+    out = check_output_dir(out, overwrite=overwrite, inputs=local_inputs(
+        source, data.source, probe and probe.prompts.source, probe and probe.validation, benign and benign.source,
+        protect_data and protect_data.source))
+    config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False)
+    pairs = data.load("unsafe")
+    benign_rows = benign.load("all", require_response=False) if benign is not None else None
+    protect_rows = protect_data.load("all", require_response=False) if protect_data is not None else None
+    loaded_probe = probe.load(config.template) if probe is not None else None
+    with MemoryMonitor() as memory:
+        with timings.measure("load_s"):
+            loaded = load_model(source, keep_adapter=config.effective_targets(bool(source.adapters)) == ("adapter",))
+        with timings.measure("frontier_s"):
+            if loaded_probe is None:
+                selection = select_nested(loaded.model, loaded.tokenizer, config, pairs, ratios=frontier.ratios,
+                                          protect_data=protect_rows, progress=progress)
+                points, picked = [], None
+            else:
+                result = run_frontier(loaded.model, loaded.tokenizer, config, frontier, pairs, loaded_probe,
+                                      benign=benign_rows, protect_data=protect_rows, pick=pick, progress=progress)
+                selection, points, picked = result.selection, result.points, result.picked
+        with atomic_dir(out) as tmp:
+            with timings.measure("save_s"):
+                _save_levels(selection.levels, selection.ratios, tmp / LEVELS_FILE)
+                outputs = {"masks": LEVELS_FILE}
+                if picked is not None:
+                    outputs.update(save_repaired(loaded, selection.masks(picked), tmp, save_merged))
+                if points:
+                    (tmp / CSV_FILE).write_text(frontier_csv(points), encoding="utf-8")
+                    save_figure(frontier_figure(points, selection.ratios[picked] if picked is not None else None),
+                                tmp / PLOT_FILE)
+                    outputs.update(csv=CSV_FILE, plot=PLOT_FILE)
+            report = FrontierReport(
+                ratios=list(selection.ratios), selections=[selection.report(i) for i in range(len(selection.ratios))],
+                points=points, picked_ratio=selection.ratios[picked] if picked is not None else None,
+                max_accuracy_drop=frontier.max_accuracy_drop if pick else None,
+                probe=None if probe is None else {"prompts": probe.prompts.model_dump(), "task": probe.task,
+                                                  "validation": probe.validation, "settings": probe.settings.model_dump()},
+                model=source.describe(), outputs=outputs, timings=dict(timings), memory=memory.report(),
+                versions=library_versions(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            )
+            write_report(tmp / REPORT_FILE, report)
+    return report
+
+
+__all__ = ["MASK_FILE", "FrontierReport", "ProbeSpec", "frontier_to_disk"]

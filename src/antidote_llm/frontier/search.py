@@ -1,0 +1,178 @@
+"""Evaluate Antidote's nested selections ratio by ratio on one model, with controls, and pick a ratio.
+
+The selections at growing ratios are nested (core.realign.select_nested), so the model walks up the
+frontier by zeroing only the weights each next ratio adds; the selected weights' values are kept aside
+and restored at the end, so no copy of the model is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from antidote_llm.core.realign import NestedSelection, RealignConfig, check_ratios, select_nested
+from antidote_llm.data.records import Pair, Rows
+from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation.evaluate import evaluate_model
+from antidote_llm.evaluation.settings import EvalSettings
+
+DEFAULT_RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+Control = Literal["random", "benign"]
+
+
+class FrontierConfig(BaseModel):
+    """Which ratios to evaluate, the accuracy budget of the automatic choice, and the controls to draw."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ratios: tuple[float, ...] = Field(default=DEFAULT_RATIOS, description="ratios to evaluate, increasing")
+    max_accuracy_drop: float = Field(
+        default=2.0, ge=0, description="auto: the most fine-tune accuracy (points) the repair may cost against the "
+        "un-repaired model on the validation rows")
+    controls: tuple[Control, ...] = Field(
+        default=(), description="controls drawn at the same ratios: random (random scores), benign (calibrated on "
+        "benign rows)")
+
+    @field_validator("controls", mode="before")
+    @classmethod
+    def _split_controls(cls, value):
+        values = [value] if isinstance(value, str) else value
+        return tuple(part.strip() for v in values for part in str(v).split(",") if part.strip())
+
+    @field_validator("ratios")
+    @classmethod
+    def _increasing(cls, ratios: tuple[float, ...]) -> tuple[float, ...]:
+        try:
+            return check_ratios(ratios)
+        except AntidoteError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class FrontierPoint(BaseModel):
+    selection: str  # "none" (the un-repaired model), "antidote", or a control
+    ratio: float | None
+    pruned_fraction: float
+    harmful_score: float | None
+    finetune_accuracy: float | None
+    degenerate_rate: float | None
+    compliance_rate: float | None
+
+
+@dataclass
+class FrontierResult:
+    points: list[FrontierPoint]
+    selection: NestedSelection  # Antidote's (the controls' are not kept)
+    picked: int | None = None  # index into selection.ratios when a ratio was chosen
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> FrontierPoint:
+        return self.points[0]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What each point is evaluated on: harmful probe prompts (HS) and the user's validation rows (FA)."""
+
+    prompts: Sequence[Pair]
+    task: str
+    validation: Sequence[Pair]
+    settings: EvalSettings
+    template: str
+
+
+def _evaluate(model, tokenizer, probe: Probe, progress: bool):
+    return evaluate_model(
+        model, tokenizer, harmful_prompts=list(probe.prompts), task=probe.task, task_pairs=list(probe.validation),
+        settings=probe.settings, template=probe.template, progress=progress, fingerprint=False,
+    ).metrics
+
+
+def _point(selection: str, ratio: float | None, pruned_fraction: float, metrics: dict) -> FrontierPoint:
+    return FrontierPoint(
+        selection=selection, ratio=ratio, pruned_fraction=pruned_fraction,
+        harmful_score=metrics.get("harmful_score"), finetune_accuracy=metrics.get("finetune_accuracy"),
+        degenerate_rate=metrics.get("degenerate_rate"), compliance_rate=metrics.get("compliance_rate"),
+    )
+
+
+def _walk(model, tokenizer, name: str, selection: NestedSelection, probe: Probe, progress: bool) -> list[FrontierPoint]:
+    """Zero each ratio's new weights in turn and evaluate; then put every zeroed weight back."""
+    weights = {t.param_name: t.weight for t in selection.targets}
+    kept = {n: weights[n].detach()[level.to(weights[n].device) > 0].clone() for n, level in selection.levels.items()}
+    points = []
+    try:
+        with torch.no_grad():
+            for index, ratio in enumerate(selection.ratios):
+                for n, level in selection.levels.items():
+                    weights[n].masked_fill_(level.to(weights[n].device) == index + 1, 0)
+                pruned_fraction = selection.report(index).totals.pruned_fraction
+                points.append(_point(name, ratio, pruned_fraction, _evaluate(model, tokenizer, probe, progress)))
+    finally:
+        with torch.no_grad():
+            for n, level in selection.levels.items():
+                weights[n][level.to(weights[n].device) > 0] = kept[n]
+    return points
+
+
+def pick_operating_point(points: Sequence[FrontierPoint], baseline: FrontierPoint, max_accuracy_drop: float) -> int:
+    """Index (into `points`) of the lowest harmful score among points whose accuracy is within
+    `max_accuracy_drop` points of the baseline's; ties go to the higher accuracy, then the smaller ratio."""
+    if baseline.finetune_accuracy is None or any(p.finetune_accuracy is None or p.harmful_score is None for p in points):
+        raise AntidoteError("the automatic ratio needs a scored task (fine-tune accuracy) and harmful probe prompts")
+    floor = baseline.finetune_accuracy - max_accuracy_drop
+    within = [i for i, p in enumerate(points) if p.finetune_accuracy >= floor]
+    if not within:
+        best = max(points, key=lambda p: p.finetune_accuracy)
+        raise AntidoteError(
+            f"no ratio keeps fine-tune accuracy within {max_accuracy_drop} points of the un-repaired model's "
+            f"{baseline.finetune_accuracy} (best: {best.finetune_accuracy} at ratio {best.ratio}); raise "
+            "--max-accuracy-drop or add smaller ratios"
+        )
+    return min(within, key=lambda i: (points[i].harmful_score, -points[i].finetune_accuracy, points[i].ratio))
+
+
+def run_frontier(
+    model,
+    tokenizer,
+    config: RealignConfig,
+    frontier: FrontierConfig,
+    data: Rows,
+    probe: Probe,
+    *,
+    benign: Rows | None = None,
+    protect_data: Rows | None = None,
+    pick: bool = False,
+    progress: bool = True,
+) -> FrontierResult:
+    """Evaluate the un-repaired model, Antidote at every ratio and the asked controls; with `pick`, choose
+    the ratio (see pick_operating_point) and leave the model pruned at it, else leave it un-repaired."""
+    if config.action != "zero":
+        raise AntidoteError("the frontier zeroes weights; --action revert takes one --ratio")
+    if "benign" in frontier.controls and benign is None:
+        raise AntidoteError("control 'benign' needs benign rows (--benign-data)")
+    config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False)
+    baseline = _point("none", None, 0.0, _evaluate(model, tokenizer, probe, progress))
+    selection = select_nested(model, tokenizer, config, data, ratios=frontier.ratios, protect_data=protect_data,
+                              progress=progress)
+    points = [baseline, *_walk(model, tokenizer, "antidote", selection, probe, progress)]
+    control_data = {"random": (config.model_copy(update={"score": "random"}), data),
+                    "benign": (config, benign)}
+    for control in frontier.controls:
+        control_config, control_rows = control_data[control]
+        control_selection = select_nested(model, tokenizer, control_config, control_rows, ratios=frontier.ratios,
+                                          protect_data=protect_data, progress=progress)
+        points += _walk(model, tokenizer, control, control_selection, probe, progress)
+    result = FrontierResult(points=points, selection=selection)
+    if pick:
+        antidote = points[1:1 + len(selection.ratios)]
+        result.picked = pick_operating_point(antidote, baseline, frontier.max_accuracy_drop)
+        masks = selection.masks(result.picked)
+        with torch.no_grad():
+            for target in selection.targets:
+                target.weight.masked_fill_(masks[target.param_name].to(target.weight.device), 0)
+    return result
