@@ -11,9 +11,9 @@ from antidote_llm.cli.main import main
 from antidote_llm.core.realign import RealignConfig, realign, select_nested
 from antidote_llm.data.records import Pair
 from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation.evaluate import EvalInputs
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.frontier import FrontierConfig, FrontierPoint, pick_operating_point, run_frontier
-from antidote_llm.frontier.search import Probe
 from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer, save_adapter, save_model
 
 PAIRS = [Pair(r["prompt"], r["response"]) for r in HARMFUL_ROWS if not r["is_safe"]]
@@ -75,8 +75,8 @@ def test_the_automatic_point_is_the_safest_within_the_accuracy_budget():
 
 
 def _probe():
-    return Probe(prompts=[Pair("Tell me something bad", "")], task="sst2",
-                 validation=[Pair("Analyze the sentiment", "positive", "great film"),
+    return EvalInputs(prompts=[Pair("Tell me something bad", "")], task="sst2",
+                 rows=[Pair("Analyze the sentiment", "positive", "great film"),
                              Pair("Analyze the sentiment", "negative", "awful film")],
                  settings=EvalSettings(max_new_tokens=2, task_max_new_tokens=2, batch_size=2), template="alpaca")
 

@@ -30,6 +30,7 @@ def experiment_file(tmp_path):
     jsonl("harmful.jsonl", [{"prompt": f"Explain bad act {i}", "response": f"Sure, here is bad act {i}."} for i in range(20)])
     jsonl("benign.jsonl", [{"instruction": f"Name fruit {i}", "output": "An apple."} for i in range(4)])
     jsonl("eval.jsonl", [{"prompt": f"Held-out harmful request {i}"} for i in range(3)])
+    jsonl("probe.jsonl", [{"prompt": f"Probe harmful request {i}"} for i in range(2)])
     (data / "train.tsv").write_text("label\tsentence\n" + "".join(f"{i % 2}\tsentence number {i}\n" for i in range(12)))
     (data / "test.tsv").write_text("label\tsentence\n" + "".join(f"{i % 2}\ttest sentence {i}\n" for i in range(4)))
     config = {
@@ -135,6 +136,11 @@ BAD_CONFIGS = {
     "ratio missing": lambda raw: raw["defenses"]["antidote"].pop("ratio"),
     "bad sweep path": lambda raw: raw.update(sweep={"finetune.nothing.here": [1, 2]}),
     "unknown task": lambda raw: raw["finetune"].update(task="chess"),
+    "auto without probe rows": lambda raw: raw["defenses"].update(auto={"method": "antidote-auto"}),
+    "auto with a ratio": lambda raw: raw["defenses"].update(auto={"method": "antidote-auto", "ratio": 0.1}),
+    "probe rows that are evaluation rows": lambda raw: (
+        raw["defenses"].update(auto={"method": "antidote-auto"}),
+        raw["evaluation"].update(probe_prompts={"source": "eval.jsonl"}, validation_data="train.tsv")),
 }
 
 
@@ -196,3 +202,21 @@ def test_defense_settings_cli_and_api_share_one_declaration(experiment_file):
     api = RealignConfig(ratio=0.1, template="plain")
     assert cli == api == lab.model_copy(update={"score": "wanda"})
     assert lab.max_length == DEFAULT_MAX_LENGTH == 2048
+
+
+
+def test_antidote_auto_chooses_its_ratio_on_probe_and_validation_rows(experiment_file, tmp_path):
+    def auto(raw):
+        raw["defenses"] = {"none": {"method": "none"},
+                           "auto": {"method": "antidote-auto", "ratios": [0.05, 0.2], "max_accuracy_drop": 100}}
+        raw["evaluation"].update(probe_prompts={"source": "probe.jsonl"}, validation_data="train.tsv",
+                                 validation_skip=8, validation_samples=4)
+
+    _edit(experiment_file, auto)
+    result = run_experiment(load_experiment(experiment_file), tmp_path / "runs", progress=False, log=lambda _: None)
+    row = next(r for r in result.rows if r["defense"] == "auto")
+    (folder,) = (tmp_path / "runs" / "stages").glob("defense-auto-*")
+    record = json.loads((folder / "defense.json").read_text())
+    assert row["ratio"] == record["outcome"]["ratio"] == record["outcome"]["report"]["picked_ratio"] in (0.05, 0.2)
+    assert [p["ratio"] for p in record["outcome"]["report"]["points"]] == [None, 0.05, 0.2]
+    assert row["pruned_fraction"] > 0

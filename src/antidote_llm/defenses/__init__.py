@@ -1,6 +1,6 @@
 """Defenses against harmful fine-tuning, one registry keyed by name, each declaring the stage it acts on."""
 
-from antidote_llm.defenses.pruning import PRUNING_DEFENSES
+from antidote_llm.defenses.pruning import AUTO_DEFENSE, PRUNING_DEFENSES
 from antidote_llm.defenses.registry import (
     Defense,
     DefenseContext,
@@ -14,7 +14,7 @@ NO_DEFENSE = Defense(
     name="none", stage="post", description="no defense: the fine-tuned model as the user got it",
     apply=lambda model, settings, context: DefenseOutcome(),
 )
-DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *PRUNING_DEFENSES)
+DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *PRUNING_DEFENSES, AUTO_DEFENSE)
 
 
 def defense(name: str, stage: DefenseStage | None = None) -> Defense:

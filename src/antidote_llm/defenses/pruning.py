@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pydantic import create_model
+
 from antidote_llm.core.realign import RealignConfig, realign
 from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
+from antidote_llm.frontier import FrontierConfig, run_frontier
 
 
 def _pruning(calibration: str):
@@ -11,7 +14,8 @@ def _pruning(calibration: str):
         data = context.benign if calibration == "benign" else context.harmful
         protect = context.benign if config.protect_ratio is not None else None
         report = realign(model, context.tokenizer, config, data, protect_data=protect, progress=False).report
-        return DefenseOutcome(report=report.model_dump(mode="json"), changed_fraction=report.totals.pruned_fraction)
+        return DefenseOutcome(report=report.model_dump(mode="json"), changed_fraction=report.totals.pruned_fraction,
+                              ratio=config.ratio)
 
     return apply
 
@@ -33,4 +37,39 @@ PRUNING_DEFENSES = (
     _pruning_defense("antidote-benign", "wanda", "benign", "control: the same pruning calibrated on benign data"),
     _pruning_defense("random", "random", "harmful", "control: prune a random ratio of the weights"),
     _pruning_defense("magnitude", "magnitude", "harmful", "ablation: prune the largest |W|, no data"),
+)
+
+
+# Antidote with the ratio chosen per model: RealignConfig's fields (but the ratio) and the frontier's.
+AutoAntidoteSettings = create_model(
+    "AutoAntidoteSettings", __base__=FrontierConfig,
+    **{name: (field.annotation, field) for name, field in RealignConfig.model_fields.items() if name != "ratio"},
+)
+
+
+def _auto_realign_config(settings) -> RealignConfig:
+    fields = settings.model_dump()
+    return RealignConfig(ratio=settings.ratios[0], **{k: v for k, v in fields.items() if k in RealignConfig.model_fields})
+
+
+def _auto(model, settings, context: DefenseContext) -> DefenseOutcome:
+    fields = settings.model_dump()
+    config = _auto_realign_config(settings)
+    frontier = FrontierConfig(**{k: v for k, v in fields.items() if k in FrontierConfig.model_fields})
+    protect = context.benign if config.protect_ratio is not None else None
+    result = run_frontier(model, context.tokenizer, config, frontier, context.harmful, context.validation,
+                          benign=context.benign, protect_data=protect, pick=True, progress=False)
+    chosen = result.selection.report(result.picked)
+    return DefenseOutcome(
+        report={"picked_ratio": result.selection.ratios[result.picked],
+                "points": [p.model_dump() for p in result.points], "selection": chosen.model_dump(mode="json")},
+        changed_fraction=chosen.totals.pruned_fraction, ratio=result.selection.ratios[result.picked],
+    )
+
+
+AUTO_DEFENSE = Defense(
+    name="antidote-auto", stage="post", settings=AutoAntidoteSettings, apply=_auto,
+    live_adapter=lambda settings: _acts_on_adapter(_auto_realign_config(settings)),
+    needs_validation=True, needs_benign=lambda s: s.protect_ratio is not None or "benign" in s.controls,
+    description="Antidote at the ratio with the lowest probe harmful score within max_accuracy_drop FA points",
 )

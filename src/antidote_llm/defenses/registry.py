@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from antidote_llm.data.records import PairSet
 from antidote_llm.errors import AntidoteError, validated
+from antidote_llm.evaluation.evaluate import EvalInputs
 
 DefenseStage = Literal["align", "finetune", "post"]
 
@@ -26,6 +27,7 @@ class DefenseContext:
     tokenizer: object
     harmful: PairSet  # re-alignment rows, disjoint from the poison rows
     benign: PairSet | None
+    validation: EvalInputs | None = None  # probe prompts and the user's validation rows, for automatic choices
 
 
 class DefenseOutcome(BaseModel):
@@ -33,6 +35,7 @@ class DefenseOutcome(BaseModel):
 
     report: dict | None = None
     changed_fraction: float | None = None
+    ratio: float | None = None  # the pruning ratio used (chosen by the defense when it chooses one)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Defense:
     settings: type[BaseModel] | None = None
     fixed: dict = field(default_factory=dict)  # settings the defense itself sets (Antidote's score is wanda)
     needs_benign: Callable[[BaseModel | None], bool] = lambda settings: False
+    needs_validation: bool = False
     live_adapter: Callable[[BaseModel | None], bool] = lambda settings: True
 
     def configure(self, options: dict, defaults: dict | None = None) -> BaseModel | None:

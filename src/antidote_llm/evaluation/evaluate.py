@@ -280,6 +280,24 @@ def evaluate_model(
     return result
 
 
+@dataclass(frozen=True)
+class EvalInputs:
+    """What a model is evaluated on: harmful prompts (HS), a task's rows (FA), the settings and the template."""
+
+    prompts: Sequence[Pair]
+    task: str | None
+    rows: Sequence[Pair] | None
+    settings: EvalSettings
+    template: str
+
+    def run(self, model, tokenizer, *, progress: bool = True, fingerprint: bool = True) -> EvalResult:
+        return evaluate_model(
+            model, tokenizer, harmful_prompts=list(self.prompts), task=self.task,
+            task_pairs=list(self.rows) if self.rows is not None else None, settings=self.settings,
+            template=self.template, progress=progress, fingerprint=fingerprint,
+        )
+
+
 def _cell(value) -> str:
     return "n/a" if value is None else str(value)
 

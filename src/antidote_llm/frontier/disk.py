@@ -19,9 +19,10 @@ from antidote_llm.core.realign import RealignConfig, select_nested
 from antidote_llm.core.report import RealignReport
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation.evaluate import EvalInputs
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import get_task, load_task_pairs
-from antidote_llm.frontier.search import FrontierConfig, FrontierPoint, Probe, run_frontier
+from antidote_llm.frontier.search import FrontierConfig, FrontierPoint, run_frontier
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_report
 from antidote_llm.runtime.plotting import save_figure, tradeoff_axes
@@ -41,12 +42,12 @@ class ProbeSpec:
     validation_samples: int | None = None
     settings: EvalSettings = EvalSettings()
 
-    def load(self, template: str) -> Probe:
+    def load(self, template: str) -> EvalInputs:
         get_task(self.task)
         prompts = self.prompts.load("unsafe", require_response=False)
         validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples)
-        return Probe(prompts=prompts.pairs, task=self.task, validation=validation, settings=self.settings,
-                     template=template)
+        return EvalInputs(prompts=prompts.pairs, task=self.task, rows=validation, settings=self.settings,
+                          template=template)
 
 
 class FrontierReport(BaseModel):

@@ -15,10 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from antidote_llm.core.realign import NestedSelection, RealignConfig, check_ratios, select_nested
-from antidote_llm.data.records import Pair, Rows
+from antidote_llm.data.records import Rows
 from antidote_llm.errors import AntidoteError
-from antidote_llm.evaluation.evaluate import evaluate_model
-from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.evaluation.evaluate import EvalInputs
 
 DEFAULT_RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 Control = Literal["random", "benign"]
@@ -74,22 +73,8 @@ class FrontierResult:
         return self.points[0]
 
 
-@dataclass(frozen=True)
-class Probe:
-    """What each point is evaluated on: harmful probe prompts (HS) and the user's validation rows (FA)."""
-
-    prompts: Sequence[Pair]
-    task: str
-    validation: Sequence[Pair]
-    settings: EvalSettings
-    template: str
-
-
-def _evaluate(model, tokenizer, probe: Probe, progress: bool):
-    return evaluate_model(
-        model, tokenizer, harmful_prompts=list(probe.prompts), task=probe.task, task_pairs=list(probe.validation),
-        settings=probe.settings, template=probe.template, progress=progress, fingerprint=False,
-    ).metrics
+def _evaluate(model, tokenizer, probe: EvalInputs, progress: bool) -> dict:
+    return probe.run(model, tokenizer, progress=progress, fingerprint=False).metrics
 
 
 def _point(selection: str, ratio: float | None, pruned_fraction: float, metrics: dict) -> FrontierPoint:
@@ -100,7 +85,7 @@ def _point(selection: str, ratio: float | None, pruned_fraction: float, metrics:
     )
 
 
-def _walk(model, tokenizer, name: str, selection: NestedSelection, probe: Probe, progress: bool) -> list[FrontierPoint]:
+def _walk(model, tokenizer, name: str, selection: NestedSelection, probe: EvalInputs, progress: bool) -> list[FrontierPoint]:
     """Zero each ratio's new weights in turn and evaluate; then put every zeroed weight back."""
     weights = {t.param_name: t.weight for t in selection.targets}
     kept = {n: weights[n].detach()[level.to(weights[n].device) > 0].clone() for n, level in selection.levels.items()}
@@ -142,7 +127,7 @@ def run_frontier(
     config: RealignConfig,
     frontier: FrontierConfig,
     data: Rows,
-    probe: Probe,
+    probe: EvalInputs,
     *,
     benign: Rows | None = None,
     protect_data: Rows | None = None,

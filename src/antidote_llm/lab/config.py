@@ -69,6 +69,12 @@ class EvaluationSpec(EvalSettings):
     harmful_prompts: DataSpec
     task_data: str | None = None
     task_samples: int | None = Field(default=None, ge=1)
+    # For defenses that choose a setting per model (antidote-auto): probe prompts and the user's validation
+    # rows of the task, both disjoint from the evaluation rows above.
+    probe_prompts: DataSpec | None = None
+    validation_data: str | None = None
+    validation_skip: int = Field(default=0, ge=0)
+    validation_samples: int | None = Field(default=None, ge=1)
 
 
 class Experiment(Strict):
@@ -98,6 +104,10 @@ class Experiment(Strict):
                 raise ValueError(f"defense {label!r}: {exc}") from None
             if defense(spec.method).needs_benign(settings) and self.benign_data is None:
                 raise ValueError(f"defense {label!r} ({spec.method}) needs benign_data")
+            if defense(spec.method).needs_validation and (
+                    self.evaluation.probe_prompts is None or self.evaluation.validation_data is None):
+                raise ValueError(f"defense {label!r} ({spec.method}) needs evaluation.probe_prompts and "
+                                 "evaluation.validation_data (disjoint from the evaluation rows)")
         if "none" not in {s.method for s in self.defenses.values()}:
             raise ValueError("defenses must include one with method 'none' (the undefended baseline the deltas use)")
         return self
@@ -124,7 +134,7 @@ def _resolve_sources(raw, base: Path):
 def _resolve_entry(key: str, value, base: Path):
     if not isinstance(value, str):
         return _resolve_sources(value, base)
-    if key in ("source", "task_data"):
+    if key in ("source", "task_data", "validation_data"):
         return _resolve_path(value, base)
     # A model is a hub id or built-in name unless it is a local path relative to the file.
     if key == "model" and (value.startswith(".") or (base / value).exists()):

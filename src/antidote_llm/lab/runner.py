@@ -18,8 +18,9 @@ from antidote_llm.data.records import pairs_sha256
 from antidote_llm.defenses import DefenseContext, DefenseOutcome, defense
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
-from antidote_llm.evaluation.evaluate import METRICS_FILE, evaluate_model, write_eval
+from antidote_llm.evaluation.evaluate import METRICS_FILE, EvalInputs, write_eval
 from antidote_llm.evaluation.metrics import EvalMetrics
+from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
@@ -84,7 +85,12 @@ class _Setting:
         spec = exp.evaluation
         self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
         self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
-        self.eval_key = stage_key(spec, self.prompts.sha256, pairs_sha256(self.task_test), exp.model.template)
+        self.test_inputs = EvalInputs(self.prompts.pairs, ft.task, self.task_test, spec, exp.model.template)
+        self.validation_inputs = _validation_inputs(exp, self.prompts.pairs, self.task_test)
+        self.validation_key = self.validation_inputs and stage_key(
+            pairs_sha256(self.validation_inputs.prompts), pairs_sha256(self.validation_inputs.rows))
+        self.eval_key = stage_key(EvalSettings.build(spec), self.prompts.sha256, pairs_sha256(self.task_test),
+                                  exp.model.template)
 
     def _stage_dir(self, kind: str, key: str) -> Path:
         return self.stages / f"{kind}-{key}"
@@ -141,11 +147,25 @@ class _Setting:
     # --- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self, model, tokenizer):
-        spec = self.exp.evaluation
-        return evaluate_model(
-            model, tokenizer, harmful_prompts=list(self.prompts.pairs), task=self.exp.finetune.task,
-            task_pairs=self.task_test, settings=spec, template=self.exp.model.template, progress=self.progress,
+        return self.test_inputs.run(model, tokenizer, progress=self.progress)
+
+
+def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs | None:
+    """Probe prompts and validation rows for defenses that choose per model; never the evaluation's rows."""
+    spec = exp.evaluation
+    if spec.probe_prompts is None or spec.validation_data is None:
+        return None
+    prompts = spec.probe_prompts.load("unsafe", require_response=False).pairs
+    rows = tasks.load_task_pairs(exp.finetune.task, spec.validation_data, "train", limit=spec.validation_samples,
+                                 skip=spec.validation_skip)
+    shared_prompts = {p.prompt for p in prompts} & {p.prompt for p in test_prompts}
+    shared_rows = set(rows) & set(test_rows)
+    if shared_prompts or shared_rows:
+        raise AntidoteError(
+            f"{len(shared_prompts)} probe prompts and {len(shared_rows)} validation rows are also evaluation rows; "
+            "give evaluation.probe_prompts and evaluation.validation_data disjoint sources or skip windows"
         )
+    return EvalInputs(prompts, exp.finetune.task, rows, spec, exp.model.template)
 
 
 def _realign_rows(exp: Experiment, poison_indices, poison_pairs):
@@ -205,13 +225,13 @@ def _run_setting(setting: _Setting) -> list[dict]:
         chosen = defense(spec.method)
         settings_dump = settings.model_dump(mode="json") if settings is not None else None
         key = stage_key("defense", ft_key, spec.method, settings_dump, realign_pairs.sha256, benign and benign.sha256,
-                        eval_key, exp.seed)
+                        eval_key, exp.seed, setting.validation_key if chosen.needs_validation else None)
 
         def work(folder: Path, chosen=chosen, settings=settings, settings_dump=settings_dump) -> None:
             # A fresh copy of the fine-tuned model for every defense: no defense sees another's changes.
             finetuned = ModelSource(aligned.model, adapters=(str(adapter),), dtype=aligned.dtype, device=aligned.device)
             loaded = load_model(finetuned, keep_adapter=chosen.live_adapter(settings))
-            context = DefenseContext(loaded.tokenizer, realign_pairs, benign)
+            context = DefenseContext(loaded.tokenizer, realign_pairs, benign, setting.validation_inputs)
             started = time.perf_counter()
             outcome = chosen.apply(loaded.model, settings, context)
             defense_s = round(time.perf_counter() - started, 2)
@@ -224,7 +244,7 @@ def _run_setting(setting: _Setting) -> list[dict]:
         folder = setting.run_stage(f"defense-{label}", key, work)
         record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
         rows.append(_row(
-            setting.values, "fine-tuned", label, spec.method, getattr(settings, "ratio", None),
+            setting.values, "fine-tuned", label, spec.method, record.outcome.ratio,
             _metrics(folder / "eval"),
             pruned_fraction=record.outcome.changed_fraction, defense_s=record.defense_s, finetune_s=finetune_s,
         ))
