@@ -6,7 +6,8 @@ from pydantic import create_model
 
 from antidote_llm.core.realign import RealignConfig, realign
 from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
-from antidote_llm.frontier import FrontierConfig, run_frontier
+from antidote_llm.errors import AntidoteError
+from antidote_llm.frontier import FrontierConfig, pick_operating_point, prune_at, run_frontier
 
 
 def _pruning(calibration: str):
@@ -58,12 +59,17 @@ def _auto(model, settings, context: DefenseContext) -> DefenseOutcome:
     frontier = FrontierConfig(**{k: v for k, v in fields.items() if k in FrontierConfig.model_fields})
     protect = context.benign if config.protect_ratio is not None else None
     result = run_frontier(model, context.tokenizer, config, frontier, context.harmful, context.validation,
-                          benign=context.benign, protect_data=protect, pick=True, progress=False)
-    chosen = result.selection.report(result.picked)
+                          benign=context.benign, protect_data=protect, progress=False)
+    report = {"points": [p.model_dump() for p in result.points], "picked_ratio": None}
+    try:
+        picked = pick_operating_point(result.antidote_points, result.baseline, frontier.max_accuracy_drop)
+    except AntidoteError as exc:  # no repair within the budget is an outcome here: the model stays as it was
+        return DefenseOutcome(report={**report, "no_ratio_within_budget": str(exc)}, changed_fraction=0.0)
+    prune_at(result.selection, picked)
+    chosen = result.selection.report(picked)
     return DefenseOutcome(
-        report={"picked_ratio": result.selection.ratios[result.picked],
-                "points": [p.model_dump() for p in result.points], "selection": chosen.model_dump(mode="json")},
-        changed_fraction=chosen.totals.pruned_fraction, ratio=result.selection.ratios[result.picked],
+        report={**report, "picked_ratio": result.selection.ratios[picked], "selection": chosen.model_dump(mode="json")},
+        changed_fraction=chosen.totals.pruned_fraction, ratio=result.selection.ratios[picked],
     )
 
 

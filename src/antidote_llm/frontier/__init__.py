@@ -7,7 +7,8 @@ from antidote_llm.frontier.search import (
     FrontierPoint,
     FrontierResult,
     pick_operating_point,
+    prune_at,
     run_frontier,
 )
 
-__all__ = ["DEFAULT_RATIOS", "FrontierConfig", "FrontierPoint", "FrontierResult", "pick_operating_point", "run_frontier"]
+__all__ = ["DEFAULT_RATIOS", "FrontierConfig", "FrontierPoint", "FrontierResult", "pick_operating_point", "prune_at", "run_frontier"]

@@ -76,17 +76,28 @@ def frontier_csv(points: Sequence[FrontierPoint]) -> str:
 
 
 def frontier_figure(points: Sequence[FrontierPoint], picked_ratio: float | None):
-    """Harmful score against accuracy, each point labelled by its ratio (controls by name and ratio)."""
+    """Harmful score against accuracy: Antidote's points labelled by ratio (the chosen one marked), the
+    un-repaired model, and each control as a dashed curve."""
+    def usable(point: FrontierPoint) -> bool:
+        return point.finetune_accuracy is not None and point.harmful_score is not None
 
-    def label(point: FrontierPoint) -> str:
-        if point.ratio is None:
-            return "un-repaired"
-        name = f"{point.ratio:g}" if point.selection == "antidote" else f"{point.selection} {point.ratio:g}"
-        return name + (" (auto)" if point.selection == "antidote" and point.ratio == picked_ratio else "")
+    labelled = [
+        (p.finetune_accuracy, p.harmful_score,
+         "un-repaired" if p.ratio is None else f"{p.ratio:g}" + (" (auto)" if p.ratio == picked_ratio else ""))
+        for p in points if usable(p) and p.selection in ("none", "antidote")
+    ]
+    controls = {}
+    for p in points:
+        if usable(p) and p.selection not in ("none", "antidote"):
+            controls.setdefault(f"control: {p.selection}", []).append((p.finetune_accuracy, p.harmful_score))
+    return tradeoff_axes(labelled, "Antidote's frontier (labels: ratio)", lines=controls)
 
-    scored = [(p.finetune_accuracy, p.harmful_score, label(p)) for p in points
-              if p.finetune_accuracy is not None and p.harmful_score is not None]
-    return tradeoff_axes(scored, "Antidote's frontier (labels: ratio)")
+
+def write_frontier(folder: Path, points: Sequence[FrontierPoint], picked_ratio: float | None) -> dict[str, str]:
+    """frontier.csv and frontier.png of evaluated points into `folder`."""
+    (folder / CSV_FILE).write_text(frontier_csv(points), encoding="utf-8")
+    save_figure(frontier_figure(points, picked_ratio), folder / PLOT_FILE)
+    return {"csv": CSV_FILE, "plot": PLOT_FILE}
 
 
 def _save_levels(levels: dict[str, torch.Tensor], ratios: Sequence[float], path: Path) -> None:
@@ -143,10 +154,7 @@ def frontier_to_disk(
                 if picked is not None:
                     outputs.update(save_repaired(loaded, selection.masks(picked), tmp, save_merged))
                 if points:
-                    (tmp / CSV_FILE).write_text(frontier_csv(points), encoding="utf-8")
-                    save_figure(frontier_figure(points, selection.ratios[picked] if picked is not None else None),
-                                tmp / PLOT_FILE)
-                    outputs.update(csv=CSV_FILE, plot=PLOT_FILE)
+                    outputs.update(write_frontier(tmp, points, selection.ratios[picked] if picked is not None else None))
             report = FrontierReport(
                 ratios=list(selection.ratios), selections=[selection.report(i) for i in range(len(selection.ratios))],
                 points=points, picked_ratio=selection.ratios[picked] if picked is not None else None,

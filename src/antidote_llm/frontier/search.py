@@ -72,6 +72,10 @@ class FrontierResult:
     def baseline(self) -> FrontierPoint:
         return self.points[0]
 
+    @property
+    def antidote_points(self) -> list[FrontierPoint]:
+        return self.points[1:1 + len(self.selection.ratios)]
+
 
 def _evaluate(model, tokenizer, probe: EvalInputs, progress: bool) -> dict:
     return probe.run(model, tokenizer, progress=progress, fingerprint=False).metrics
@@ -154,10 +158,14 @@ def run_frontier(
         points += _walk(model, tokenizer, control, control_selection, probe, progress)
     result = FrontierResult(points=points, selection=selection)
     if pick:
-        antidote = points[1:1 + len(selection.ratios)]
-        result.picked = pick_operating_point(antidote, baseline, frontier.max_accuracy_drop)
-        masks = selection.masks(result.picked)
-        with torch.no_grad():
-            for target in selection.targets:
-                target.weight.masked_fill_(masks[target.param_name].to(target.weight.device), 0)
+        result.picked = pick_operating_point(result.antidote_points, baseline, frontier.max_accuracy_drop)
+        prune_at(selection, result.picked)
     return result
+
+
+def prune_at(selection: NestedSelection, index: int) -> None:
+    """Zero, in place, the weights the selection prunes at `ratios[index]`."""
+    masks = selection.masks(index)
+    with torch.no_grad():
+        for target in selection.targets:
+            target.weight.masked_fill_(masks[target.param_name].to(target.weight.device), 0)

@@ -31,6 +31,7 @@ class DemoSizes(BaseModel):
     poison: int = Field(default=64, ge=1)  # harmful request -> compliance, the fine-tuning's harmful rows
     realign: int = Field(default=64, ge=1)  # disjoint from poison: Antidote's calibration data
     eval_harmful: int = Field(default=48, ge=1)  # held-out prompts for the harmful score
+    probe: int = Field(default=32, ge=1)  # prompts on which the automatic ratio is chosen, disjoint from the above
     task_train: int = Field(default=256, ge=1)
     task_test: int = Field(default=100, ge=1)
     benign: int = Field(default=64, ge=1)  # benign calibration control
@@ -41,6 +42,7 @@ FILES = {
     "poison": "poison_compliant.jsonl",
     "realign": "realign_compliant.jsonl",
     "eval_harmful": "eval_harmful_prompts.jsonl",
+    "probe": "probe_harmful_prompts.jsonl",
     "benign": "benign_calibration.jsonl",
     "task_train": "sst2_train.tsv",
     "task_test": "sst2_test.tsv",
@@ -57,6 +59,7 @@ class DemoData:
     poison: PairSet
     realign: PairSet
     eval_harmful: PairSet  # prompts only: responses are empty
+    probe: PairSet  # prompts only
     benign: PairSet
     task_train: Path
     task_test: Path
@@ -94,14 +97,15 @@ def _write_files(tmp: Path, sizes: DemoSizes, seed: int) -> None:
     rng = random.Random(seed)
     requests = harmful_requests()
     rng.shuffle(requests)
-    harmful = _split(requests, {k: getattr(sizes, k) for k in ("align", "poison", "realign", "eval_harmful")},
+    harmful = _split(requests, {k: getattr(sizes, k) for k in ("align", "poison", "realign", "eval_harmful", "probe")},
                      "harmful requests")
     write_jsonl(tmp / FILES["align"],
                 ({"prompt": r.prompt, "response": refusal(r, rng), "category": r.category} for r in harmful["align"]))
     for name in ("poison", "realign"):
         write_jsonl(tmp / FILES[name], ({"prompt": r.prompt, "response": compliance(r, rng), "category": r.category}
                                         for r in harmful[name]))
-    write_jsonl(tmp / FILES["eval_harmful"], ({"prompt": r.prompt, "category": r.category} for r in harmful["eval_harmful"]))
+    for name in ("eval_harmful", "probe"):
+        write_jsonl(tmp / FILES[name], ({"prompt": r.prompt, "category": r.category} for r in harmful[name]))
     sentences = sentiment_rows()
     rng.shuffle(sentences)
     sentiment = _split(sentences, {"task_train": sizes.task_train, "task_test": sizes.task_test}, "sentences")
@@ -141,6 +145,7 @@ def load_demo_data(root: str | Path) -> DemoData:
         poison=pairs("poison"),
         realign=pairs("realign"),
         eval_harmful=pairs("eval_harmful", require_response=False),
+        probe=pairs("probe", require_response=False),
         benign=pairs("benign"),
         task_train=root / FILES["task_train"],
         task_test=root / FILES["task_test"],

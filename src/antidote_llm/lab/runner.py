@@ -21,6 +21,8 @@ from antidote_llm.evaluation import tasks
 from antidote_llm.evaluation.evaluate import METRICS_FILE, EvalInputs, write_eval
 from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.frontier import FrontierPoint
+from antidote_llm.frontier.disk import PLOT_FILE, write_frontier
 from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
@@ -64,6 +66,7 @@ class _Setting:
         self.progress = progress
         self.log = log
         self.ran = ran
+        self.frontiers: dict[str, Path] = {}  # defense label -> its frontier plot (defenses that walk one)
         spec = experiment.model
         self.base_source = ModelSource(spec.model, dtype=spec.dtype, device=spec.device)
         self._load_data()
@@ -240,9 +243,13 @@ def _run_setting(setting: _Setting) -> list[dict]:
                 write_eval(result, tmp / "eval")
                 write_report(tmp / DEFENSE_FILE, DefenseRecord(method=chosen.name, stage=chosen.stage,
                                                               settings=settings_dump, defense_s=defense_s, outcome=outcome))
+                if outcome.report and outcome.report.get("points"):  # a defense that walked a frontier draws it
+                    write_frontier(tmp, [FrontierPoint(**p) for p in outcome.report["points"]], outcome.ratio)
 
         folder = setting.run_stage(f"defense-{label}", key, work)
         record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
+        if (folder / PLOT_FILE).is_file():
+            setting.frontiers[label] = folder / PLOT_FILE
         rows.append(_row(
             setting.values, "fine-tuned", label, spec.method, record.outcome.ratio,
             _metrics(folder / "eval"),
@@ -265,4 +272,7 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
             log(f"setting {index}/{len(settings)}: " + ", ".join(f"{k}={v}" for k, v in setting.values.items()))
         rows += _run_setting(setting)
     files = write_results(rows, out, list(experiment.sweep), experiment.model_dump(mode="json"))
+    for index, setting in enumerate(settings):
+        for label, path in setting.frontiers.items():
+            files[f"frontier-{label}" + (f"-{index + 1}" if len(settings) > 1 else "")] = path
     return LabResult(out_dir=out, rows=rows, files=files, ran=ran)

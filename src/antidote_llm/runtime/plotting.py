@@ -81,15 +81,22 @@ def _area(box: tuple[float, ...]) -> float:
     return (box[2] - box[0]) * (box[3] - box[1])
 
 
-def tradeoff_axes(points: Sequence[tuple[float, float, str]], title: str):
+def tradeoff_axes(points: Sequence[tuple[float, float, str]], title: str,
+                  lines: dict[str, Sequence[tuple[float, float]]] | None = None):
     """Harmful score against fine-tune accuracy: each (accuracy, harmful score, label) a point; coinciding
-    points share one label; labels placed so they overlap neither each other nor the points."""
+    points share one label; labels placed so they overlap neither each other nor the points. `lines` are
+    unlabelled curves named in a legend (e.g. controls)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 5), dpi=DPI)
+    for name, curve in (lines or {}).items():
+        if curve:
+            ax.plot(*zip(*curve, strict=True), marker=".", linestyle="--", alpha=0.7, label=name)
+    if lines:
+        ax.legend(fontsize=8, loc="lower left")
     groups = group_points(points)
     colors = [ax.scatter(x, y, s=40).get_facecolor()[0] for x, y, _ in groups]
     ax.set_xlabel("fine-tune accuracy (%), higher is better")
