@@ -102,3 +102,13 @@ def test_default_sizes_fit_the_generators():
     harmful = sizes.align + sizes.poison + sizes.realign + sizes.eval_harmful
     assert harmful <= len(demo_data.harmful_requests())
     assert sizes.task_train + sizes.task_test <= len(demo_data.sentiment_rows())
+
+
+def test_data_of_another_version_or_seed_is_not_current(tmp_path):
+    root = tmp_path / "data"
+    demo_data.build_demo_data(root, seed=0, sizes=SMALL)
+    assert demo_data.demo_data_current(root, 0, SMALL)
+    assert not demo_data.demo_data_current(root, 1, SMALL)
+    assert not demo_data.demo_data_current(root, 0, demo_data.DemoSizes())
+    (root / demo_data.FILES["probe"]).unlink()
+    assert not demo_data.demo_data_current(root, 0, SMALL)

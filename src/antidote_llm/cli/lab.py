@@ -30,12 +30,12 @@ def demo_experiment(data_dir: Path):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from antidote_llm.lab.demo import build_demo_data
+    from antidote_llm.lab.demo import build_demo_data, demo_data_current
 
     out = Path(args.out)
     data_dir = out / "data"
-    if not (data_dir / "manifest.json").is_file():
-        build_demo_data(data_dir, seed=args.seed)
+    if not demo_data_current(data_dir, args.seed):  # absent, or written by another version or seed
+        build_demo_data(data_dir, seed=args.seed, overwrite=True)
     experiment = demo_experiment(data_dir)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     result = run_experiment(experiment, out, progress=not args.quiet)

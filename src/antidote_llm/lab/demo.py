@@ -9,6 +9,7 @@ data" control. The rows come from `antidote_llm.data.demo_text`.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +151,14 @@ def load_demo_data(root: str | Path) -> DemoData:
         task_train=root / FILES["task_train"],
         task_test=root / FILES["task_test"],
     )
+
+
+def demo_data_current(root: str | Path, seed: int, sizes: DemoSizes | None = None) -> bool:
+    """Whether `root` holds the demo data this version would write for `seed` and `sizes`."""
+    manifest_path = Path(root) / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return (manifest.get("seed") == seed and manifest.get("sizes") == (sizes or DemoSizes()).model_dump()
+            and set(manifest.get("files", {})) == set(FILES)
+            and all((Path(root) / f["path"]).is_file() for f in manifest["files"].values()))
