@@ -288,3 +288,16 @@ def test_decoder_stack_comes_from_no_split_modules():
     model.extra = torch.nn.ModuleList([torch.nn.Linear(4096, 4096)])  # more parameters than the decoder stack
     name, layers = decoder_layers(model)
     assert name == "model.layers" and layers is model.model.layers
+
+
+@pytest.mark.parametrize(("spec", "factors"), [("adapter", {"lora_A", "lora_B"}), ("adapter-a", {"lora_A"}),
+                                               ("adapter-b", {"lora_B"})])
+def test_adapter_factor_sets(spec, factors):
+    """adapter-a / adapter-b prune one LoRA factor; the other keeps every value."""
+    model = add_lora(make_model())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = realign(model, make_tokenizer(), RealignConfig(ratio=0.1, targets=spec), PAIRS, progress=False)
+    assert {name.split(".")[-3] for name in result.masks} == factors
+    for name, param in model.named_parameters():
+        if "lora_" in name and name.split(".")[-3] not in factors:
+            assert torch.equal(param, before[name])

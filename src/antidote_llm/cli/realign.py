@@ -51,9 +51,12 @@ def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--probe-prompts", metavar="SRC", help="harmful probe prompts for the harmful score (file or hf:)")
     group.add_argument("--probe-field", help="field of the probe prompt (detected if omitted)")
     group.add_argument("--probe-samples", type=int, help="probe prompts to use (default: all)")
+    group.add_argument("--probe-skip", type=int, default=0, help="skip the first N probe prompts")
     group.add_argument("--task", help=f"the user's task, scored on --validation-data: {', '.join(TASKS)}")
     group.add_argument("--validation-data", metavar="SRC", help="the user's validation rows of --task (never the test rows)")
     group.add_argument("--validation-samples", type=int, help="validation rows to use (default: all)")
+    group.add_argument("--validation-skip", type=int, default=0,
+                       help="skip the first N rows of --validation-data (e.g. the rows the fine-tuning used)")
     group.add_argument("--benign-data", metavar="SRC", help="benign rows for the benign-calibrated control")
     add_config_options(group, FrontierConfig, ("max_accuracy_drop", "controls"))
     add_config_options(group, EvalSettings, tuple(EvalSettings.model_fields), prefix=EVAL_PREFIX,
@@ -103,8 +106,10 @@ def _probe(args: argparse.Namespace) -> ProbeSpec | None:
     if not all(given):
         raise AntidoteError("evaluating the frontier needs --probe-prompts, --task and --validation-data together")
     return ProbeSpec(
-        prompts=DataSpec(source=args.probe_prompts, prompt_field=args.probe_field, samples=args.probe_samples),
+        prompts=DataSpec(source=args.probe_prompts, prompt_field=args.probe_field, samples=args.probe_samples,
+                         skip=args.probe_skip),
         task=args.task, validation=args.validation_data, validation_samples=args.validation_samples,
+        validation_skip=args.validation_skip,
         settings=config_from_args(EvalSettings, args, EvalSettings.model_fields, prefix=EVAL_PREFIX),
     )
 

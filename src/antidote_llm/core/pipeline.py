@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, check_action, realign
 from antidote_llm.core.report import ApplyMaskReport
+from antidote_llm.core.targets import acts_on_adapter
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import MERGE_DTYPE, Loaded, ModelSource, load_model, merge_adapter
@@ -74,7 +75,7 @@ def realign_to_disk(
     protect_pairs = protect_data.load("all", require_response=False) if protect_data is not None else None
     with MemoryMonitor() as memory:
         with timings.measure("load_s"):
-            loaded = load_model(source, keep_adapter=targets == ("adapter",))
+            loaded = load_model(source, keep_adapter=acts_on_adapter(targets))
             aligned = _load_aligned(aligned_model, source)
         result = realign(
             loaded.model, loaded.tokenizer, config, pairs,

@@ -15,7 +15,14 @@ from antidote_llm.errors import AntidoteError
 QKV_NAMES = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv_proj", "c_attn", "Wqkv", "query_key_value"}
 ATTENTION_PARTS = ("attn", "attention")
 MLP_PARTS = ("mlp", "feed_forward", "ffn")
-NAMED_SETS = ("auto", "adapter", "qkv", "attention", "mlp", "all-linear")
+# The fine-tuning adapter's LoRA factors: both (the authors'), or one of them (beyond the paper).
+ADAPTER_SETS = {"adapter": ("lora_A", "lora_B"), "adapter-a": ("lora_A",), "adapter-b": ("lora_B",)}
+NAMED_SETS = ("auto", *ADAPTER_SETS, "qkv", "attention", "mlp", "all-linear")
+
+
+def acts_on_adapter(specs: Sequence[str]) -> bool:
+    """Whether target specs name the live fine-tuning adapter (so the model is loaded with it kept apart)."""
+    return len(specs) == 1 and specs[0] in ADAPTER_SETS
 
 
 @dataclass(frozen=True)
@@ -95,11 +102,11 @@ def _in_named_set(set_name: str, name: str, layout: str, in_stack: bool) -> bool
     return set_name == "all-linear"
 
 
-def _adapter_targets(model: nn.Module, adapter_name: str) -> list[Target]:
+def _adapter_targets(model: nn.Module, adapter_name: str, factors: Sequence[str]) -> list[Target]:
     found = []
     for name, module in model.named_modules():
         parts = _parts(name)
-        if len(parts) >= 2 and parts[-1] == adapter_name and parts[-2] in ("lora_A", "lora_B"):
+        if len(parts) >= 2 and parts[-1] == adapter_name and parts[-2] in factors:
             layout = layout_of(module)
             if layout != "linear":
                 raise AntidoteError(f"adapter module {name} is not a Linear LoRA factor; only LoRA adapters are supported")
@@ -113,12 +120,14 @@ def resolve_targets(model: nn.Module, specs: Sequence[str], adapter_name: str = 
     Embeddings and the LM head are scored only when named explicitly (a name or a glob).
     """
     specs = [s for spec in specs for s in spec.split(",") if s.strip()]
-    if "adapter" in specs:
+    adapter_specs = [s for s in specs if s in ADAPTER_SETS]
+    if adapter_specs:
         if len(specs) > 1:
-            raise AntidoteError("target 'adapter' cannot be combined with other targets; give it alone")
-        targets = _adapter_targets(model, adapter_name)
+            raise AntidoteError(f"target {adapter_specs[0]!r} cannot be combined with other targets; give it alone")
+        targets = _adapter_targets(model, adapter_name, ADAPTER_SETS[adapter_specs[0]])
         if not targets:
-            raise AntidoteError("targets 'adapter' asked for but the model has no fine-tuning adapter; pass --adapter or use --targets qkv")
+            raise AntidoteError(f"targets {adapter_specs[0]!r} asked for but the model has no fine-tuning adapter; "
+                                "pass --adapter or use --targets qkv")
         return targets
     if hasattr(model, "peft_config"):
         # On a live adapter the base weights sit under `base_layer`, apart from the update; pruning them would

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import create_model
 
 from antidote_llm.core.realign import RealignConfig, realign
+from antidote_llm.core.targets import acts_on_adapter
 from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.errors import AntidoteError
 from antidote_llm.frontier import FrontierConfig, pick_operating_point, prune_at, run_frontier
@@ -22,7 +23,7 @@ def _pruning(calibration: str):
 
 
 def _acts_on_adapter(config: RealignConfig) -> bool:
-    return config.effective_targets(has_adapter=True) == ("adapter",)
+    return acts_on_adapter(config.effective_targets(has_adapter=True))
 
 
 def _pruning_defense(name: str, score: str, calibration: str, description: str) -> Defense:

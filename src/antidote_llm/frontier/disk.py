@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from antidote_llm.core.pipeline import MASK_FILE, REPORT_FILE, local_inputs, save_repaired
 from antidote_llm.core.realign import RealignConfig, select_nested
 from antidote_llm.core.report import RealignReport
+from antidote_llm.core.targets import acts_on_adapter
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.evaluate import EvalInputs
@@ -40,12 +41,14 @@ class ProbeSpec:
     task: str
     validation: str
     validation_samples: int | None = None
+    validation_skip: int = 0
     settings: EvalSettings = EvalSettings()
 
     def load(self, template: str) -> EvalInputs:
         get_task(self.task)
         prompts = self.prompts.load("unsafe", require_response=False)
-        validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples)
+        validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples,
+                                     skip=self.validation_skip)
         return EvalInputs(prompts=prompts.pairs, task=self.task, rows=validation, settings=self.settings,
                           template=template)
 
@@ -137,7 +140,7 @@ def frontier_to_disk(
     loaded_probe = probe.load(config.template) if probe is not None else None
     with MemoryMonitor() as memory:
         with timings.measure("load_s"):
-            loaded = load_model(source, keep_adapter=config.effective_targets(bool(source.adapters)) == ("adapter",))
+            loaded = load_model(source, keep_adapter=acts_on_adapter(config.effective_targets(bool(source.adapters))))
         with timings.measure("frontier_s"):
             if loaded_probe is None:
                 selection = select_nested(loaded.model, loaded.tokenizer, config, pairs, ratios=frontier.ratios,
