@@ -58,6 +58,7 @@ def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validation-skip", type=int, default=0,
                        help="skip the first N rows of --validation-data (e.g. the rows the fine-tuning used)")
     group.add_argument("--benign-data", metavar="SRC", help="benign rows for the benign-calibrated control")
+    group.add_argument("--benign-samples", type=int, help="rows of --benign-data to use (default: all)")
     add_config_options(group, FrontierConfig, ("max_accuracy_drop", "controls"))
     add_config_options(group, EvalSettings, tuple(EvalSettings.model_fields), prefix=EVAL_PREFIX,
                        flags={"judge": "judge", "max_new_tokens": "max-new-tokens",
@@ -139,7 +140,7 @@ def run_realign(args: argparse.Namespace) -> int:
         if data is None:
             raise AntidoteError("several ratios and --ratio auto score on harmful rows; pass --data")
         frontier = config_from_args(FrontierConfig, args, ("max_accuracy_drop", "controls"), ratios=ratios)
-        benign = DataSpec(source=args.benign_data) if args.benign_data else None
+        benign = DataSpec(source=args.benign_data, samples=args.benign_samples) if args.benign_data else None
         report = frontier_to_disk(
             model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign, protect_data=protect,
             pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
