@@ -16,13 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from antidote_llm.core.oracle import oracle_masks  # noqa: E402
-from antidote_llm.core.realign import RealignConfig, calibration_batches, realign  # noqa: E402
+from antidote_llm.core.realign import RealignConfig, calibration_batches, realign, select_nested  # noqa: E402
 from antidote_llm.core.statistics import input_device  # noqa: E402
 from antidote_llm.core.targets import resolve_targets  # noqa: E402
 from antidote_llm.data.records import load_pairs  # noqa: E402
 from antidote_llm.runtime.loading import ModelSource, load_model  # noqa: E402
 from antidote_llm.runtime.runinfo import MemoryMonitor  # noqa: E402
 
+RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "harmful" / "beavertails_unsafe_pairs.json"
 
 
@@ -71,7 +72,7 @@ def main() -> None:
                 param.copy_(original[name])
 
     # Interleaved, best of --repeats, so a busy machine slows both sides alike.
-    bare, ours, best = float("inf"), float("inf"), {}
+    bare, ours, best, frontier = float("inf"), float("inf"), {}, float("inf")
     for _ in range(args.repeats):
         bare = min(bare, bare_forward_s(model, batches))
         restore()
@@ -80,10 +81,16 @@ def main() -> None:
         timings = result.report.timings
         if timings["scoring_s"] + timings["selection_s"] < ours:
             ours, best = timings["scoring_s"] + timings["selection_s"], timings
+        restore()
+        nested = select_nested(model, tokenizer, config, pairs, ratios=RATIOS, progress=False)
+        frontier = min(frontier, nested.timings["scoring_s"] + nested.timings["selection_s"])
     print(f"bare no-grad forward through the decoder layers: {bare:.2f} s")
     print(f"antidote statistics + scores + selection (all Linear in the decoder): {ours:.2f} s "
           f"(statistics {best['scoring_s']:.2f} s, scores and selection {best['selection_s']:.2f} s)")
-    print(f"  ratio scoring / bare forward: {ours / bare:.3f}  [goal <= 1.15]")
+    print(f"  ratio scoring / bare forward: {ours / bare:.3f}  [goal <= 1.05]")
+    k = len(RATIOS)
+    print(f"{k} ratios ({', '.join(map(str, RATIOS))}) from one statistics pass: {frontier:.2f} s, "
+          f"{frontier / bare:.3f} bare forwards  [goal <= {1.1 + 0.05 * k:.2f} = 1.1 + 0.05 k]")
     rss_ratio = memory.peak_rss / memory.start_rss
     extra_mb = (memory.peak_rss - memory.start_rss) / 2**20
     print(f"  peak RSS during scoring / RSS before: {rss_ratio:.3f} (+{extra_mb:.0f} MiB)  [goal <= 1.5 plus one batch of activations]")
