@@ -101,3 +101,15 @@ def test_random_scores_are_seeded():
     b = scoring.random_scores(w, torch.Generator().manual_seed(1))
     c = scoring.random_scores(w, torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_sum_into_a_reused_buffer_equals_brute_force(dtype):
+    x = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    padding = torch.tensor([1, 4, 9])
+    expected = sum(x.reshape(-1, 7)[i].double() ** 2 for i in range(15) if i not in padding.tolist())
+    buffer = torch.full((15, 7), float("nan"))  # stale contents must not matter
+    for out in (None, buffer):
+        got = scoring.squared_sum(x, padding, exclude=True, out=out)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

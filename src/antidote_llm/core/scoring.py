@@ -40,14 +40,23 @@ class ChannelStats:
         return self.sum_sq / self.tokens
 
 
-def squared_sum(x: torch.Tensor, rows: torch.Tensor, exclude: bool) -> torch.Tensor:
+def _squares(flat: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """x^2 in fp32, into `out` when given (a reused buffer: no fresh allocation, and its page faults, per call)."""
+    if out is None:
+        return flat.float().pow(2)
+    if flat.dtype == torch.float32:
+        return torch.mul(flat, flat, out=out)
+    return out.copy_(flat).mul_(out)  # square after the cast: bf16 squares would lose precision
+
+
+def squared_sum(x: torch.Tensor, rows: torch.Tensor, exclude: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_t x_tj^2 in fp32 over the rows of `x` flattened to [tokens, channels]: the given `rows`, or with
     `exclude` all rows but those. Summing everything and subtracting a few padding rows copies far less
-    than gathering the many counted ones."""
+    than gathering the many counted ones. `out`: an fp32 buffer of the flattened shape for the squares."""
     flat = x.reshape(-1, x.shape[-1])
     if not exclude:
         return flat.index_select(0, rows).float().pow(2).sum(0)  # einsum is ~10x slower here on CPU
-    total = flat.float().pow(2).sum(0)
+    total = _squares(flat, out).sum(0)
     if rows.numel():
         total -= flat.index_select(0, rows).float().pow(2).sum(0)
     return total

@@ -62,7 +62,7 @@ class _BatchState:
     input tensor, so modules called in a row on the same input (q, k, v; gate, up) share one reduction.
     The cache holds the tensor itself and compares identity: an address could be reused."""
 
-    def __init__(self, count_mask: torch.Tensor):
+    def __init__(self, count_mask: torch.Tensor, scratch: dict[torch.device, torch.Tensor]):
         flat = count_mask.reshape(-1)
         self.tokens = int(flat.sum())
         # Subtract the uncounted rows (padding) when they are the few; gather the counted ones otherwise.
@@ -71,6 +71,7 @@ class _BatchState:
         self._on_device: dict[torch.device, torch.Tensor] = {}
         self.last_input: torch.Tensor | None = None
         self.last_sum: torch.Tensor | None = None
+        self.scratch = scratch  # one fp32 buffer per device for the squares, reused by every module and batch
 
     def rows(self, device: torch.device) -> torch.Tensor:
         if device not in self._on_device:
@@ -78,7 +79,13 @@ class _BatchState:
         return self._on_device[device]
 
     def squared_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return squared_sum(x, self.rows(x.device), exclude=self.subtract)
+        if not self.subtract:
+            return squared_sum(x, self.rows(x.device), exclude=False)
+        size = x.numel()
+        buffer = self.scratch.get(x.device)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.scratch[x.device] = torch.empty(size, dtype=torch.float32, device=x.device)
+        return squared_sum(x, self.rows(x.device), exclude=True, out=buffer[:size].view(-1, x.shape[-1]))
 
 
 def _linear_hook(stats: ChannelStats, state: list):
@@ -141,8 +148,9 @@ def collect_statistics(
     device = input_device(model)
     batches = list(batches)
     with _hooks(model, targets, stats, state), torch.inference_mode():
+        scratch: dict[torch.device, torch.Tensor] = {}
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            state[0] = _BatchState(batch.count_mask)
+            state[0] = _BatchState(batch.count_mask, scratch)
             with contextlib.suppress(_StopForward):
                 model(
                     input_ids=batch.input_ids.to(device),
