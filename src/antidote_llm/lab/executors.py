@@ -3,6 +3,7 @@ local executor), or one Slurm job each (`slurm`, through submitit). One registry
 
 from __future__ import annotations
 
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -108,9 +109,10 @@ class _SubmititHandle:
         exc = self.job.exception()
         if exc is None:
             return None
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        # submitit quotes the job's whole traceback; its last line names the error
-        return lines[-1].strip() if lines else type(exc).__name__
+        # submitit quotes the job's traceback between rules, then names the log files: the traceback's last line
+        quoted = str(exc).split("-" * 22)
+        lines = [line.strip() for line in (quoted[1] if len(quoted) > 2 else str(exc)).splitlines() if line.strip()]
+        return lines[-1] if lines else type(exc).__name__
 
     def cancel(self) -> None:
         self.job.cancel(check=False)
@@ -144,6 +146,9 @@ class SubmititExecutor:
 
     def __post_init__(self):
         self._submitit = _submitit(self.name)
+        if self.name == "slurm" and not all(shutil.which(command) for command in ("sbatch", "srun")):
+            raise AntidoteError("executor 'slurm' finds no Slurm here (sbatch, srun); run on a node of the cluster "
+                                "that submits jobs, or choose --executor processes")
 
     def _executor(self, family: str, name: str):
         if self.name == "processes":
@@ -177,10 +182,10 @@ def make_executor(name: str, out: Path, cluster: ClusterSpec | None) -> Executor
     if name == "local":
         return LocalExecutor(logs=out / LOCAL_LOGS_DIR)
     if name in ("processes", "slurm"):
-        executor = SubmititExecutor(folder=out / JOBS_DIR, cluster=cluster, name=name, remote_workers=name == "slurm")
-        if executor.remote_workers:
+        remote = name == "slurm"
+        if remote:
             check_shared_storage(out, cluster.shared_storage)
-        return executor
+        return SubmititExecutor(folder=out / JOBS_DIR, cluster=cluster, name=name, remote_workers=remote)
     raise AntidoteError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
 
 
