@@ -176,8 +176,7 @@ def test_the_heartbeat_keeps_a_held_lock_fresh(tmp_path):
 
 
 def test_two_concurrent_lab_runs_never_run_a_stage_twice(experiment_file, tmp_path):  # noqa: F811
-    _edit(experiment_file, lambda raw: raw.update(defenses={"none": {"method": "none"},
-                                                            "antidote": {"method": "antidote", "ratio": 0.1}}))
+    _edit(experiment_file, lambda raw: raw.update(defenses={"none": {"method": "none"}}, evaluate_stages=["base"]))
     out = tmp_path / "runs"
     command = [sys.executable, "-m", "antidote_llm", "lab", "run", str(experiment_file), "--out", str(out), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
@@ -187,8 +186,8 @@ def test_two_concurrent_lab_runs_never_run_a_stage_twice(experiment_file, tmp_pa
     assert [run.returncode for run in runs] == [0, 0], outputs
     ran = [line.split()[1:3] for text in outputs for line in text.splitlines() if line.startswith("[run] ")]
     stages = sorted(p.name for p in (out / "stages").iterdir())
-    assert sorted("-".join(r) for r in ran) == stages and len(stages) == 6  # every stage once, across both runs
-    assert all("| fine-tuned | antidote |" in text for text in outputs)
+    assert sorted("-".join(r) for r in ran) == stages and len(stages) == 4  # every stage once, across both runs
+    assert all("| fine-tuned | none |" in text for text in outputs)
     assert not list((out / "stages").glob("*.lock"))
 
 
@@ -229,16 +228,19 @@ def test_a_failing_defense_is_reported_and_the_others_finish(experiment_file, tm
     assert "7 done, 0 running, 1 failed, 0 pending" in status
     assert "random defense broke" in next(line for line in status.splitlines() if line.startswith("failed"))
 
-    # the defense stage again, in its own process (submitit's local executor): the same weights come out
     monkeypatch.setitem(DEFENSES, "random", original)
+    retried = run_experiment(load_experiment(experiment_file), out, progress=False, **QUIET)
+    assert [n.rsplit("-", 1)[0] for n in retried.ran] == ["defense-random"] and len(retried.rows) == 6
+    assert not (out / "stages" / f"{retried.ran[0]}.failed").exists()
+
+    # a stage again in its own process (submitit's local executor): the same weights as in this process
     in_process = _weights(out, "antidote")
     folder = _defense_folder(out, "antidote")
     folder.rename(tmp_path / folder.name)
-    result = run_experiment(load_experiment(experiment_file), out, progress=False, executor="processes", max_parallel=2,
-                            **QUIET)
-    assert sorted(n.rsplit("-", 1)[0] for n in result.ran) == ["defense-antidote", "defense-random"]
-    assert not result.failed and _weights(out, "antidote") == in_process
-    assert len(result.rows) == 6
+    result = run_experiment(load_experiment(experiment_file), out, progress=False, executor="processes", **QUIET)
+    assert [n.rsplit("-", 1)[0] for n in result.ran] == ["defense-antidote"] and not result.failed
+    assert _weights(out, "antidote") == in_process
+    assert result.rows == retried.rows[:3] + result.rows[3:4] + retried.rows[4:] and result.rows[3]["defense"] == "antidote"
 
 
 # --- Slurm: resources, refusals, shared storage, the missing package -----------------------------------------
@@ -300,6 +302,8 @@ def test_cli_refusals_exit_2_before_any_stage(experiment_file, tmp_path, monkeyp
     if str(out.resolve()).startswith("/tmp/"):
         assert main(["lab", "run", str(experiment_file), "--out", str(out), "--executor", "slurm"]) == 2
         assert "only this machine sees" in capsys.readouterr().err
+    assert main(["lab", "run", str(experiment_file), "--out", str(out), "--max-parallel", "0"]) == 2
+    assert "--max-parallel must be at least 1" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
     assert main(["lab", "run", str(experiment_file), "--out", str(out), "--executor", "processes"]) == 2
     assert "pip install 'antidote-llm[slurm]'" in capsys.readouterr().err

@@ -327,8 +327,8 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
     if max_parallel < 1:
         raise AntidoteError(f"--max-parallel must be at least 1, got {max_parallel}")
     out = Path(out_dir).resolve()
-    plan = plan_experiment(experiment, out, progress=progress)
     runner = make_executor(executor, out, experiment.cluster)
+    plan = plan_experiment(experiment, out, progress=progress)
     for index, setting in enumerate(plan.settings, 1):
         if setting.values:
             log(f"setting {index}/{len(plan.settings)}: " + ", ".join(f"{k}={v}" for k, v in setting.values.items()))
