@@ -152,6 +152,9 @@ def test_a_live_lock_holds_and_stale_locks_are_recovered(tmp_path):
     host = socket.gethostname()
     _write_lock(path, {"host": host, "pid": int(gone.stdout), "started": 1.0})
     assert is_stale(path, json.loads(path.read_text()))  # its process has ended
+    recovered = LockSet()
+    assert recovered.acquire(path)  # a killed run's lock is taken over at once
+    recovered.release_all()
     _write_lock(path, {"host": host, "pid": os.getpid(), "started": 1.0})
     assert is_stale(path, json.loads(path.read_text()))  # the pid now belongs to another process
     _write_lock(path, {"host": "elsewhere", "pid": 1, "started": 1.0}, age_s=5)
