@@ -16,16 +16,19 @@ import yaml
 from antidote_llm.cli.main import main
 from antidote_llm.defenses import DEFENSES
 from antidote_llm.errors import AntidoteError
-from antidote_llm.lab import load_experiment, run_experiment
+from antidote_llm.lab import load_experiment, locks, run_experiment
 from antidote_llm.lab.config import ClusterSpec
 from antidote_llm.lab.executors import LocalExecutor, SubmititExecutor, check_shared_storage, make_executor
 from antidote_llm.lab.graph import StageJob, run_graph, stage_states
-from antidote_llm.lab.locks import LockSet, is_stale, lock_path
+from antidote_llm.lab.locks import JobHeartbeat, LockSet, is_stale, lock_path
 from test_lab import experiment_file  # noqa: F401  (the tiny experiment fixture)
 
 submitit = pytest.importorskip("submitit")
 cloudpickle = pytest.importorskip("cloudpickle")
-cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's stage functions travel to the workers
+# The test's stage functions travel to the workers by value; so does the lock heartbeat around them, so that
+# these workers need not import the package (torch, transformers: seconds each on a small machine).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(locks)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda _: None}
@@ -165,6 +168,25 @@ def test_a_live_lock_holds_and_stale_locks_are_recovered(tmp_path):
     assert taker.acquire(path)  # no heartbeat for an hour: broken and taken
     assert json.loads(path.read_text())["pid"] == os.getpid()
     taker.release_all()
+
+
+def test_a_stage_run_as_a_job_keeps_its_lock_after_its_driver_died(tmp_path):
+    path = tmp_path / "x.lock"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"host": socket.gethostname(), "pid": int(gone.stdout), "started": 1.0, "job": True}
+    _write_lock(path, holder, age_s=5)
+    assert not is_stale(path, holder)  # the job may still run: only its heartbeat counts
+    _write_lock(path, holder, age_s=3600)
+    assert is_stale(path, holder)
+
+    seen = []
+
+    def work(folder):
+        time.sleep(0.4)
+        seen.append(time.time() - path.stat().st_mtime)
+
+    JobHeartbeat(work, path, every_s=0.05)(tmp_path / "stage")
+    assert seen[0] < 1  # the job refreshed the hour-old lock while it ran
 
 
 def test_the_heartbeat_keeps_a_held_lock_fresh(tmp_path):

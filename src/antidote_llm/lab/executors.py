@@ -34,6 +34,7 @@ class Handle(Protocol):
 
 class Executor(Protocol):
     name: str
+    in_process: bool  # stages run in this process (else as jobs that outlive it)
     remote_workers: bool  # workers may sit on other machines: the stages folder must be shared storage
 
     def submit(self, name: str, family: str, work: Callable[[Path], None], folder: Path) -> Handle: ...
@@ -63,6 +64,7 @@ class LocalExecutor:
 
     logs: Path
     name: str = "local"
+    in_process: bool = True
     remote_workers: bool = False
 
     def submit(self, name, family, work, folder) -> Handle:
@@ -142,6 +144,7 @@ class SubmititExecutor:
     cluster: ClusterSpec
     name: str = "slurm"
     remote_workers: bool = True
+    in_process: bool = False
     _executors: dict = field(default_factory=dict)
 
     def __post_init__(self):

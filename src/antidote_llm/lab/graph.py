@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from antidote_llm.lab.executors import Executor, Handle
-from antidote_llm.lab.locks import LockSet, is_stale, lock_path, read_lock
+from antidote_llm.lab.locks import JobHeartbeat, LockSet, is_stale, lock_path, read_lock
 from antidote_llm.runtime.outputs import write_json
 
 FAILED_SUFFIX = ".failed"
@@ -119,7 +119,7 @@ def _start(job, stages, executor, locks, result, done, running, waiting, started
         log(f"[failed] {job.kind} {job.key} in another run: {result.failed[job.name]}")
         return "failed"
     lock = lock_path(stages, job.name)
-    if not locks.acquire(lock):
+    if not locks.acquire(lock, job=not executor.in_process):
         if job.name not in waiting:
             waiting.add(job.name)
             log(f"[waiting] {job.kind} {job.key}: another run is computing it")
@@ -132,7 +132,8 @@ def _start(job, stages, executor, locks, result, done, running, waiting, started
     log(f"[run] {job.kind} {job.key}")
     started_s = time.perf_counter()
     try:
-        handle = executor.submit(job.name, job.family, job.work, folder)
+        work = job.work if executor.in_process else JobHeartbeat(job.work, lock)
+        handle = executor.submit(job.name, job.family, work, folder)
     except Exception as exc:  # e.g. an option the cluster refuses: the job's error
         _fail(job, stages, locks, result, log, f"submission refused: {exc}".splitlines()[0], None)
         return "failed"

@@ -2,9 +2,12 @@
 
 A lock is a file created atomically (O_CREAT | O_EXCL, which NFS v3+ and the cluster filesystems honour)
 holding its holder's host, pid, process start time and a random token. The holder refreshes the file's
-modification time while it holds it (a heartbeat). A lock is stale, and is broken by the next run that
-wants the stage, when its holder is gone: on the same host, the holder's process no longer exists (or the
-pid now belongs to a later process); on any host, the heartbeat is older than STALE_AFTER_S.
+modification time while it holds it (a heartbeat); so does the job running the stage when it runs in
+another process or on another machine (JobHeartbeat). A lock is stale, and is broken by the next run that
+wants the stage, when nobody keeps it: the heartbeat is older than STALE_AFTER_S; or, for a stage run in
+the holder's own process, the holder is on this host and its process no longer exists (or the pid now
+belongs to a later process). A stage run as a job outlives its driving process, so only its heartbeat
+counts.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -61,6 +66,8 @@ def is_stale(path: Path, holder: dict, *, now: float | None = None, stale_after_
         return True
     if age > stale_after_s:
         return True
+    if holder.get("job"):  # the job's own heartbeat keeps it
+        return False
     if holder.get("host") == socket.gethostname():
         return not _holder_alive(holder)
     # Another host's holder: only its heartbeat tells; a lock written moments ago may still be half-written.
@@ -91,10 +98,12 @@ class LockSet:
         self._stop: threading.Event | None = None  # set: the heartbeat thread ends
         self._me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started()}
 
-    def acquire(self, path: Path) -> bool:
-        """Take the lock at `path`; False when a live holder has it. A stale lock is broken and taken."""
+    def acquire(self, path: Path, *, job: bool = False) -> bool:
+        """Take the lock at `path`; False when a live holder has it. A stale lock is broken and taken.
+
+        `job`: the stage runs as a job elsewhere, which keeps the lock fresh itself (JobHeartbeat)."""
         for _ in range(2):
-            text = json.dumps({**self._me, "time": time.time(), "token": uuid.uuid4().hex})
+            text = json.dumps({**self._me, "job": job, "time": time.time(), "token": uuid.uuid4().hex})
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -138,3 +147,26 @@ class LockSet:
             for path in paths:
                 with contextlib.suppress(FileNotFoundError):
                     os.utime(path)
+
+
+@dataclass(frozen=True)
+class JobHeartbeat:
+    """A stage's work run as a job, refreshing the stage's lock while it runs (picklable, like the work)."""
+
+    work: Callable[[Path], None]
+    lock: Path
+    every_s: float = HEARTBEAT_S
+
+    def __call__(self, folder: Path) -> None:
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(self.every_s):
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(self.lock)
+
+        threading.Thread(target=beat, name="stage-lock-heartbeat", daemon=True).start()
+        try:
+            self.work(folder)
+        finally:
+            stop.set()
