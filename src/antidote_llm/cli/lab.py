@@ -62,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not (data_dir / "manifest.json").is_file():
         build_demo_data(data_dir, seed=args.seed)
     experiment = demo_experiment(data_dir)
-    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.model_dump(mode="json", exclude={"cluster"}), sort_keys=False), encoding="utf-8")
     result = run_experiment(experiment, out, progress=not args.quiet)
     print()
     print(result.files["markdown"].read_text(encoding="utf-8"))
