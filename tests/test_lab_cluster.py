@@ -299,6 +299,9 @@ def test_slurm_resources_reach_sbatch_and_a_refused_option_is_the_jobs_error(tmp
                  "#SBATCH --job-name=align-abc", "#SBATCH --exclusive=user", "module load cuda"):
         assert line in script, line
     assert handle.job.job_id == "4242"
+    bare = SubmititExecutor(folder=tmp_path / "jobs", cluster=ClusterSpec(), name="slurm")
+    bare.submit("align-abc", "align", stage_fn(), tmp_path / "stages" / "align-abc")
+    assert "--time" not in (tmp_path / "submitted.sh").read_text()  # the partition's limit, not submitit's 5 minutes
 
     result = run_graph([StageJob("eval-base", "eval", "k", stage_fn())], tmp_path / "stages", executor, **QUIET)
     assert "invalid partition specified: nope" in result.failed["eval-base-k"]

@@ -124,10 +124,11 @@ def slurm_parameters(resources: SlurmResources, name: str) -> dict:
     """submitit SlurmExecutor parameters for one stage; unset resources are left to the cluster's defaults."""
     given = {
         "partition": resources.partition, "gpus_per_node": resources.gpus, "cpus_per_task": resources.cpus,
-        "mem": resources.mem, "time": resources.minutes, "account": resources.account, "qos": resources.qos,
-        "constraint": resources.constraint,
+        "mem": resources.mem, "account": resources.account, "qos": resources.qos, "constraint": resources.constraint,
     }
     params = {key: value for key, value in given.items() if value is not None}
+    # submitit asks for 5 minutes unless told; None leaves the limit to the partition's default
+    params["time"] = resources.minutes
     params["job_name"] = name
     if resources.setup:
         params["setup"] = list(resources.setup)
