@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -10,17 +11,41 @@ import yaml
 
 from antidote_llm.lab import load_experiment, run_experiment
 from antidote_llm.lab.config import parse_experiment
+from antidote_llm.lab.executors import EXECUTORS
+from antidote_llm.lab.graph import STATES
+from antidote_llm.lab.runner import experiment_status
 
 DEMO_CONFIG = "demo.yaml"
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.experiment)
+    return Path(args.out) if args.out else path.parent / f"{path.stem}-runs"
+
+
 def run_lab(args: argparse.Namespace) -> int:
     experiment = load_experiment(args.experiment)
-    path = Path(args.experiment)
-    out = Path(args.out) if args.out else path.parent / f"{path.stem}-runs"
-    result = run_experiment(experiment, out, progress=not args.quiet)
+    result = run_experiment(experiment, _out_dir(args), progress=not args.quiet, executor=args.executor,
+                            max_parallel=args.max_parallel)
     print(result.files["markdown"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if not (result.failed or result.skipped):
+        return 0
+    print(f"antidote: {len(result.failed)} stage(s) failed, {len(result.skipped)} skipped; "
+          "the table lacks their rows; run the same command again to retry them", file=sys.stderr)
+    for name, why in result.failed.items():
+        print(f"  failed  {name}: {why}", file=sys.stderr)
+    for name, need in result.skipped.items():
+        print(f"  skipped {name}: needs {need}", file=sys.stderr)
+    return 1
+
+
+def lab_status(args: argparse.Namespace) -> int:
+    states = experiment_status(load_experiment(args.experiment), _out_dir(args))
+    for job, state, detail in states:
+        print(f"{state:8} {job.name}" + (f"  {detail}" if detail else ""))
+    counts = {state: sum(1 for _, s, _ in states if s == state) for state in STATES}
+    print(", ".join(f"{n} {state}" for state, n in counts.items()))
     return 0
 
 
@@ -37,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not demo_data_current(data_dir, args.seed):  # absent, or written by another version or seed
         build_demo_data(data_dir, seed=args.seed, overwrite=True)
     experiment = demo_experiment(data_dir)
-    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.model_dump(mode="json", exclude={"cluster"}), sort_keys=False), encoding="utf-8")
     result = run_experiment(experiment, out, progress=not args.quiet)
     print()
     print(result.files["markdown"].read_text(encoding="utf-8"))
@@ -65,7 +90,18 @@ def register(subparsers) -> None:
     run.add_argument("experiment", help="experiment YAML (see examples/)")
     run.add_argument("--out", help="output folder (default: beside the file, NAME-runs)")
     run.add_argument("--quiet", action="store_true")
+    run.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: every stage in this process; processes: one process per stage on this machine; "
+                          "slurm: one Slurm job per stage (resources from the file's cluster block); "
+                          "the last two need pip install 'antidote-llm[slurm]'")
+    run.add_argument("--max-parallel", type=int, default=1, metavar="N",
+                     help="stages running at once (processes, slurm); a stage starts once the stages it needs are done")
     run.set_defaults(func=run_lab)
+
+    status = lab_sub.add_parser("status", help="which stages of an experiment are done, running, failed or pending")
+    status.add_argument("experiment", help="experiment YAML")
+    status.add_argument("--out", help="output folder (default: beside the file, NAME-runs)")
+    status.set_defaults(func=lab_status)
 
     demo = subparsers.add_parser(
         "demo", help="the whole story on SmolLM2-135M with generated data (about 10 minutes on 2 CPU cores)",

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,61 @@ class EvaluationSpec(EvalSettings):
     validation_samples: int | None = Field(default=None, ge=1)
 
 
+StageFamily = Literal["align", "finetune", "eval", "defense"]  # what a stage does, for its cluster resources
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+class SlurmResources(Strict):
+    """What one stage's Slurm job asks for; unset fields take the cluster's defaults."""
+
+    partition: str | None = None
+    gpus: int | None = Field(default=None, ge=0, description="GPUs per job (one node)")
+    cpus: int | None = Field(default=None, ge=1, description="CPU cores per job")
+    mem: str | None = Field(default=None, pattern=r"^\d+[KMGT]?$", description="memory per job, Slurm syntax, e.g. 64G")
+    time: str | int | None = Field(default=None, description="time limit: minutes, or Slurm's [D-]HH:MM:SS")
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    setup: tuple[str, ...] = Field(default=(), description="shell lines run before the stage, e.g. module load, venv")
+    additional: dict[str, str | int] = Field(default_factory=dict, description="other #SBATCH options, name -> value")
+
+    @model_validator(mode="after")
+    def _time_parses(self):
+        self.minutes  # noqa: B018 - raises on a malformed time
+        return self
+
+    @property
+    def minutes(self) -> int | None:
+        if self.time is None or isinstance(self.time, int):
+            return self.time
+        match = _SLURM_TIME.match(self.time.strip())
+        if match is None:
+            raise ValueError(f"time {self.time!r}: give minutes or [D-]HH:MM:SS")
+        days, first, second, third = (int(g) if g else None for g in match.groups())
+        if second is None:  # minutes, or D-HH
+            return (days or 0) * 1440 + (first * 60 if days is not None else first)
+        hours, minutes, seconds = (first, second, third or 0) if third is not None or days is not None else (0, first, second)
+        return (days or 0) * 1440 + hours * 60 + minutes + (seconds > 0)
+
+
+class ClusterSpec(Strict):
+    """How stages run when they run as jobs (`antidote lab run --executor slurm|processes`)."""
+
+    shared_storage: bool = Field(
+        default=False,
+        description="the output folder is on storage every worker node sees (needed when it is a local-disk "
+                    "filesystem such as ext4 or xfs; network filesystems are recognised)",
+    )
+    slurm: dict[Literal["default"] | StageFamily, SlurmResources] = Field(
+        default_factory=dict, description="resources per stage family (align, finetune, eval, defense), over `default`",
+    )
+
+    def slurm_resources(self, family: str) -> SlurmResources:
+        default = self.slurm.get("default", SlurmResources())
+        own = self.slurm.get(family)
+        return default if own is None else default.model_copy(update=own.model_dump(exclude_unset=True))
+
+
 class Experiment(Strict):
     name: str = "experiment"
     seed: int = 0
@@ -89,6 +145,7 @@ class Experiment(Strict):
     evaluation: EvaluationSpec
     evaluate_stages: tuple[Literal["base", "aligned"], ...] = ("base", "aligned")
     sweep: dict[str, list] = Field(default_factory=dict, description="dotted path -> values; every combination runs")
+    cluster: ClusterSpec | None = None  # None: the defaults; how stages run, never what they compute
 
     def defense_settings(self, label: str) -> BaseModel | None:
         """The validated settings of defense `label`; the model's template and the experiment's seed are defaults."""

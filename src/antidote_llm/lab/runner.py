@@ -1,7 +1,8 @@
 """Run an experiment: every stage once per distinct configuration, cached under a hash of its inputs.
 
 A stage's folder appears only when the stage has finished (it is written atomically), so a re-run
-or a grown sweep reuses finished stages and an interrupted run resumes where it stopped.
+or a grown sweep reuses finished stages and an interrupted run resumes where it stopped. The sweep is
+planned first as a graph of stage jobs (graph.py), then an executor (executors.py) runs them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from antidote_llm import training
-from antidote_llm.data.records import pairs_sha256
+from antidote_llm.data.records import PairSet, pairs_sha256
 from antidote_llm.defenses import DefenseContext, DefenseOutcome, defense
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
@@ -24,6 +25,8 @@ from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.frontier import FrontierPoint
 from antidote_llm.frontier.disk import PLOT_FILE, write_frontier
 from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
+from antidote_llm.lab.executors import make_executor
+from antidote_llm.lab.graph import StageJob, run_graph, stage_states
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
 from antidote_llm.runtime.outputs import atomic_dir, write_report
@@ -50,6 +53,8 @@ class LabResult:
     rows: list[dict]
     files: dict[str, Path] = field(default_factory=dict)
     ran: list[str] = field(default_factory=list)  # stage folders computed in this run (the rest were cached)
+    failed: dict[str, str] = field(default_factory=dict)  # stage folder -> its error and log path
+    skipped: dict[str, str] = field(default_factory=dict)  # stage folder -> the failed stage it needed
 
 
 def _train_seconds(folder: Path) -> float:
@@ -57,22 +62,19 @@ def _train_seconds(folder: Path) -> float:
 
 
 class _Setting:
-    """One point of the sweep: its stages, models and evaluations."""
+    """One point of the sweep: its data, loaded and checked before any model is touched."""
 
-    def __init__(self, experiment: Experiment, values: dict, stages: Path, progress: bool, log: Callable[[str], None], ran: list[str]):
+    def __init__(self, experiment: Experiment, values: dict, stages: Path, progress: bool):
         self.exp = experiment
         self.values = values
         self.stages = stages
         self.progress = progress
-        self.log = log
-        self.ran = ran
-        self.frontiers: dict[str, Path] = {}  # defense label -> its frontier plot (defenses that walk one)
+        self.defense_folders: dict[str, Path] = {}  # defense label -> its stage folder
         spec = experiment.model
         self.base_source = ModelSource(spec.model, dtype=spec.dtype, device=spec.device)
         self._load_data()
 
     def _load_data(self) -> None:
-        """Every row this setting uses, loaded and checked before any model is touched."""
         exp = self.exp
         if exp.alignment is not None:
             self.align_pairs = exp.alignment.data.load("safe")
@@ -94,63 +96,38 @@ class _Setting:
             pairs_sha256(self.validation_inputs.prompts), pairs_sha256(self.validation_inputs.rows))
         self.eval_key = stage_key(EvalSettings.build(spec), self.prompts.sha256, pairs_sha256(self.task_test),
                                   exp.model.template)
+        self.evaluation = self.test_inputs
 
-    def _stage_dir(self, kind: str, key: str) -> Path:
+    def folder(self, kind: str, key: str) -> Path:
         return self.stages / f"{kind}-{key}"
-
-    def run_stage(self, kind: str, key: str, work: Callable[[Path], None]) -> Path:
-        folder = self._stage_dir(kind, key)
-        if folder.is_dir():
-            self.log(f"[cached] {kind} {key}")
-            return folder
-        self.log(f"[run] {kind} {key}")
-        started = time.perf_counter()
-        work(folder)
-        self.ran.append(folder.name)
-        self.log(f"[done] {kind} {key} in {time.perf_counter() - started:.0f}s")
-        return folder
 
     # --- training stages ---------------------------------------------------------------------------
 
-    def align(self) -> tuple[str, ModelSource, float | None]:
+    def align(self) -> tuple[StageJob | None, str, ModelSource]:
+        """The alignment job (None: the model is aligned already), its key, and the aligned model."""
         exp = self.exp
         if exp.alignment is None:
-            return stage_key("given", self.base_source.describe()), self.base_source, None
-        pairs, benign = self.align_pairs, self.align_benign
+            return None, stage_key("given", self.base_source.describe()), self.base_source
         config = training.preset(exp.alignment.training.preset, "align", seed=exp.seed, template=exp.model.template,
                                  **exp.alignment.training.overrides)
-        key = stage_key("align", self.base_source.describe(), pairs.sha256, benign and benign.sha256, config)
+        key = stage_key("align", self.base_source.describe(), self.align_pairs.sha256,
+                        self.align_benign and self.align_benign.sha256, config)
+        work = _AlignWork(self.base_source, self.align_pairs, self.align_benign, config, self.progress)
+        source = ModelSource(str(self.folder("align", key) / "merged"), dtype=exp.model.dtype, device=exp.model.device)
+        return StageJob("align", "align", key, work), key, source
 
-        def work(folder: Path) -> None:
-            model, tokenizer = load_base_model(self.base_source)
-            training.align(model, tokenizer, pairs, config, folder, benign=benign,
-                           model_info=self.base_source.describe(), progress=self.progress)
-
-        folder = self.run_stage("align", key, work)
-        source = ModelSource(str(folder / "merged"), dtype=exp.model.dtype, device=exp.model.device)
-        return key, source, _train_seconds(folder)
-
-    def finetune(self, align_key: str, aligned: ModelSource) -> tuple[str, Path, float]:
+    def finetune(self, align_key: str, aligned: ModelSource, needs: tuple[str, ...]) -> StageJob:
         spec = self.exp.finetune
-        task_pairs, harmful = self.task_train, self.harmful
         config = training.preset(spec.training.preset, "finetune", seed=self.exp.seed, template=self.exp.model.template,
                                  **spec.training.overrides)
-        key = stage_key("finetune", align_key, spec.task, pairs_sha256(task_pairs), harmful.sha256,
+        key = stage_key("finetune", align_key, spec.task, pairs_sha256(self.task_train), self.harmful.sha256,
                         spec.harmful_fraction, spec.samples, config)
+        work = _FinetuneWork(aligned, self.task_train, self.harmful, spec.harmful_fraction, spec.samples, config,
+                             self.exp.seed, self.progress)
+        return StageJob("finetune", "finetune", key, work, needs)
 
-        def work(folder: Path) -> None:
-            loaded = load_model(aligned)
-            training.finetune(loaded.model, loaded.tokenizer, task_pairs, harmful, harmful_fraction=spec.harmful_fraction,
-                              n=spec.samples, config=config, out_dir=folder, seed=self.exp.seed,
-                              model_info=aligned.describe(), progress=self.progress)
 
-        folder = self.run_stage("finetune", key, work)
-        return key, folder / "adapter", _train_seconds(folder)
-
-    # --- evaluation ----------------------------------------------------------------------------------
-
-    def evaluate(self, model, tokenizer):
-        return self.test_inputs.run(model, tokenizer, progress=self.progress)
+# --- stage work: picklable, so that a stage can run in another process or on another machine ----------------
 
 
 def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs | None:
@@ -169,6 +146,78 @@ def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs |
             "give evaluation.probe_prompts and evaluation.validation_data disjoint sources or skip windows"
         )
     return EvalInputs(prompts, exp.finetune.task, rows, spec, exp.model.template)
+
+
+@dataclass(frozen=True)
+class _AlignWork:
+    base: ModelSource
+    pairs: PairSet
+    benign: PairSet | None
+    config: object
+    progress: bool
+
+    def __call__(self, folder: Path) -> None:
+        model, tokenizer = load_base_model(self.base)
+        training.align(model, tokenizer, self.pairs, self.config, folder, benign=self.benign,
+                       model_info=self.base.describe(), progress=self.progress)
+
+
+@dataclass(frozen=True)
+class _FinetuneWork:
+    aligned: ModelSource
+    task_pairs: tuple
+    harmful: PairSet
+    harmful_fraction: float
+    samples: int
+    config: object
+    seed: int
+    progress: bool
+
+    def __call__(self, folder: Path) -> None:
+        loaded = load_model(self.aligned)
+        training.finetune(loaded.model, loaded.tokenizer, self.task_pairs, self.harmful,
+                          harmful_fraction=self.harmful_fraction, n=self.samples, config=self.config, out_dir=folder,
+                          seed=self.seed, model_info=self.aligned.describe(), progress=self.progress)
+
+
+@dataclass(frozen=True)
+class _EvalWork:
+    source: ModelSource
+    evaluation: EvalInputs
+    progress: bool
+
+    def __call__(self, folder: Path) -> None:
+        loaded = load_model(self.source)
+        write_eval(self.evaluation.run(loaded.model, loaded.tokenizer, progress=self.progress), folder)
+
+
+@dataclass(frozen=True)
+class _DefenseWork:
+    finetuned: ModelSource
+    method: str  # looked up in the registry where the stage runs
+    settings: BaseModel | None
+    realign_pairs: PairSet
+    benign: PairSet | None
+    evaluation: EvalInputs
+    validation: EvalInputs | None
+    progress: bool
+
+    def __call__(self, folder: Path) -> None:
+        chosen = defense(self.method)
+        # A fresh copy of the fine-tuned model for every defense: no defense sees another's changes.
+        loaded = load_model(self.finetuned, keep_adapter=chosen.live_adapter(self.settings))
+        context = DefenseContext(loaded.tokenizer, self.realign_pairs, self.benign, self.validation)
+        started = time.perf_counter()
+        outcome = chosen.apply(loaded.model, self.settings, context)
+        defense_s = round(time.perf_counter() - started, 2)
+        result = self.evaluation.run(loaded.model, loaded.tokenizer, progress=self.progress)
+        settings_dump = self.settings.model_dump(mode="json") if self.settings is not None else None
+        with atomic_dir(folder) as tmp:
+            write_eval(result, tmp / "eval")
+            write_report(tmp / DEFENSE_FILE, DefenseRecord(method=chosen.name, stage=chosen.stage,
+                                                          settings=settings_dump, defense_s=defense_s, outcome=outcome))
+            if outcome.report and outcome.report.get("points"):  # a defense that walked a frontier draws it
+                write_frontier(tmp, [FrontierPoint(**p) for p in outcome.report["points"]], outcome.ratio)
 
 
 def _realign_rows(exp: Experiment, poison_indices, poison_pairs):
@@ -202,77 +251,115 @@ def _row(values: dict, stage: str, label: str, method: str | None, ratio, metric
     }
 
 
-def _run_setting(setting: _Setting) -> list[dict]:
-    exp = setting.exp
-    align_key, aligned, align_s = setting.align()
-    ft_key, adapter, finetune_s = setting.finetune(align_key, aligned)
-    eval_key, realign_pairs, benign = setting.eval_key, setting.realign_pairs, setting.benign
-    rows = []
+@dataclass
+class _Row:
+    """A table row, read from its stage folders once the graph has run (skipped when one of them is missing)."""
 
-    stage_models = {"base": (setting.base_source, stage_key("given", setting.base_source.describe())), "aligned": (aligned, align_key)}
+    needs: tuple[str, ...]
+    read: Callable[[], dict]
+
+
+def _plan_setting(setting: _Setting, jobs: dict[str, StageJob]) -> list[_Row]:
+    """Add the setting's stage jobs to `jobs` (a stage two settings share is one job) and return its rows."""
+    exp = setting.exp
+    align_job, align_key, aligned = setting.align()
+    align_needs = (align_job.name,) if align_job else ()
+    finetune_job = setting.finetune(align_key, aligned, align_needs)
+    for job in (align_job, finetune_job):
+        if job is not None:
+            jobs.setdefault(job.name, job)
+
+    def align_s():
+        return _train_seconds(setting.stages / align_job.name) if align_job else None
+
+    rows = []
+    stage_models = {"base": (setting.base_source, stage_key("given", setting.base_source.describe()), ()),
+                    "aligned": (aligned, align_key, align_needs)}
     for stage in exp.evaluate_stages:
         if stage == "aligned" and exp.alignment is None:
             continue
-        source, model_key = stage_models[stage]
+        source, model_key, needs = stage_models[stage]
+        job = StageJob(f"eval-{stage}", "eval", stage_key(stage, model_key, setting.eval_key),
+                       _EvalWork(source, setting.evaluation, setting.progress), needs)
+        jobs.setdefault(job.name, job)
 
-        def work(folder: Path, source=source) -> None:
-            loaded = load_model(source)
-            write_eval(setting.evaluate(loaded.model, loaded.tokenizer), folder)
+        def eval_row(stage=stage, folder=setting.stages / job.name):
+            return _row(setting.values, stage, stage, None, None, _metrics(folder),
+                        align_s=align_s() if stage == "aligned" else None)
 
-        folder = setting.run_stage(f"eval-{stage}", stage_key(stage, model_key, eval_key), work)
-        rows.append(_row(setting.values, stage, stage, None, None, _metrics(folder),
-                         align_s=align_s if stage == "aligned" else None))
+        rows.append(_Row((job.name, *needs), eval_row))
 
+    finetuned = ModelSource(aligned.model, adapters=(str(setting.stages / finetune_job.name / "adapter"),),
+                            dtype=aligned.dtype, device=aligned.device)
+    realign_pairs, benign = setting.realign_pairs, setting.benign
     for label, spec in exp.defenses.items():
         settings = exp.defense_settings(label)
-        chosen = defense(spec.method)
         settings_dump = settings.model_dump(mode="json") if settings is not None else None
-        key = stage_key("defense", ft_key, spec.method, settings_dump, realign_pairs.sha256, benign and benign.sha256,
-                        eval_key, exp.seed, setting.validation_key if chosen.needs_validation else None)
+        needs_validation = defense(spec.method).needs_validation
+        key = stage_key("defense", finetune_job.key, spec.method, settings_dump, realign_pairs.sha256,
+                        benign and benign.sha256, setting.eval_key, exp.seed,
+                        setting.validation_key if needs_validation else None)
+        work = _DefenseWork(finetuned, spec.method, settings, realign_pairs, benign, setting.evaluation,
+                            setting.validation_inputs if needs_validation else None, setting.progress)
+        job = StageJob(f"defense-{label}", "defense", key, work, (finetune_job.name,))
+        jobs.setdefault(job.name, job)
+        setting.defense_folders[label] = setting.stages / job.name
 
-        def work(folder: Path, chosen=chosen, settings=settings, settings_dump=settings_dump) -> None:
-            # A fresh copy of the fine-tuned model for every defense: no defense sees another's changes.
-            finetuned = ModelSource(aligned.model, adapters=(str(adapter),), dtype=aligned.dtype, device=aligned.device)
-            loaded = load_model(finetuned, keep_adapter=chosen.live_adapter(settings))
-            context = DefenseContext(loaded.tokenizer, realign_pairs, benign, setting.validation_inputs)
-            started = time.perf_counter()
-            outcome = chosen.apply(loaded.model, settings, context)
-            defense_s = round(time.perf_counter() - started, 2)
-            result = setting.evaluate(loaded.model, loaded.tokenizer)
-            with atomic_dir(folder) as tmp:
-                write_eval(result, tmp / "eval")
-                write_report(tmp / DEFENSE_FILE, DefenseRecord(method=chosen.name, stage=chosen.stage,
-                                                              settings=settings_dump, defense_s=defense_s, outcome=outcome))
-                if outcome.report and outcome.report.get("points"):  # a defense that walked a frontier draws it
-                    write_frontier(tmp, [FrontierPoint(**p) for p in outcome.report["points"]], outcome.ratio)
+        def defense_row(folder=setting.stages / job.name, label=label, spec=spec):
+            record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
+            return _row(
+                setting.values, "fine-tuned", label, spec.method, record.outcome.ratio, _metrics(folder / "eval"),
+                pruned_fraction=record.outcome.changed_fraction, defense_s=record.defense_s,
+                finetune_s=_train_seconds(setting.stages / finetune_job.name),
+            )
 
-        folder = setting.run_stage(f"defense-{label}", key, work)
-        record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
-        if (folder / PLOT_FILE).is_file():
-            setting.frontiers[label] = folder / PLOT_FILE
-        rows.append(_row(
-            setting.values, "fine-tuned", label, spec.method, record.outcome.ratio,
-            _metrics(folder / "eval"),
-            pruned_fraction=record.outcome.changed_fraction, defense_s=record.defense_s, finetune_s=finetune_s,
-        ))
+        rows.append(_Row((job.name, finetune_job.name), defense_row))
     return rows
 
 
+@dataclass
+class _Plan:
+    settings: list[_Setting]
+    jobs: list[StageJob]
+    rows: list[_Row]
+
+
+def plan_experiment(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -> _Plan:
+    """Every setting's data loaded and checked, and the stage graph of the whole sweep; nothing runs."""
+    stages = Path(out_dir).resolve() / STAGES_DIR
+    settings = [_Setting(exp, values, stages, progress) for values, exp in expand_sweep(experiment)]
+    jobs: dict[str, StageJob] = {}
+    rows = [row for setting in settings for row in _plan_setting(setting, jobs)]
+    return _Plan(settings, list(jobs.values()), rows)
+
+
 def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: bool = True,
-                   log: Callable[[str], None] = print) -> LabResult:
-    """Run every setting of the sweep, then write results.csv, results.md and the plots into `out_dir`."""
-    out = Path(out_dir)
-    stages = out / STAGES_DIR
-    stages.mkdir(parents=True, exist_ok=True)
-    ran: list[str] = []
-    rows = []
-    settings = [_Setting(exp, values, stages, progress, log, ran) for values, exp in expand_sweep(experiment)]
-    for index, setting in enumerate(settings, 1):
+                   log: Callable[[str], None] = print, executor: str = "local", max_parallel: int = 1) -> LabResult:
+    """Run every stage of the sweep not finished yet, then write results.csv, results.md and the plots into `out_dir`.
+
+    `executor`: local (this process), processes (one process per stage) or slurm (one job per stage); a failing
+    stage is reported in LabResult.failed, the stages that need it are skipped, and the rest run.
+    """
+    if max_parallel < 1:
+        raise AntidoteError(f"--max-parallel must be at least 1, got {max_parallel}")
+    out = Path(out_dir).resolve()
+    runner = make_executor(executor, out, experiment.cluster)
+    plan = plan_experiment(experiment, out, progress=progress)
+    for index, setting in enumerate(plan.settings, 1):
         if setting.values:
-            log(f"setting {index}/{len(settings)}: " + ", ".join(f"{k}={v}" for k, v in setting.values.items()))
-        rows += _run_setting(setting)
-    files = write_results(rows, out, list(experiment.sweep), experiment.model_dump(mode="json"))
-    for index, setting in enumerate(settings):
-        for label, path in setting.frontiers.items():
-            files[f"frontier-{label}" + (f"-{index + 1}" if len(settings) > 1 else "")] = path
-    return LabResult(out_dir=out, rows=rows, files=files, ran=ran)
+            log(f"setting {index}/{len(plan.settings)}: " + ", ".join(f"{k}={v}" for k, v in setting.values.items()))
+    graph = run_graph(plan.jobs, out / STAGES_DIR, runner, max_parallel=max_parallel, log=log)
+    lost = set(graph.failed) | set(graph.skipped)
+    rows = [row.read() for row in plan.rows if lost.isdisjoint(row.needs)]
+    files = write_results(rows, out, list(experiment.sweep), experiment.model_dump(mode="json", exclude={"cluster"}))
+    for index, setting in enumerate(plan.settings):
+        for label, folder in setting.defense_folders.items():
+            if (folder / PLOT_FILE).is_file():
+                files[f"frontier-{label}" + (f"-{index + 1}" if len(plan.settings) > 1 else "")] = folder / PLOT_FILE
+    return LabResult(out_dir=out, rows=rows, files=files, ran=graph.ran, failed=graph.failed, skipped=graph.skipped)
+
+
+def experiment_status(experiment: Experiment, out_dir: str | Path) -> list[tuple[StageJob, str, str]]:
+    """(stage job, done | running | failed | pending, detail) for every stage of the experiment."""
+    plan = plan_experiment(experiment, out_dir, progress=False)
+    return stage_states(plan.jobs, Path(out_dir).resolve() / STAGES_DIR)
