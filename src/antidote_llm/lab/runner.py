@@ -133,7 +133,8 @@ class _Setting:
 def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs | None:
     """Probe prompts and validation rows for defenses that choose per model; never the evaluation's rows."""
     spec = exp.evaluation
-    if spec.probe_prompts is None or spec.validation_data is None:
+    wanted = any(defense(d.method).needs_validation for d in exp.defenses.values())
+    if not wanted or spec.probe_prompts is None or spec.validation_data is None:
         return None
     prompts = spec.probe_prompts.load("unsafe", require_response=False).pairs
     rows = tasks.load_task_pairs(exp.finetune.task, spec.validation_data, "train", limit=spec.validation_samples,
