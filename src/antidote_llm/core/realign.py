@@ -128,9 +128,12 @@ def _score(target: Target, stats, config: RealignConfig, generator: torch.Genera
     return scoring.wanda_scores(weight, mean_sq)
 
 
-def _select(targets: Sequence[Target], stats, config: RealignConfig, ratio: float) -> dict[str, torch.Tensor]:
-    """Masks in Linear layout. Per row or matrix, one score tensor lives at a time; global needs all."""
-    generator = torch.Generator().manual_seed(config.seed)
+def _select(
+    targets: Sequence[Target], stats, config: RealignConfig, ratio: float, generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masks in Linear layout. Per row or matrix, one score tensor lives at a time; global needs all.
+    A caller selecting in parts (layer by layer) passes one `generator` so random scores match one call."""
+    generator = generator or torch.Generator().manual_seed(config.seed)
     if config.granularity == "global":
         scores = {t.param_name: _score(t, stats, config, generator) for t in targets}
         return scoring.select(scores, ratio, "global")
