@@ -89,3 +89,17 @@ def test_auto_goes_sequential_only_when_the_model_does_not_fit(tiny_model_dir, m
     monkeypatch.setattr("antidote_llm.core.sequential._available_bytes", lambda device: fits.model_bytes)
     assert choose_execution(source, None).path == "sequential"  # no headroom left
     assert choose_execution(source, False).path == "in-memory"
+
+
+def test_cli_offload_flag_and_refusal(tmp_path, harmful_file, capsys):
+    from antidote_llm.cli.main import main
+
+    model_dir = save_model(tmp_path / "model")
+    common = ["realign", "--model", str(model_dir), "--device", "cpu", "--data", str(harmful_file), "--ratio", "0.1",
+              "--batch-size", "4", "--quiet"]
+    assert main([*common, "--offload", "--out", str(tmp_path / "out")]) == 0
+    assert "path: sequential (asked for (--offload))" in capsys.readouterr().out
+    report = RealignReport.model_validate_json((tmp_path / "out" / "report.json").read_text())
+    assert report.execution.path == "sequential" and report.memory.peak_rss_bytes > 0
+    assert main([*common, "--offload", "--granularity", "global", "--out", str(tmp_path / "bad")]) == 2
+    assert "global" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -39,7 +39,8 @@ def cache_dir() -> Path:
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # under accelerate launch / torchrun each process takes the GPU of its local rank, not all cuda:0
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:

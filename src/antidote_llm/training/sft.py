@@ -116,6 +116,27 @@ def _lora_model(model, config: TrainConfig):
         raise AntidoteError(f"cannot add LoRA: {str(exc).splitlines()[0]}; check target_modules") from None
 
 
+def _trainer_class():
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SFTTrainer(Trainer):
+        """Rows grouped by length in batches of the *global* batch (per-device batch x accumulation x processes),
+        from a generator seeded by the config: the same rows make each optimizer step however many processes
+        share it (the Trainer's own sampler groups by the per-device batch and draws from the global RNG)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            args = self.args
+            return LengthGroupedSampler(
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                lengths=[len(item["input_ids"]) for item in dataset],
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+
+    return SFTTrainer
+
+
 def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progress: bool):
     from transformers import TrainingArguments
 
@@ -148,7 +169,6 @@ def _train(
 ) -> tuple[object, TrainFacts, bool]:
     """Add a LoRA to `model` and train it; returns the PEFT model (in eval mode), the training facts and
     whether this is the main process (under `accelerate launch` only the main process writes)."""
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     with timings.measure("tokenize_s"):
@@ -156,7 +176,7 @@ def _train(
     peft_model = _lora_model(model, config)
     on_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="antidote-trainer-") as scratch:
-        trainer = Trainer(
+        trainer = _trainer_class()(
             model=peft_model,
             args=training_arguments(config, scratch, on_cpu, progress),
             data_collator=supervised_collator(tokenizer),
