@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,6 +84,7 @@ class TrainResult:
     adapter_dir: Path
     model: torch.nn.Module
     report: TrainReport | None
+    wrote: bool = field(default=True, kw_only=True)  # False in the other processes of `accelerate launch`: only the main process writes
 
 
 @dataclass
@@ -236,7 +237,7 @@ def align(
         if not main_process:  # under accelerate launch only the main process writes
             merged = merge_adapter(peft_model)
             report = _report("align", config, data, facts, timings, memory, model_info, {})
-            return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
+            return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report, wrote=False)
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
                 peft_model.save_pretrained(tmp / "adapter")  # before merging: merging removes the LoRA layers
@@ -297,6 +298,7 @@ def finetune(
                             mix=mix, harmful_indices=harmful_indices)
     if not main_process:  # under accelerate launch only the main process writes
         result.report = _report("finetune", config, data, facts, timings, memory, model_info, {})
+        result.wrote = False
         return result
     with atomic_dir(out) as tmp:
         with timings.measure("save_s"):
