@@ -103,3 +103,13 @@ def test_cli_offload_flag_and_refusal(tmp_path, harmful_file, capsys):
     assert report.execution.path == "sequential" and report.memory.peak_rss_bytes > 0
     assert main([*common, "--offload", "--granularity", "global", "--out", str(tmp_path / "bad")]) == 2
     assert "global" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_offload_names_a_truncated_weights_file(tmp_path, harmful_file):
+    model_dir = save_model(tmp_path / "model")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(AntidoteError, match="model.safetensors: it is truncated or corrupt"):
+        realign_to_disk(ModelSource(str(model_dir), device="cpu"), RealignConfig(ratio=0.1), tmp_path / "out",
+                        data=DataSpec(source=str(harmful_file)), offload=True)
+    assert not (tmp_path / "out").exists()

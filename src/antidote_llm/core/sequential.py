@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -52,6 +52,14 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 HEADROOM = 1.2  # activations, statistics and the allocator's slack on top of the weights
 
 
+def _open(file: Path):
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as exc:
+        raise AntidoteError(f"cannot read {file}: it is truncated or corrupt ({str(exc).splitlines()[0]}); "
+                            "download or save it again") from None
+
+
 class Checkpoint:
     """The tensors of a safetensors model folder (one file or shards with an index), read lazily."""
 
@@ -61,7 +69,7 @@ class Checkpoint:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             self.files = {key: folder / name for key, name in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", framework="pt") as f:
+            with _open(folder / "model.safetensors") as f:
                 self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
         else:
             raise AntidoteError(f"{folder} has no safetensors weights; --offload reads model.safetensors (or its shards)")
@@ -73,7 +81,7 @@ class Checkpoint:
             by_file.setdefault(self.files[key], []).append(key)
         tensors = {}
         for file, names in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with _open(file) as f:
                 tensors.update({name: f.get_tensor(name) for name in names})
         return tensors
 
@@ -84,7 +92,7 @@ class Checkpoint:
             if i == len(ids) or ids[i] != ids[i - 1] + 1:
                 runs.append((ids[start], ids[i - 1] + 1))
                 start = i
-        with safe_open(self.files[key], framework="pt") as f:
+        with _open(self.files[key]) as f:
             tensor = f.get_slice(key)
             return torch.cat([tensor[a:b] for a, b in runs])
 
@@ -96,7 +104,7 @@ class Checkpoint:
         element = torch.empty((), dtype=dtype).element_size()
         shapes = {}
         for key in keys:
-            with safe_open(self.files[key], framework="pt") as f:
+            with _open(self.files[key]) as f:
                 shapes[key] = f.get_slice(key).get_shape()
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for key in keys:
@@ -113,7 +121,7 @@ class Checkpoint:
                 row_bytes = math.prod(shape[1:]) * element if len(shape) > 1 else element
                 step = max(1, chunk_bytes // max(row_bytes, 1)) if shape else 1
                 for start in range(0, shape[0] if shape else 1, step):
-                    with safe_open(self.files[key], framework="pt") as f:
+                    with _open(self.files[key]) as f:
                         chunk = f.get_slice(key)[start:start + step] if shape else f.get_tensor(key)
                     out.write(chunk.to(dtype).contiguous().view(torch.uint8).numpy().data)
         return offset
@@ -122,7 +130,7 @@ class Checkpoint:
         """The size of every tensor once loaded in `dtype`, from the file headers alone."""
         total, element = 0, torch.empty((), dtype=dtype).element_size()
         for file in set(self.files.values()):
-            with safe_open(file, framework="pt") as f:
+            with _open(file) as f:
                 total += sum(math.prod(f.get_slice(key).get_shape()) * element for key in f.keys())
         return total
 
@@ -138,11 +146,11 @@ class _Adapter:
             raise AntidoteError(f"adapter {folder} uses {', '.join(unsupported)}; --offload supports plain LoRA adapters only")
         r = self.config["r"]
         self.scaling = self.config["lora_alpha"] / (math.sqrt(r) if self.config.get("use_rslora") else r)
-        with safe_open(self.folder / "adapter_model.safetensors", framework="pt") as f:
+        with _open(self.folder / "adapter_model.safetensors") as f:
             self.keys = list(f.keys())
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        with safe_open(self.folder / "adapter_model.safetensors", framework="pt") as f:
+        with _open(self.folder / "adapter_model.safetensors") as f:
             return {key: f.get_tensor(key) for key in keys}
 
 
@@ -172,12 +180,12 @@ def choose_execution(source: ModelSource, offload: bool | None) -> Execution:
     folder, gguf = _locate(source.model)
     if gguf or source.device_map or not Path(folder).is_dir():
         return Execution("in-memory", "auto: sequential needs a local safetensors model folder and no --device-map")
-    try:
-        checkpoint = Checkpoint(Path(folder))
-    except AntidoteError:
-        return Execution("in-memory", "auto: the model folder holds no safetensors weights")
     device = resolve_device(source.device)
-    size = checkpoint.nbytes(resolve_dtype(source.dtype, device))
+    try:
+        size = Checkpoint(Path(folder)).nbytes(resolve_dtype(source.dtype, device))
+    except (AntidoteError, SafetensorError, OSError, KeyError, ValueError):
+        # no safetensors here, or damaged ones: the loader of the in-memory path names the problem
+        return Execution("in-memory", "auto: the model folder holds no readable safetensors weights")
     available = _available_bytes(device)
     if size * HEADROOM > available:
         return Execution("sequential", f"auto: the model needs {size / 2**30:.1f} GiB, {device.type} has "
@@ -200,6 +208,10 @@ def _skeleton(folder: str, source: ModelSource, dtype: torch.dtype, live_adapter
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=source.trust_remote_code)
+    if len(set(getattr(model_config, "layer_types", None) or ())) > 1:
+        # e.g. Gemma 2/3: sliding-window and full-attention layers get different masks, layer 0's do not fit all
+        raise AntidoteError(f"--offload reuses layer 0's attention mask for every layer, but {model_config.model_type} "
+                            "mixes attention types across layers; run without --offload")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=source.trust_remote_code)
     model.eval()
