@@ -34,16 +34,16 @@ def _run(prefix: list[str], args: list[str], tmp_path: Path) -> subprocess.Compl
     return done
 
 
-@pytest.mark.slow
 def test_two_cpu_processes_train_the_one_process_adapter(tmp_path):
     model_dir = save_model(tmp_path / "model")
     # 800 rows of varied length: enough that the Trainer's own length grouping (mega-batches of 50 per-device
-    # batches) would group them differently for 1 x 4 and 2 x 2 rows, so the same batches need our sampler.
+    # batches) groups them differently for 1 x 4 and 2 x 2 rows, so the same batches need our sampler. Six
+    # steps: AdamW's first steps move every weight by about +-lr whatever the rows, which would hide that.
     rows = [{"prompt": f"Question {i}?" + " more" * (i % 7), "response": "I cannot help." + " No." * (i % 5)}
             for i in range(800)]
     (tmp_path / "data.json").write_text(json.dumps(rows))
     common = ["align", "--model", str(model_dir), "--device", "cpu", "--data", str(tmp_path / "data.json"),
-              "--preset", "cpu", "--max-steps", "2", "--max-length", "256", "--lr", "1e-2", "--quiet"]
+              "--preset", "cpu", "--max-steps", "6", "--max-length", "256", "--lr", "1e-2", "--quiet"]
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     two = _run(launch, [*common, "--batch-size", "2", "--out", str(tmp_path / "two")], tmp_path)
