@@ -51,12 +51,13 @@ def test_full_model_offload_equals_in_memory(tmp_path, harmful_file, targets, sc
     assert json.loads((tmp_path / "offload" / "model" / "model.safetensors.index.json").read_text())["weight_map"]
 
 
-def test_adapter_offload_equals_in_memory(tmp_path, harmful_file):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapter_offload_equals_in_memory(tmp_path, harmful_file, dtype):
     """Alignment adapter merged per layer in fp32, the fine-tuning adapter pruned: the same adapter out."""
     model_dir = save_model(tmp_path / "model", layers=3)
     aligned = save_adapter(tmp_path / "align", model_dir, seed=3, scale=0.1)
     finetune = save_adapter(tmp_path / "ft", model_dir, seed=4, targets=("q_proj", "v_proj", "down_proj"), scale=0.3)
-    source = ModelSource(str(model_dir), adapters=(str(aligned), str(finetune)), device="cpu")
+    source = ModelSource(str(model_dir), adapters=(str(aligned), str(finetune)), device="cpu", dtype=dtype)
     config = RealignConfig(ratio=0.2, batch_size=3, max_length=64)
     data = DataSpec(source=str(harmful_file))
     memory_masks, _ = _run(tmp_path, source, config, data, False, "memory")
@@ -113,3 +114,15 @@ def test_offload_names_a_truncated_weights_file(tmp_path, harmful_file):
         realign_to_disk(ModelSource(str(model_dir), device="cpu"), RealignConfig(ratio=0.1), tmp_path / "out",
                         data=DataSpec(source=str(harmful_file)), offload=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_merging_an_adapter_keeps_fp32_buffers(tmp_path):
+    """Merging in fp32 and casting back touches parameters only: the rotary inv_freq stays fp32 (a bf16
+    inv_freq shifted every position angle, and the offload path, which builds the model fresh, disagreed)."""
+    from antidote_llm.runtime.loading import load_model
+
+    model_dir = save_model(tmp_path / "model")
+    aligned = save_adapter(tmp_path / "align", model_dir)
+    loaded = load_model(ModelSource(str(model_dir), adapters=(str(aligned),), device="cpu", dtype="bfloat16"))
+    assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}

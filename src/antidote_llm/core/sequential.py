@@ -193,10 +193,10 @@ def choose_execution(source: ModelSource, offload: bool | None) -> Execution:
     return Execution("in-memory", "auto: the model fits in memory", size, available)
 
 
-def _check_supported(config: RealignConfig, protect: bool) -> None:
+def _check_supported(config: RealignConfig) -> None:
     if config.granularity == "global":
         raise AntidoteError("--offload selects layer by layer; granularity 'global' needs every score at once, use row or matrix")
-    if protect or config.protect_ratio is not None:
+    if config.protect_ratio is not None:
         raise AntidoteError("--offload does not support --protect-data yet; run without --offload")
     if config.action != "zero":
         raise AntidoteError("--offload supports action 'zero' only; run --action revert without --offload")
@@ -261,9 +261,9 @@ def _merge_into(weights: dict[str, torch.Tensor], adapter: _Adapter, prefix: str
 class _Layers:
     """Loads decoder layer l of the skeleton from the checkpoint and adapters, and reads its tensors back."""
 
-    def __init__(self, model, stack: str, checkpoint: Checkpoint, merged: list[_Adapter], live: _Adapter | None,
+    def __init__(self, stack: str, checkpoint: Checkpoint, merged: list[_Adapter], live: _Adapter | None,
                  dtype: torch.dtype, device: torch.device):
-        self.model, self.stack, self.checkpoint = model, stack, checkpoint
+        self.stack, self.checkpoint = stack, checkpoint
         self.merged, self.live, self.dtype, self.device = merged, live, dtype, device
 
     def prefix(self, index: int) -> str:
@@ -281,8 +281,8 @@ class _Layers:
         if self.live is not None:
             lora = {name: ADAPTER_PREFIX + prefix + name.replace(".default.", ".") for name in names if ".lora_" in name}
             tensors = self.live.read(list(lora.values()))
-            for name, key in lora.items():
-                _set(layer, name, tensors[key].to(self.dtype), self.device)
+            for name, key in lora.items():  # in the skeleton's LoRA dtype: PEFT keeps the factors in fp32
+                _set(layer, name, tensors[key], self.device)
 
     def base_tensors(self, layer: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
         return {self.prefix(index) + name: value.detach().to("cpu").contiguous() for name, value in layer.state_dict().items()}
@@ -323,7 +323,7 @@ def realign_sequential(
 ) -> tuple[RealignResult, dict]:
     """Antidote layer by layer from the checkpoint on disk; writes the repaired model (or adapter) and the
     mask into `tmp` and returns the result (masks, report) and what was written where."""
-    _check_supported(config, protect=False)
+    _check_supported(config)
     folder, gguf = _locate(source.model)
     if gguf or not Path(folder).is_dir():
         raise AntidoteError(f"--offload reads a local safetensors model folder; {source.model!r} is not one")
@@ -346,7 +346,7 @@ def realign_sequential(
         for adapter in adapters:
             _check_layer_only(adapter.keys, stack, f"adapter {adapter.folder}")
         targets = resolve_targets(model, config.effective_targets(bool(source.adapters)))
-        loader = _Layers(model, stack, checkpoint, merged, live, dtype, device)
+        loader = _Layers(stack, checkpoint, merged, live, dtype, device)
         model_stack, _ = decoder_layers(model)
         per_layer: list[list[Target]] = [[] for _ in layers]
         for target in targets:
