@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,9 +44,9 @@ def child(args: argparse.Namespace) -> None:
     baseline = psutil.Process().memory_info().rss
     config = RealignConfig(ratio=0.05, targets=(args.targets,), max_length=args.max_length, batch_size=args.batch_size)
     data = DataSpec(source=str(DATA), samples=args.rows)
-    with tempfile.TemporaryDirectory() as out, MemoryMonitor(interval_s=0.005) as memory:
+    with MemoryMonitor(interval_s=0.005) as memory:
         start = time.perf_counter()
-        result = realign_to_disk(ModelSource(MODEL, dtype="float32", device="cpu"), config, Path(out) / "run",
+        result = realign_to_disk(ModelSource(MODEL, dtype="float32", device="cpu"), config, Path(args.out_dir) / args.child,
                                  data=data, offload=args.child == "sequential", progress=False)
         seconds = time.perf_counter() - start
     print(json.dumps({"path": result.report.execution.path, "seconds": seconds, "peak_above_baseline": memory.peak_rss - baseline,
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--child", choices=["in-memory", "sequential"], help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -69,15 +71,22 @@ def main() -> None:
 
     _locate(MODEL)  # converts the built-in GGUF once, outside the measured runs
     runs = {}
+    out_dir = tempfile.mkdtemp(prefix="bench-offload-")
     for path in ("in-memory", "sequential"):
-        command = [sys.executable, __file__, "--child", path, *sys.argv[1:]]
+        command = [sys.executable, __file__, "--child", path, "--out-dir", out_dir, *sys.argv[1:]]
         line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         runs[path] = json.loads(line)
         run = runs[path]
         print(f"{path:>10}: {run['seconds']:.2f} s, peak RSS {run['peak_above_baseline'] / 2**20:.0f} MiB above the "
               f"post-import baseline ({run['baseline'] / 2**20:.0f} MiB); timings {run['timings']}")
     memory, sequential = runs["in-memory"], runs["sequential"]
-    assert memory["pruned"] == sequential["pruned"]
+    from safetensors.torch import load_file
+
+    masks = [load_file(str(Path(out_dir) / path / "mask.safetensors")) for path in ("in-memory", "sequential")]
+    differ = sum(int((masks[0][name] != masks[1][name]).sum()) for name in masks[0])
+    shutil.rmtree(out_dir)
+    print(f"masks: {len(masks[0])} tensors, {sum(m.numel() for m in masks[0].values()):,} weights, "
+          f"{differ} differ between the two paths [0]")
     print(f"SmolLM2-135M-Instruct fp32, {args.rows} rows, targets {args.targets}, {args.threads} thread(s)")
     print(f"memory ratio (sequential / in-memory, above baseline): "
           f"{sequential['peak_above_baseline'] / memory['peak_above_baseline']:.3f} [<= 0.4]")

@@ -8,9 +8,10 @@ fp32, the live fine-tuning adapter's factors beside it), every batch runs throug
 its outputs become the next layer's inputs, its targets are selected and pruned, its tensors are written out
 and it is freed. The masks equal `realign`'s exactly (the same sums over the same inputs, layer by layer).
 
-Memory: one layer's weights, the embeddings while layer 0's inputs are computed, the hidden states of every
-calibration token twice (a layer's inputs and outputs: tokens x hidden x bytes per element each, padding
-included), the attention masks, and the boolean masks until `mask.safetensors` is written.
+Memory: one layer's weights, the embedding rows the calibration tokens use, the hidden states of every
+calibration token once (tokens x hidden x bytes per element, padding included; each batch's are replaced by
+the layer's output as soon as it has run), one batch's activations, the attention masks, and the boolean
+masks until `mask.safetensors` is written.
 """
 
 from __future__ import annotations
@@ -380,8 +381,8 @@ def realign_sequential(
         with timings.measure("scoring_s"):
             stats = {}
             if config.needs_data:
-                stats, inputs = collect_layer_statistics(layer, inputs, batches, per_layer[index],
-                                                         outputs=index < len(layers) - 1)
+                stats = collect_layer_statistics(layer, inputs, batches, per_layer[index],
+                                                 advance=index < len(layers) - 1)
         with timings.measure("selection_s"):
             chosen = _select(per_layer[index], stats, config, config.ratio, generator)
             chosen = {t.param_name: t.from_linear(chosen[t.param_name]).contiguous().cpu() for t in per_layer[index]}

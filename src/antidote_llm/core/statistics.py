@@ -201,17 +201,17 @@ def first_layer_inputs(model: nn.Module, batches: Sequence[Batch]) -> list[Layer
 
 def collect_layer_statistics(
     layer: nn.Module, inputs: Sequence[LayerInput], batches: Sequence[Batch], targets: Sequence[Target],
-    *, outputs: bool = True,
-) -> tuple[dict[str, ChannelStats], list[LayerInput]]:
-    """s_j for the targets inside one decoder layer, and (with `outputs`) the layer's outputs, which are
-    the next layer's inputs: the same sums the whole-model pass accumulates, one layer at a time."""
+    *, advance: bool = True,
+) -> dict[str, ChannelStats]:
+    """s_j for the targets inside one decoder layer: the same sums the whole-model pass accumulates, one layer
+    at a time. With `advance`, each batch's hidden states are replaced in place by the layer's output (the next
+    layer's input) as soon as the batch has run, so one copy of the calibration set's hidden states lives."""
     stats = {t.param_name: ChannelStats(t.in_features) for t in targets}
     state: list[_BatchState] = [None]
-    following = []
     with _target_hooks(targets, stats, state), torch.inference_mode():
         for given, batch in zip(inputs, batches, strict=True):
             state[0] = _BatchState(batch.count_mask)
             out = layer(given.hidden, **given.kwargs)
-            if outputs:
-                following.append(LayerInput(out[0] if isinstance(out, tuple) else out, given.kwargs))
-    return stats, following
+            if advance:
+                given.hidden = out[0] if isinstance(out, tuple) else out
+    return stats
