@@ -17,7 +17,7 @@
 #   align (20 epochs)   | 15-25 min        | 0.8-1.3 h       | ~35-40 GB (bf16 weights 13.5, LoRA r=256 + AdamW 3.2, activations)
 #   finetune (20 ep.)   | 27-45 min        | 1.4-2.2 h       | ~35-40 GB (GSM8K rows up to ~600 tokens, batch 5)
 #   realign             | 2-4 min (load, 2,000 rows ~0.3M tokens forward, save merged 13.5 GB)
-#                       |                  |                 | ~15-17 GB in memory; ~6 GB with --offload
+#                       |                  |                 | ~15-17 GB in memory; ~4 GB with --offload
 #   evaluate (vLLM)     | 4-10 min each    | 6-15 min each   | vLLM takes 90% of the card (weights + KV cache)
 #   judge (beaver-dam)  | 1-3 min each     | 2-4 min each    | ~15 GB (7B classifier, bf16)
 #   total               | ~1.5 h           | ~3-4 h          |
