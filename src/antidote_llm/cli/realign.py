@@ -81,6 +81,11 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     group.add_argument("--save-merged", action="store_true", help="adapter mode: also write the fully merged model")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--offload", action=argparse.BooleanOptionalAction, default=None,
+        help="compute layer by layer from the safetensors files, one decoder layer in memory at a time "
+        "(default: when the model does not fit in free memory)",
+    )
 
 
 def _summary(report: RealignReport, out: str) -> str:
@@ -96,6 +101,8 @@ def _summary(report: RealignReport, out: str) -> str:
     if report.protection:
         lines.append(f"  protection: {report.protection.spared:,} selected weights spared")
     lines.append("  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report.timings.items()))
+    if report.execution:
+        lines.append(f"  path: {report.execution.path} ({report.execution.reason})")
     lines.append(f"  wrote {out}")
     return "\n".join(lines)
 
@@ -149,7 +156,7 @@ def run_realign(args: argparse.Namespace) -> int:
         return 0
     result = realign_to_disk(
         model_source(args), config, args.out, data=data, protect_data=protect, aligned_model=args.aligned_model,
-        save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
+        save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet, offload=args.offload,
     )
     print(_summary(result.report, args.out))
     return 0

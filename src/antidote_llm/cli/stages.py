@@ -78,7 +78,8 @@ def run_align(args: argparse.Namespace) -> int:
     loaded = load_model(source)
     result = training.align(loaded.model, loaded.tokenizer, pairs, config, out, benign=benign,
                             model_info=source.describe(), progress=not args.quiet)
-    print(_summary("align", result.report, args.out))
+    if result.wrote:  # under accelerate launch, once
+        print(_summary("align", result.report, args.out))
     return 0
 
 
@@ -110,6 +111,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         loaded.model, loaded.tokenizer, task_pairs, harmful, harmful_fraction=spec.harmful_fraction,
         n=spec.samples_total, config=config, out_dir=out, model_info=source.describe(), progress=not args.quiet,
     )
+    if not result.wrote:  # under accelerate launch, once
+        return 0
     print(_summary("finetune", result.report, args.out))
     print(f"  mix: {spec.harmful_rows} harmful + {spec.task_rows} {args.task} rows; "
           "harmful source indices in mix.json (exclude them from re-alignment data)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, check_action, realign
-from antidote_llm.core.report import ApplyMaskReport
+from antidote_llm.core.report import ApplyMaskReport, ExecutionReport
+from antidote_llm.core.sequential import Execution, choose_execution, realign_sequential
 from antidote_llm.core.targets import acts_on_adapter
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
@@ -61,8 +63,13 @@ def realign_to_disk(
     save_merged: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    offload: bool | None = None,
 ) -> RealignResult:
-    """The `antidote realign` command: every input is checked before the model is touched."""
+    """The `antidote realign` command: every input is checked before the model is touched.
+
+    `offload` True computes layer by layer from the checkpoint (core.sequential), False in memory,
+    None (auto) layer by layer when the model does not fit in free memory; the report's `execution` says
+    which path ran and why."""
     timings = Timings()
     started = time.time()
     out = check_output_dir(
@@ -73,6 +80,14 @@ def realign_to_disk(
     config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned_model is not None)
     pairs = data.load("unsafe") if data is not None else None
     protect_pairs = protect_data.load("all", require_response=False) if protect_data is not None else None
+    execution = choose_execution(source, offload)
+    if execution.path == "sequential":
+        if save_merged:
+            raise AntidoteError("--offload writes the pruned adapter only; drop --save-merged (or --offload)")
+        with MemoryMonitor() as memory, atomic_dir(out) as tmp:
+            result, outputs = realign_sequential(source, config, pairs, tmp, progress=progress)
+            _finish_report(result, tmp, source, None, outputs, result.report.timings, memory, started, execution)
+        return result
     with MemoryMonitor() as memory:
         with timings.measure("load_s"):
             loaded = load_model(source, keep_adapter=acts_on_adapter(targets))
@@ -85,17 +100,23 @@ def realign_to_disk(
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
                 outputs = save_repaired(loaded, result.masks, tmp, save_merged)
-            result.report = result.report.model_copy(update=dict(
-                model=source.describe(),
-                aligned_model=aligned_model,
-                outputs=outputs,
-                timings=dict(timings),
-                memory=memory.report(),
-                versions=library_versions(),
-                started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            ))
-            write_report(tmp / REPORT_FILE, result.report)
+            _finish_report(result, tmp, source, aligned_model, outputs, timings, memory, started, execution)
     return result
+
+
+def _finish_report(result: RealignResult, tmp: Path, source: ModelSource, aligned_model: str | None, outputs: dict,
+                   timings: dict, memory: MemoryMonitor, started: float, execution: Execution) -> None:
+    result.report = result.report.model_copy(update=dict(
+        model=source.describe(),
+        aligned_model=aligned_model,
+        outputs=outputs,
+        timings=dict(timings),
+        memory=memory.report(),
+        versions=library_versions(),
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        execution=ExecutionReport(**dataclasses.asdict(execution)),
+    ))
+    write_report(tmp / REPORT_FILE, result.report)
 
 
 def apply_mask_to_disk(

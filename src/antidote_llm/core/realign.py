@@ -128,10 +128,13 @@ def _score(target: Target, stats, config: RealignConfig, generator: torch.Genera
     return scoring.wanda_scores(weight, mean_sq)
 
 
-def _select_levels(targets: Sequence[Target], stats, config: RealignConfig, ratios: Sequence[float]) -> dict[str, torch.Tensor]:
+def _select_levels(
+    targets: Sequence[Target], stats, config: RealignConfig, ratios: Sequence[float], generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Nested selections at every ratio from one score per weight, as levels (Linear layout; see
-    scoring.nested_levels). Per row or matrix, one score tensor lives at a time; global needs all."""
-    generator = torch.Generator().manual_seed(config.seed)
+    scoring.nested_levels). Per row or matrix, one score tensor lives at a time; global needs all.
+    A caller selecting in parts (layer by layer) passes one `generator` so random scores match one call."""
+    generator = generator or torch.Generator().manual_seed(config.seed)
 
     def levels_of(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         per_ratio = [scoring.select(scores, ratio, config.granularity) for ratio in ratios]

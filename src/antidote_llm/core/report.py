@@ -53,6 +53,16 @@ class MethodReport(Report):
     targets: list[str]
 
 
+class ExecutionReport(Report):
+    """Which path computed the statistics: in memory (the whole model loaded) or sequential (layer by layer
+    from the checkpoint, --offload), why, and the sizes the automatic choice compared."""
+
+    path: str
+    reason: str
+    model_bytes: int | None = None
+    available_bytes: int | None = None
+
+
 class RealignReport(Report):
     method: MethodReport
     data: DataReport | None
@@ -68,6 +78,7 @@ class RealignReport(Report):
     memory: MemoryReport | None = None
     versions: dict[str, str] | None = None
     started_at: str | None = None
+    execution: ExecutionReport | None = None
 
 
 class ApplyMaskReport(Report):

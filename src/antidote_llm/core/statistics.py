@@ -111,7 +111,7 @@ def _embedding_hook(stats: ChannelStats, state: list, vocab: int):
 
 
 @contextlib.contextmanager
-def _hooks(model: nn.Module, targets: Sequence[Target], stats: dict[str, ChannelStats], state: list) -> Iterator[None]:
+def _target_hooks(targets: Sequence[Target], stats: dict[str, ChannelStats], state: list) -> Iterator[None]:
     handles = []
     try:
         for target in targets:
@@ -122,13 +122,24 @@ def _hooks(model: nn.Module, targets: Sequence[Target], stats: dict[str, Channel
                 hook = _linear_hook(stats[target.param_name], state)
             stats[target.param_name].sum_sq = stats[target.param_name].sum_sq.to(device)
             handles.append(target.module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _hooks(model: nn.Module, targets: Sequence[Target], stats: dict[str, ChannelStats], state: list) -> Iterator[None]:
+    handles = []
+    try:
         stop = _stop_point(model, targets)
         if stop is not None:
             def raise_stop(module, args, output):
                 raise _StopForward
 
             handles.append(stop.register_forward_hook(raise_stop))
-        yield
+        with _target_hooks(targets, stats, state):
+            yield
     finally:
         for handle in handles:
             handle.remove()
@@ -157,4 +168,59 @@ def collect_statistics(
                     attention_mask=batch.attention_mask.to(device),
                     use_cache=False,
                 )
+    return stats
+
+
+@dataclass
+class LayerInput:
+    """What one decoder layer receives for one calibration batch: hidden states and the keyword arguments
+    (position embeddings, attention mask, position ids) the model computed for it."""
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook on layer 0 once it has seen its inputs."""
+
+
+def first_layer_inputs(model: nn.Module, batches: Sequence[Batch]) -> list[LayerInput]:
+    """The inputs of the first decoder layer for every batch: the model runs up to it and stops."""
+    _, layers = decoder_layers(model)
+    captured: list[LayerInput] = []
+
+    def catch(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(LayerInput(hidden, kwargs))
+        raise _Captured
+
+    device = input_device(model)
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                with contextlib.suppress(_Captured):
+                    model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def collect_layer_statistics(
+    layer: nn.Module, inputs: Sequence[LayerInput], batches: Sequence[Batch], targets: Sequence[Target],
+    *, advance: bool = True,
+) -> dict[str, ChannelStats]:
+    """s_j for the targets inside one decoder layer: the same sums the whole-model pass accumulates, one layer
+    at a time. With `advance`, each batch's hidden states are replaced in place by the layer's output (the next
+    layer's input) as soon as the batch has run, so one copy of the calibration set's hidden states lives."""
+    stats = {t.param_name: ChannelStats(t.in_features) for t in targets}
+    state: list[_BatchState] = [None]
+    scratch: dict[torch.device, torch.Tensor] = {}
+    with _target_hooks(targets, stats, state), torch.inference_mode():
+        for given, batch in zip(inputs, batches, strict=True):
+            state[0] = _BatchState(batch.count_mask, scratch)
+            out = layer(given.hidden, **given.kwargs)
+            if advance:
+                given.hidden = out[0] if isinstance(out, tuple) else out
     return stats

@@ -166,7 +166,8 @@ def _deduplicate_tied(targets: list[Target]) -> list[Target]:
     """Tied weights (LM head = embeddings) are one tensor: score and prune it once."""
     seen, unique = set(), []
     for target in targets:
-        key = target.weight.data_ptr()
+        weight = target.weight  # weights not yet loaded (meta) have no storage to compare
+        key = id(weight) if weight.is_meta else weight.data_ptr()
         if key not in seen:
             seen.add(key)
             unique.append(target)

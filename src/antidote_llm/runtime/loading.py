@@ -39,7 +39,8 @@ def cache_dir() -> Path:
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # under accelerate launch / torchrun each process takes the GPU of its local rank, not all cuda:0
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
@@ -299,7 +300,18 @@ def merge_adapter(peft_model) -> torch.nn.Module:
     dtype = peft_model.get_input_embeddings().weight.dtype
     if dtype == MERGE_DTYPE:
         return peft_model.merge_and_unload()
-    return peft_model.to(MERGE_DTYPE).merge_and_unload().to(dtype)
+    _cast_parameters(peft_model, MERGE_DTYPE)
+    merged = peft_model.merge_and_unload()
+    _cast_parameters(merged, dtype)
+    return merged
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters only: `model.to(dtype)` would also round float buffers such as the rotary embeddings'
+    inv_freq, which transformers keeps in fp32 whatever the model's dtype."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 def load_model(source: ModelSource, keep_adapter: bool = False) -> Loaded:

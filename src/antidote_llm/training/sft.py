@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,6 +84,7 @@ class TrainResult:
     adapter_dir: Path
     model: torch.nn.Module
     report: TrainReport | None
+    wrote: bool = field(default=True, kw_only=True)  # False in the other processes of `accelerate launch`: only the main process writes
 
 
 @dataclass
@@ -114,6 +115,27 @@ def _lora_model(model, config: TrainConfig):
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise AntidoteError(f"cannot add LoRA: {str(exc).splitlines()[0]}; check target_modules") from None
+
+
+def _trainer_class():
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SFTTrainer(Trainer):
+        """Rows grouped by length in batches of the *global* batch (per-device batch x accumulation x processes),
+        from a generator seeded by the config: the same rows make each optimizer step however many processes
+        share it (the Trainer's own sampler groups by the per-device batch and draws from the global RNG)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            args = self.args
+            return LengthGroupedSampler(
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                lengths=[len(item["input_ids"]) for item in dataset],
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+
+    return SFTTrainer
 
 
 def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progress: bool):
@@ -148,7 +170,6 @@ def _train(
 ) -> tuple[object, TrainFacts, bool]:
     """Add a LoRA to `model` and train it; returns the PEFT model (in eval mode), the training facts and
     whether this is the main process (under `accelerate launch` only the main process writes)."""
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     with timings.measure("tokenize_s"):
@@ -156,7 +177,7 @@ def _train(
     peft_model = _lora_model(model, config)
     on_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="antidote-trainer-") as scratch:
-        trainer = Trainer(
+        trainer = _trainer_class()(
             model=peft_model,
             args=training_arguments(config, scratch, on_cpu, progress),
             data_collator=supervised_collator(tokenizer),
@@ -216,7 +237,7 @@ def align(
         if not main_process:  # under accelerate launch only the main process writes
             merged = merge_adapter(peft_model)
             report = _report("align", config, data, facts, timings, memory, model_info, {})
-            return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
+            return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report, wrote=False)
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
                 peft_model.save_pretrained(tmp / "adapter")  # before merging: merging removes the LoRA layers
@@ -277,6 +298,7 @@ def finetune(
                             mix=mix, harmful_indices=harmful_indices)
     if not main_process:  # under accelerate launch only the main process writes
         result.report = _report("finetune", config, data, facts, timings, memory, model_info, {})
+        result.wrote = False
         return result
     with atomic_dir(out) as tmp:
         with timings.measure("save_s"):
