@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from antidote_llm.cli import peers
 from antidote_llm.cli.common import add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
@@ -29,7 +30,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method")
-    add_config_options(group, RealignConfig, METHOD_FIELDS)
+    add_config_options(group, RealignConfig, METHOD_FIELDS, optional=("ratio",))  # antidote's own; the peers have none
     group.add_argument("--protect-data", help="benign rows for --protect-ratio")
     group.add_argument("--protect-samples", type=int, help="rows of --protect-data to use")
     group.add_argument("--aligned-model", help="the aligned model the fine-tune started from, for --action revert")
@@ -61,6 +62,9 @@ def _summary(report: RealignReport, out: str) -> str:
 
 
 def run_realign(args: argparse.Namespace) -> int:
+    peers.refuse_foreign_flags(args)
+    if args.method != peers.ANTIDOTE:
+        return peers.run(args, model_source(args))
     config = config_from_args(RealignConfig, args, RealignConfig.model_fields)
     data = None
     if args.source:
@@ -90,6 +94,7 @@ def register(subparsers) -> None:
         description="Score every target weight by |W|*||x|| on harmful data and prune the top --ratio.",
     )
     add_model_arguments(realign)
+    peers.add_arguments(realign)
     _add_data_arguments(realign)
     _add_method_arguments(realign)
     _add_output_arguments(realign)
