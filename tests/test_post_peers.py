@@ -15,6 +15,7 @@ from antidote_llm.defenses.safelora import projection_matrix, select_modules
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import ModelSource, load_model
 from conftest import add_lora, make_model, make_tokenizer
+from test_lab import experiment_file  # noqa: F401 - the tiny experiment fixture
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -369,3 +370,61 @@ def test_registry_lists_the_peers_at_the_post_stage():
         assert defense(name, "post").extra_inputs
     with pytest.raises(AntidoteError):
         defense("resta").configure({"dare_drop": 1.0})
+
+
+# --- the lab and `antidote unalign` --------------------------------------------------------------------
+
+
+def test_lab_compares_the_peers_with_antidote_on_the_same_fine_tuned_model(experiment_file, tmp_path):  # noqa: F811
+    import yaml
+
+    from antidote_llm.lab import load_experiment, run_experiment
+    from test_lab import TINY_TRAINING
+
+    raw = yaml.safe_load(experiment_file.read_text())
+    raw["unalign"] = {"data": {"source": "harmful.jsonl", "skip": 10, "samples": 4}, "training": TINY_TRAINING}
+    raw["realign_data"] = {"source": "harmful.jsonl", "skip": 14}
+    raw["safe_data"] = {"source": "refusals.jsonl"}
+    raw["defenses"] = {
+        "none": {"method": "none"},
+        "antidote": {"method": "antidote", "ratio": 0.1, "max_length": 64},
+        "safelora": {"method": "safelora", "layers": 2},
+        "resta": {"method": "resta", "beta": 0.5},
+        "safe-delta": {"method": "safe-delta", "scale": 0.1, "template": "plain"},
+    }
+    experiment_file.write_text(yaml.safe_dump(raw))
+    logs = []
+    result = run_experiment(load_experiment(experiment_file), tmp_path / "runs", progress=False, log=logs.append)
+    rows = {r["defense"]: r for r in result.rows if r["stage"] == "fine-tuned"}
+    assert set(rows) == set(raw["defenses"])
+    assert rows["safelora"]["setting"] == "K=2" and rows["resta"]["setting"] == "beta=0.5"
+    assert all(rows[name]["defense_peak_rss_mb"] > 0 and rows[name]["pruned_fraction"] > 0 for name in rows if name != "none")
+    assert sum(name.startswith("unalign-") for name in result.ran) == 1
+    again = run_experiment(load_experiment(experiment_file), tmp_path / "runs", progress=False, log=logs.append)
+    assert again.ran == []  # every stage, the unaligned model included, is cached
+    assert "setting" in result.files["markdown"].read_text()
+
+
+def test_lab_refuses_a_peer_without_its_input_and_overlapping_unalignment_rows(experiment_file, tmp_path):  # noqa: F811
+    import yaml
+
+    from antidote_llm.lab import load_experiment, run_experiment
+
+    raw = yaml.safe_load(experiment_file.read_text())
+    raw["defenses"]["resta"] = {"method": "resta"}
+    experiment_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(AntidoteError, match="needs unalign"):
+        load_experiment(experiment_file)
+    raw["unalign"] = {"data": {"source": "harmful.jsonl"}}  # every row: the poison rows too
+    experiment_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(AntidoteError, match="unalignment rows are also poison or re-alignment rows"):
+        run_experiment(load_experiment(experiment_file), tmp_path / "runs", progress=False, log=lambda _: None)
+
+
+def test_unalign_command_writes_an_adapter_resta_takes(lineage, tmp_path, harmful_file):
+    out = tmp_path / "unaligned"
+    assert main(["unalign", "--model", str(lineage / "aligned"), "--data", str(harmful_file), "--device", "cpu",
+                 "--max-steps", "2", "--lora-r", "2", "--template", "plain", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stage"] == "unalign" and report["data"]["harmful"]["rows"] == 12
+    assert _cli(lineage, tmp_path / "r", "--method", "resta", "--unaligned-model", str(out / "adapter"), "--beta", "0.5") == 0

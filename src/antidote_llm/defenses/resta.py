@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from antidote_llm.defenses import adapters
+import antidote_llm.defenses.adapters as adapters
 from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.defenses.report import module_change, post_report
 from antidote_llm.errors import AntidoteError

@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+import antidote_llm.defenses.adapters as adapters
 from antidote_llm.core.realign import DEFAULT_MAX_LENGTH
 from antidote_llm.data.templates import encode_pair
-from antidote_llm.defenses import adapters
 from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.defenses.report import module_change, post_report
 from antidote_llm.errors import AntidoteError

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from antidote_llm.runtime.outputs import write_json
 
-COLUMNS = ("stage", "defense", "method", "ratio", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
-           "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s", "align_s", "finetune_s")
+COLUMNS = ("stage", "defense", "method", "ratio", "setting", "harmful_score", "degenerate_rate", "compliance_rate",
+           "finetune_accuracy", "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s",
+           "defense_peak_rss_mb", "defense_added_rss_mb", "align_s", "finetune_s")
 
 
 def add_deltas(rows: list[dict], sweep: Sequence[str]) -> list[dict]:
@@ -36,9 +37,10 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict], sweep: Sequence[str]) -> str:
-    headers = [*sweep, "stage", "defense", "ratio", "HS %", "degenerate %", "complies %", "FA %", "ΔHS", "ΔFA", "pruned %", "defense s"]
-    keys = [*sweep, "stage", "defense", "ratio", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
-            "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s"]
+    headers = [*sweep, "stage", "defense", "setting", "HS %", "degenerate %", "complies %", "FA %", "ΔHS", "ΔFA",
+               "changed %", "defense s", "peak MB"]
+    keys = [*sweep, "stage", "defense", "setting", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
+            "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s", "defense_peak_rss_mb"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = []

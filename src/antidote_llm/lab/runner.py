@@ -24,6 +24,7 @@ from antidote_llm.lab.config import Experiment, expand_sweep, stage_key
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
 from antidote_llm.runtime.outputs import atomic_dir, write_report
+from antidote_llm.runtime.runinfo import MemoryMonitor, MemoryReport
 from antidote_llm.training.report import TrainReport
 from antidote_llm.training.sft import REPORT_FILE as TRAIN_REPORT
 
@@ -39,6 +40,7 @@ class DefenseRecord(BaseModel):
     settings: dict | None
     defense_s: float
     outcome: DefenseOutcome
+    memory: MemoryReport | None = None  # over the defense alone (the fine-tuned model already loaded)
 
 
 @dataclass
@@ -79,10 +81,19 @@ class _Setting:
         mix = training.mix_spec(ft.harmful_fraction, ft.samples)
         training.check_mix_counts(mix, len(self.task_train), len(self.harmful))
         poison = self.harmful.pairs[:mix.harmful_rows]  # the fine-tuning takes the leading harmful rows
-        self.realign_pairs = _realign_rows(exp, self.harmful.indices[:mix.harmful_rows], poison)
+        poison_indices = self.harmful.indices[:mix.harmful_rows]
+        self.realign_pairs = _disjoint_rows(exp, exp.realign_data, "re-alignment", "realign_data", poison_indices, poison)
         self.benign = exp.benign_data.load(require_response=False) if exp.benign_data else None
+        self.safe = exp.safe_data.load("safe") if exp.safe_data else None
         spec = exp.evaluation
         self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
+        self.unalign_pairs = None
+        if exp.unalign is not None:
+            self.unalign_pairs = _disjoint_rows(exp, exp.unalign.data, "unalignment", "unalign.data", poison_indices, poison,
+                                                taken=self.realign_pairs.pairs)
+            shared = {p.prompt for p in self.unalign_pairs.pairs} & {p.prompt for p in self.prompts.pairs}
+            if shared:
+                raise AntidoteError(f"{len(shared)} unalignment prompts are evaluation prompts; give unalign.data other rows")
         self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
         self.eval_key = stage_key(spec, self.prompts.sha256, pairs_sha256(self.task_test), exp.model.template)
 
@@ -138,6 +149,21 @@ class _Setting:
         folder = self.run_stage("finetune", key, work)
         return key, folder / "adapter", _train_seconds(folder)
 
+    def unalign(self, align_key: str, aligned: ModelSource) -> tuple[str, Path]:
+        """RESTA's unaligned model: a short harmful LoRA SFT of the aligned model; returns its adapter."""
+        exp = self.exp
+        pairs = self.unalign_pairs
+        config = training.preset(exp.unalign.training.preset, "unalign", seed=exp.seed, template=exp.model.template,
+                                 **exp.unalign.training.overrides)
+        key = stage_key("unalign", align_key, pairs.sha256, config)
+
+        def work(folder: Path) -> None:
+            loaded = load_model(aligned)
+            training.unalign(loaded.model, loaded.tokenizer, pairs, config, folder, model_info=aligned.describe(),
+                             progress=self.progress)
+
+        return key, self.run_stage("unalign", key, work) / "adapter"
+
     # --- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self, model, tokenizer):
@@ -148,15 +174,15 @@ class _Setting:
         )
 
 
-def _realign_rows(exp: Experiment, poison_indices, poison_pairs):
-    """Re-alignment rows, never the poison rows (by index when both share a source, and by content)."""
-    same_source = (exp.realign_data.source, exp.realign_data.safety) == (exp.finetune.harmful.source, exp.finetune.harmful.safety)
-    pairs = exp.realign_data.load("unsafe", exclude=poison_indices if same_source else ())
-    overlap = set(pairs.pairs) & set(poison_pairs)
+def _disjoint_rows(exp: Experiment, spec, role: str, key: str, poison_indices, poison_pairs, taken=()):
+    """Harmful rows for `role`, never the poison rows (by index when both share a source, and by content), nor
+    the rows `taken` by another role."""
+    same_source = (spec.source, spec.safety) == (exp.finetune.harmful.source, exp.finetune.harmful.safety)
+    pairs = spec.load("unsafe", exclude=poison_indices if same_source else ())
+    overlap = set(pairs.pairs) & (set(poison_pairs) | set(taken))
     if overlap:
-        raise AntidoteError(
-            f"{len(overlap)} re-alignment rows are also poison rows; give realign_data a disjoint source or skip window"
-        )
+        others = "poison or re-alignment" if taken else "poison"
+        raise AntidoteError(f"{len(overlap)} {role} rows are also {others} rows; give {key} a disjoint source or skip window")
     return pairs
 
 
@@ -164,13 +190,15 @@ def _metrics(folder: Path) -> EvalMetrics:
     return EvalMetrics.model_validate_json((folder / METRICS_FILE).read_text(encoding="utf-8"))
 
 
-def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: EvalMetrics, **times) -> dict:
+def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: EvalMetrics, setting: str | None = None,
+         **times) -> dict:
     return {
         **values,
         "stage": stage,
         "defense": label,
         "method": method,
         "ratio": ratio,
+        "setting": setting,
         "harmful_score": metrics.harmful_score,
         "degenerate_rate": metrics.degenerate_rate,
         "compliance_rate": metrics.compliance_rate,
@@ -185,6 +213,14 @@ def _run_setting(setting: _Setting) -> list[dict]:
     ft_key, adapter, finetune_s = setting.finetune(align_key, aligned)
     eval_key, realign_pairs, benign = setting.eval_key, setting.realign_pairs, setting.benign
     rows = []
+    needed = {name for spec in exp.defenses.values() for options in defense(spec.method).extra_inputs for name in options}
+    unalign_key, unaligned = setting.unalign(align_key, aligned) if "unaligned_model" in needed else (None, None)
+    # The peers' extra inputs, and what identifies each for the stage keys.
+    extras = {
+        "base_model": (setting.base_source if exp.alignment is not None else None, stage_key("given", setting.base_source.describe())),
+        "unaligned_model": (str(unaligned) if unaligned else None, unalign_key),
+        "safe": (setting.safe, setting.safe and setting.safe.sha256),
+    }
 
     stage_models = {"base": (setting.base_source, stage_key("given", setting.base_source.describe())), "aligned": (aligned, align_key)}
     for stage in exp.evaluate_stages:
@@ -204,29 +240,36 @@ def _run_setting(setting: _Setting) -> list[dict]:
         settings = exp.defense_settings(label)
         chosen = defense(spec.method)
         settings_dump = settings.model_dump(mode="json") if settings is not None else None
+        used = {name: extras[name] for options in chosen.extra_inputs for name in options if name in extras}
+        extra_keys = [[name, identity] for name, (_, identity) in sorted(used.items())]
         key = stage_key("defense", ft_key, spec.method, settings_dump, realign_pairs.sha256, benign and benign.sha256,
-                        eval_key, exp.seed)
+                        eval_key, exp.seed, *([extra_keys] if extra_keys else []))
 
-        def work(folder: Path, chosen=chosen, settings=settings, settings_dump=settings_dump) -> None:
+        def work(folder: Path, chosen=chosen, settings=settings, settings_dump=settings_dump, used=used) -> None:
             # A fresh copy of the fine-tuned model for every defense: no defense sees another's changes.
             finetuned = ModelSource(aligned.model, adapters=(str(adapter),), dtype=aligned.dtype, device=aligned.device)
             loaded = load_model(finetuned, keep_adapter=chosen.live_adapter(settings))
-            context = DefenseContext(loaded.tokenizer, realign_pairs, benign)
+            context = DefenseContext(loaded.tokenizer, realign_pairs, benign, **{name: value for name, (value, _) in used.items()})
             started = time.perf_counter()
-            outcome = chosen.apply(loaded.model, settings, context)
+            with MemoryMonitor() as memory:
+                outcome = chosen.apply(loaded.model, settings, context)
             defense_s = round(time.perf_counter() - started, 2)
             result = setting.evaluate(loaded.model, loaded.tokenizer)
             with atomic_dir(folder) as tmp:
                 write_eval(result, tmp / "eval")
                 write_report(tmp / DEFENSE_FILE, DefenseRecord(method=chosen.name, stage=chosen.stage,
-                                                              settings=settings_dump, defense_s=defense_s, outcome=outcome))
+                                                              settings=settings_dump, defense_s=defense_s, outcome=outcome,
+                                                              memory=memory.report()))
 
         folder = setting.run_stage(f"defense-{label}", key, work)
         record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
         rows.append(_row(
             setting.values, "fine-tuned", label, spec.method, getattr(settings, "ratio", None),
-            _metrics(folder / "eval"),
+            _metrics(folder / "eval"), setting=chosen.knob(settings),
             pruned_fraction=record.outcome.changed_fraction, defense_s=record.defense_s, finetune_s=finetune_s,
+            defense_peak_rss_mb=round(record.memory.peak_rss_bytes / 2**20) if record.memory else None,
+            defense_added_rss_mb=round((record.memory.peak_rss_bytes - record.memory.rss_start_bytes) / 2**20)
+            if record.memory else None,
         ))
     return rows
 
