@@ -89,7 +89,8 @@ def _plot_metric(ax, rows: list[dict], metric: str, x_key: str | None) -> None:
         points = sorted((r[x_key], r[metric]) for r in rows if r["method"] == method and r[x_key] is not None and r[metric] is not None)
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
-        elif x_key == "ratio":  # the undefended model has no ratio: a horizontal line
+        elif x_key == "ratio" and method == "none":  # the undefended model has no ratio: a horizontal line
+            # (methods with other knobs, the post-fine-tuning peers, are in the trade-off plot)
             for value in sorted({r[metric] for r in rows if r["method"] == method and r[metric] is not None}):
                 ax.axhline(value, linestyle="--", color="gray", label=method)
     ax.set_xlabel(x_key)
