@@ -61,42 +61,41 @@ def _dtype_name(model) -> str:
 
 
 def _with_unaligned_adapter(model, config: RestaConfig, path: str, timings: Timings):
-    """theta_unaligned = theta_aligned + the LoRA at `path`: the safety vector is minus that LoRA's update."""
+    """theta_unaligned = theta_aligned + the LoRA at `path`: the safety vector is minus that LoRA's update.
+    One module's dense matrices at a time (for the report, and for DARE's dense sum)."""
     check_adapter_fits(model.get_base_model(), path)
     model.load_adapter(path, adapter_name=UNALIGNED_ADAPTER)
-    before = {name: (adapters.aligned_weight(layer).detach().float().clone(),
-                     adapters.update(layer) if adapters.FINETUNE_ADAPTER in layer.lora_A else None,
-                     adapters.update(layer, UNALIGNED_ADAPTER) if UNALIGNED_ADAPTER in layer.lora_A else None)
-              for name, layer in {**adapters.lora_modules(model), **adapters.lora_modules(model, UNALIGNED_ADAPTER)}.items()}
+    modules = {**adapters.lora_modules(model, UNALIGNED_ADAPTER), **adapters.lora_modules(model)}
+    dense = config.dare_drop > 0
+    if dense:
+        only_unaligned = sorted(name for name, layer in modules.items() if adapters.FINETUNE_ADAPTER not in layer.lora_A)
+        if only_unaligned:
+            raise AntidoteError(f"the unaligned adapter changes {only_unaligned[0]}, which the fine-tuning adapter does "
+                                "not; with --dare-drop give adapters on the same modules")
+    generator = torch.Generator().manual_seed(config.seed)
+    report = {}
     with timings.measure("arithmetic_s"):
-        if config.dare_drop == 0:
+        if not dense:
             model.add_weighted_adapter([adapters.FINETUNE_ADAPTER, UNALIGNED_ADAPTER], [1.0, -config.beta], RESTA_ADAPTER,
                                        combination_type="cat")
+        for name, layer in modules.items():
+            aligned = adapters.aligned_weight(layer).detach().float()
+            zero = torch.zeros_like(aligned)
+            ft = adapters.update(layer) if adapters.FINETUNE_ADAPTER in layer.lora_A else zero
+            safety = -adapters.update(layer, UNALIGNED_ADAPTER) if UNALIGNED_ADAPTER in layer.lora_A else zero
+            if dense:
+                repaired = aligned + dare(ft, config.dare_drop, generator) + config.beta * safety
+            else:
+                repaired = aligned + adapters.update(layer, RESTA_ADAPTER)
+            report[name] = module_change(aligned, aligned + ft, repaired,
+                                         safety_norm=float(torch.linalg.matrix_norm(config.beta * safety)))
+            if dense:
+                adapters.fold(layer, repaired)
+        if not dense:
             model.set_adapter(RESTA_ADAPTER)
-            for name in (adapters.FINETUNE_ADAPTER, UNALIGNED_ADAPTER):
-                model.delete_adapter(name)
-            output, live = "adapter", RESTA_ADAPTER
-        else:
-            generator = torch.Generator().manual_seed(config.seed)
-            modules = adapters.lora_modules(model)
-            for name, (aligned, ft, unaligned) in before.items():
-                if name not in modules:
-                    raise AntidoteError(f"the unaligned adapter changes {name}, which the fine-tuning adapter does not; "
-                                        "with --dare-drop give adapters on the same modules")
-                ft_delta = dare(ft, config.dare_drop, generator)
-                safety = -unaligned if unaligned is not None else torch.zeros_like(aligned)
-                adapters.fold(modules[name], aligned + ft_delta + config.beta * safety)
-            model.delete_adapter(UNALIGNED_ADAPTER)
-            output, live = "model", adapters.FINETUNE_ADAPTER
-    modules = adapters.lora_modules(model, live)
-    report = {}
-    for name, (aligned, ft, unaligned) in before.items():
-        layer = modules[name]
-        repaired = adapters.aligned_weight(layer).detach().float() + adapters.update(layer, live)
-        finetuned = aligned + (ft if ft is not None else 0)
-        safety = config.beta * (unaligned if unaligned is not None else torch.zeros_like(aligned))
-        report[name] = module_change(aligned, finetuned, repaired, safety_norm=float(torch.linalg.matrix_norm(safety)))
-    return report, output
+            model.delete_adapter(adapters.FINETUNE_ADAPTER)
+        model.delete_adapter(UNALIGNED_ADAPTER)
+    return report, "model" if dense else "adapter"
 
 
 def _with_unaligned_model(model, config: RestaConfig, path: str, timings: Timings):

@@ -106,17 +106,22 @@ def apply_safelora(model, config: SafeLoRAConfig, context: DefenseContext) -> De
     modules = adapters.lora_modules(model)
     with timings.measure("reference_s"):
         v_by_module = _alignment_updates(modules, context)
-    with timings.measure("projection_s"):
-        projectors, cosines = {}, {}
+    def projector(name: str) -> torch.Tensor | None:
+        v = v_by_module.get(name)
+        device = adapters.aligned_weight(modules[name]).device
+        return None if v is None else projection_matrix(v().to(device), config.projector)
+
+    # C is d_out x d_out per module (64 MB each at 4096): made on the fly, again for the chosen modules,
+    # never all kept at once
+    with timings.measure("cosines_s"):
+        cosines = {}
         for name, layer in modules.items():
-            v = v_by_module.get(name)
-            c = None if v is None else projection_matrix(v().to(adapters.aligned_weight(layer).device), config.projector)
-            if c is None:
-                continue
-            cos = projected_cosine(c, adapters.update(layer))
+            c = projector(name)
+            cos = None if c is None else projected_cosine(c, adapters.update(layer))
             if cos is not None:
-                projectors[name], cosines[name] = c, cos
+                cosines[name] = cos
         chosen = select_modules(cosines, config.select, config.layers, config.threshold)
+    with timings.measure("projection_s"):
         report = {}
         for name, layer in modules.items():
             w = adapters.aligned_weight(layer).detach().float()
@@ -124,7 +129,7 @@ def apply_safelora(model, config: SafeLoRAConfig, context: DefenseContext) -> De
             if name in chosen:
                 b = layer.lora_B[adapters.FINETUNE_ADAPTER].weight
                 with torch.no_grad():
-                    b.copy_((projectors[name] @ b.float()).to(b.dtype))
+                    b.copy_((projector(name) @ b.float()).to(b.dtype))
             report[name] = module_change(w, before, w + adapters.update(layer), cosine=cosines.get(name),
                                          projected=name in chosen)
     result = post_report("safelora", config, report, "adapter", timings)
