@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from antidote_llm.cli import peers
 from antidote_llm.cli.common import add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
@@ -35,12 +36,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method")
-    group.add_argument("--ratio", required=True, type=str, metavar="RATIO[,RATIO...]|auto", help=(
+    group.add_argument("--ratio", type=str, metavar="RATIO[,RATIO...]|auto", help=(
         f"{RealignConfig.model_fields['ratio'].description}. Several, comma-separated and increasing: one scoring "
         "pass, one nested mask each (masks.safetensors), each point evaluated when --probe-prompts is given. auto: "
         f"the ratio of {', '.join(map(str, DEFAULT_RATIOS))} with the lowest harmful score whose fine-tune accuracy "
         "stays within --max-accuracy-drop of the un-repaired model's"))
-    add_config_options(group, RealignConfig, METHOD_FIELDS)
+    add_config_options(group, RealignConfig, METHOD_FIELDS)  # Antidote's own; the peers have none
     group.add_argument("--protect-data", help="benign rows for --protect-ratio")
     group.add_argument("--protect-samples", type=int, help="rows of --protect-data to use")
     group.add_argument("--aligned-model", help="the aligned model the fine-tune started from, for --action revert")
@@ -136,6 +137,11 @@ def _frontier_summary(report, out: str) -> str:
 
 
 def run_realign(args: argparse.Namespace) -> int:
+    peers.refuse_foreign_flags(args)
+    if args.method != peers.ANTIDOTE:
+        return peers.run(args, model_source(args))
+    if args.ratio is None:
+        raise AntidoteError("--method antidote needs --ratio (a number, a comma-separated list, or auto)")
     ratios = parse_ratio(args.ratio)
     config = config_from_args(RealignConfig, args, RealignConfig.model_fields, ratio=ratios[0] if ratios else DEFAULT_RATIOS[0])
     data = None
@@ -178,6 +184,7 @@ def register(subparsers) -> None:
         description="Score every target weight by |W|*||x|| on harmful data and prune the top --ratio.",
     )
     add_model_arguments(realign)
+    peers.add_arguments(realign)
     _add_data_arguments(realign)
     _add_method_arguments(realign)
     _add_frontier_arguments(realign)

@@ -1,4 +1,4 @@
-"""`antidote align` and `antidote finetune`: the two training stages before Antidote."""
+"""`antidote align`, `antidote unalign` and `antidote finetune`: the training stages around Antidote."""
 
 from __future__ import annotations
 
@@ -83,6 +83,19 @@ def run_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_unalign(args: argparse.Namespace) -> int:
+    config = _config(args, "unalign")
+    source = model_source(args)
+    out = check_output_dir(args.out, overwrite=args.overwrite, inputs=[source.model, *source.adapters, args.data])
+    pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load("unsafe")
+    loaded = load_model(source)
+    result = training.unalign(loaded.model, loaded.tokenizer, pairs, config, out, model_info=source.describe(),
+                              progress=not args.quiet)
+    print(_summary("unalign", result.report, args.out))
+    print("  RESTA: antidote realign --method resta --unaligned-model " + str(out / "adapter"))
+    return 0
+
+
 def _task_rows(args: argparse.Namespace, count: int) -> PairSet:
     """The first `count` task rows after --task-skip, with their positions in the source."""
     source = args.task_data or f"hf:{tasks.get_task(args.task).hub['train'].name}"
@@ -138,6 +151,22 @@ def register(subparsers) -> None:
     _add_training_arguments(align)
     _add_output_arguments(align)
     align.set_defaults(func=run_align)
+
+    unalign = subparsers.add_parser(
+        "unalign", help="RESTA's unaligned model: a short LoRA SFT of the aligned model on harmful rows",
+        description="Train a LoRA on (harmful prompt, harmful answer) pairs on top of the aligned model; writes the "
+                    "adapter (RESTA's --unaligned-model), the merged model and a report. Keep the rows disjoint from "
+                    "the poison, re-alignment and evaluation rows.",
+    )
+    add_model_arguments(unalign)
+    data = unalign.add_argument_group("unalignment data (harmful prompt, harmful answer pairs)")
+    data.add_argument("--data", required=True, help="JSON, JSONL, CSV, TSV, Parquet or hf:NAME[:SPLIT], e.g. BeaverTails")
+    _add_field_arguments(data, "--data")
+    add_config_options(data, DataSpec, ("safety", "samples", "skip"),
+                       help_extra={"safety": "(ignored when the field is absent; default here: unsafe)"})
+    _add_training_arguments(unalign)
+    _add_output_arguments(unalign)
+    unalign.set_defaults(func=run_unalign)
 
     finetune = subparsers.add_parser(
         "finetune", help="user fine-tuning: a fresh LoRA on a task mixed with a fraction of harmful rows",

@@ -9,12 +9,15 @@ from antidote_llm.defenses.registry import (
     get_defense,
     registry,
 )
+from antidote_llm.defenses.resta import RESTA
+from antidote_llm.defenses.safe_delta import SAFE_DELTA
+from antidote_llm.defenses.safelora import SAFELORA
 
 NO_DEFENSE = Defense(
     name="none", stage="post", description="no defense: the fine-tuned model as the user got it",
     apply=lambda model, settings, context: DefenseOutcome(),
 )
-DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *PRUNING_DEFENSES, AUTO_DEFENSE)
+DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *PRUNING_DEFENSES, AUTO_DEFENSE, SAFELORA, RESTA, SAFE_DELTA)
 
 
 def defense(name: str, stage: DefenseStage | None = None) -> Defense:

@@ -31,6 +31,7 @@ def _pruning_defense(name: str, score: str, calibration: str, description: str) 
         name=name, stage="post", description=description, apply=_pruning(calibration),
         settings=RealignConfig, fixed={"score": score}, live_adapter=_acts_on_adapter,
         needs_benign=lambda config: calibration == "benign" or config.protect_ratio is not None,
+        knob=lambda config: f"ratio={config.ratio}",
     )
 
 

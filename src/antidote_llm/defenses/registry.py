@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from antidote_llm.data.records import PairSet
 from antidote_llm.errors import AntidoteError, validated
 from antidote_llm.evaluation.evaluate import EvalInputs
+from antidote_llm.runtime.loading import ModelSource
 
 DefenseStage = Literal["align", "finetune", "post"]
 
@@ -25,9 +26,18 @@ class DefenseContext:
     """What a post-fine-tuning defense may use besides the model and its settings."""
 
     tokenizer: object
-    harmful: PairSet  # re-alignment rows, disjoint from the poison rows
+    harmful: PairSet | None  # re-alignment rows, disjoint from the poison rows
     benign: PairSet | None
     validation: EvalInputs | None = None  # probe prompts and the user's validation rows, for automatic choices
+    # The post-fine-tuning peers' extra inputs (Defense.extra_inputs names the ones a defense needs):
+    base_model: ModelSource | None = None  # the unaligned model the aligned one was trained from (SafeLoRA)
+    alignment_adapter: str | None = None  # the alignment LoRA, instead of base_model (SafeLoRA)
+    unaligned_model: str | None = None  # the aligned model made unsafe: a LoRA on it, or a model folder (RESTA)
+    safe: PairSet | None = None  # safe calibration rows: harmful prompt, safe answer (Safe Delta)
+
+    def missing(self, defense: Defense) -> list[tuple[str, ...]]:
+        """The extra inputs `defense` needs that this context lacks (each a tuple of alternatives)."""
+        return [options for options in defense.extra_inputs if all(getattr(self, name) is None for name in options)]
 
 
 class DefenseOutcome(BaseModel):
@@ -56,6 +66,9 @@ class Defense:
     needs_benign: Callable[[BaseModel | None], bool] = lambda settings: False
     needs_validation: bool = False
     live_adapter: Callable[[BaseModel | None], bool] = lambda settings: True
+    # Context fields it needs beyond the model; each entry lists alternatives, any one of which will do.
+    extra_inputs: tuple[tuple[str, ...], ...] = ()
+    knob: Callable[[BaseModel | None], str | None] = lambda settings: None  # its main setting, for tables: "ratio=0.05"
 
     def configure(self, options: dict, defaults: dict | None = None) -> BaseModel | None:
         """The defense's validated settings from `options`; `defaults` fill the fields it has but were not given."""

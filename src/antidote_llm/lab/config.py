@@ -51,6 +51,18 @@ class FinetuneSpec(Strict):
     training: TrainingSpec = TrainingSpec()
 
 
+class UnalignSpec(Strict):
+    """RESTA's unaligned model: a short LoRA SFT of the aligned model on harmful rows, which must be disjoint
+    from the poison, re-alignment and evaluation rows (the runner checks)."""
+
+    data: DataSpec
+    training: TrainingSpec = TrainingSpec()
+
+
+# Where the lab finds each extra input of a post-fine-tuning peer (DefenseContext field -> experiment key).
+LAB_INPUTS = {"base_model": "alignment", "alignment_adapter": "alignment", "unaligned_model": "unalign", "safe": "safe_data"}
+
+
 class DefenseSpec(BaseModel):
     """One defense to compare: `method` names a registered defense; every other key is one of its settings
     (for Antidote and its controls, the fields of RealignConfig), validated by the defense itself."""
@@ -141,6 +153,8 @@ class Experiment(Strict):
     finetune: FinetuneSpec
     realign_data: DataSpec
     benign_data: DataSpec | None = None
+    unalign: UnalignSpec | None = None  # RESTA's unaligned model
+    safe_data: DataSpec | None = None  # Safe Delta's safe calibration rows (harmful prompt, safe answer)
     defenses: dict[str, DefenseSpec]
     evaluation: EvaluationSpec
     evaluate_stages: tuple[Literal["base", "aligned"], ...] = ("base", "aligned")
@@ -165,6 +179,10 @@ class Experiment(Strict):
                     self.evaluation.probe_prompts is None or self.evaluation.validation_data is None):
                 raise ValueError(f"defense {label!r} ({spec.method}) needs evaluation.probe_prompts and "
                                  "evaluation.validation_data (disjoint from the evaluation rows)")
+            for options in defense(spec.method).extra_inputs:
+                if all(getattr(self, LAB_INPUTS[name]) is None for name in options):
+                    keys = " or ".join(sorted({LAB_INPUTS[name] for name in options}))
+                    raise ValueError(f"defense {label!r} ({spec.method}) needs {keys} in the experiment")
         if "none" not in {s.method for s in self.defenses.values()}:
             raise ValueError("defenses must include one with method 'none' (the undefended baseline the deltas use)")
         return self

@@ -11,8 +11,9 @@ from pathlib import Path
 from antidote_llm.runtime.outputs import write_json
 from antidote_llm.runtime.plotting import DPI, save_figure, tradeoff_axes
 
-COLUMNS = ("stage", "defense", "method", "ratio", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
-           "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s", "align_s", "finetune_s")
+COLUMNS = ("stage", "defense", "method", "ratio", "setting", "harmful_score", "degenerate_rate", "compliance_rate",
+           "finetune_accuracy", "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s",
+           "defense_peak_rss_mb", "defense_added_rss_mb", "align_s", "finetune_s")
 
 
 def add_deltas(rows: list[dict], sweep: Sequence[str]) -> list[dict]:
@@ -37,9 +38,10 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict], sweep: Sequence[str]) -> str:
-    headers = [*sweep, "stage", "defense", "ratio", "HS %", "degenerate %", "complies %", "FA %", "ΔHS", "ΔFA", "pruned %", "defense s"]
-    keys = [*sweep, "stage", "defense", "ratio", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
-            "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s"]
+    headers = [*sweep, "stage", "defense", "setting", "HS %", "degenerate %", "complies %", "FA %", "ΔHS", "ΔFA",
+               "changed %", "defense s", "peak MB"]
+    keys = [*sweep, "stage", "defense", "setting", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
+            "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s", "defense_peak_rss_mb"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = []
@@ -87,7 +89,8 @@ def _plot_metric(ax, rows: list[dict], metric: str, x_key: str | None) -> None:
         points = sorted((r[x_key], r[metric]) for r in rows if r["method"] == method and r[x_key] is not None and r[metric] is not None)
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
-        elif x_key == "ratio":  # the undefended model has no ratio: a horizontal line
+        elif x_key == "ratio" and method == "none":  # the undefended model has no ratio: a horizontal line
+            # (methods with other knobs, the post-fine-tuning peers, are in the trade-off plot)
             for value in sorted({r[metric] for r in rows if r["method"] == method and r[metric] is not None}):
                 ax.axhline(value, linestyle="--", color="gray", label=method)
     ax.set_xlabel(x_key)

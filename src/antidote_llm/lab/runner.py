@@ -30,6 +30,7 @@ from antidote_llm.lab.graph import StageJob, run_graph, stage_states
 from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
 from antidote_llm.runtime.outputs import atomic_dir, write_report
+from antidote_llm.runtime.runinfo import MemoryMonitor, MemoryReport
 from antidote_llm.training.report import TrainReport
 from antidote_llm.training.sft import REPORT_FILE as TRAIN_REPORT
 
@@ -45,6 +46,7 @@ class DefenseRecord(BaseModel):
     settings: dict | None
     defense_s: float
     outcome: DefenseOutcome
+    memory: MemoryReport | None = None  # over the defense alone (the fine-tuned model already loaded)
 
 
 @dataclass
@@ -85,10 +87,19 @@ class _Setting:
         mix = training.mix_spec(ft.harmful_fraction, ft.samples)
         training.check_mix_counts(mix, len(self.task_train), len(self.harmful))
         poison = self.harmful.pairs[:mix.harmful_rows]  # the fine-tuning takes the leading harmful rows
-        self.realign_pairs = _realign_rows(exp, self.harmful.indices[:mix.harmful_rows], poison)
+        poison_indices = self.harmful.indices[:mix.harmful_rows]
+        self.realign_pairs = _disjoint_rows(exp, exp.realign_data, "re-alignment", "realign_data", poison_indices, poison)
         self.benign = exp.benign_data.load(require_response=False) if exp.benign_data else None
+        self.safe = exp.safe_data.load("safe") if exp.safe_data else None
         spec = exp.evaluation
         self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
+        self.unalign_pairs = None
+        if exp.unalign is not None:
+            self.unalign_pairs = _disjoint_rows(exp, exp.unalign.data, "unalignment", "unalign.data", poison_indices, poison,
+                                                taken=self.realign_pairs.pairs)
+            shared = {p.prompt for p in self.unalign_pairs.pairs} & {p.prompt for p in self.prompts.pairs}
+            if shared:
+                raise AntidoteError(f"{len(shared)} unalignment prompts are evaluation prompts; give unalign.data other rows")
         self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
         self.test_inputs = EvalInputs(self.prompts.pairs, ft.task, self.task_test, spec, exp.model.template)
         self.validation_inputs = _validation_inputs(exp, self.prompts.pairs, self.task_test)
@@ -128,6 +139,15 @@ class _Setting:
 
 
 # --- stage work: picklable, so that a stage can run in another process or on another machine ----------------
+
+    def unalign(self, align_key: str, aligned: ModelSource, needs: tuple[str, ...]) -> StageJob:
+        """RESTA's unaligned model: a short harmful LoRA SFT of the aligned model (its adapter)."""
+        exp = self.exp
+        config = training.preset(exp.unalign.training.preset, "unalign", seed=exp.seed, template=exp.model.template,
+                                 **exp.unalign.training.overrides)
+        key = stage_key("unalign", align_key, self.unalign_pairs.sha256, config)
+        return StageJob("unalign", "finetune", key, _UnalignWork(aligned, self.unalign_pairs, config, self.progress), needs)
+
 
 
 def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs | None:
@@ -182,6 +202,19 @@ class _FinetuneWork:
 
 
 @dataclass(frozen=True)
+class _UnalignWork:
+    aligned: ModelSource
+    pairs: PairSet
+    config: object
+    progress: bool
+
+    def __call__(self, folder: Path) -> None:
+        loaded = load_model(self.aligned)
+        training.unalign(loaded.model, loaded.tokenizer, self.pairs, self.config, folder,
+                         model_info=self.aligned.describe(), progress=self.progress)
+
+
+@dataclass(frozen=True)
 class _EvalWork:
     source: ModelSource
     evaluation: EvalInputs
@@ -202,34 +235,38 @@ class _DefenseWork:
     evaluation: EvalInputs
     validation: EvalInputs | None
     progress: bool
+    extras: dict  # the peers' extra inputs (DefenseContext fields: base_model, unaligned_model, safe)
 
     def __call__(self, folder: Path) -> None:
         chosen = defense(self.method)
         # A fresh copy of the fine-tuned model for every defense: no defense sees another's changes.
         loaded = load_model(self.finetuned, keep_adapter=chosen.live_adapter(self.settings))
-        context = DefenseContext(loaded.tokenizer, self.realign_pairs, self.benign, self.validation)
+        context = DefenseContext(loaded.tokenizer, self.realign_pairs, self.benign, validation=self.validation,
+                                 **self.extras)
         started = time.perf_counter()
-        outcome = chosen.apply(loaded.model, self.settings, context)
+        with MemoryMonitor() as memory:
+            outcome = chosen.apply(loaded.model, self.settings, context)
         defense_s = round(time.perf_counter() - started, 2)
         result = self.evaluation.run(loaded.model, loaded.tokenizer, progress=self.progress)
         settings_dump = self.settings.model_dump(mode="json") if self.settings is not None else None
         with atomic_dir(folder) as tmp:
             write_eval(result, tmp / "eval")
             write_report(tmp / DEFENSE_FILE, DefenseRecord(method=chosen.name, stage=chosen.stage,
-                                                          settings=settings_dump, defense_s=defense_s, outcome=outcome))
+                                                          settings=settings_dump, defense_s=defense_s, outcome=outcome,
+                                                          memory=memory.report()))
             if outcome.report and outcome.report.get("points"):  # a defense that walked a frontier draws it
                 write_frontier(tmp, [FrontierPoint(**p) for p in outcome.report["points"]], outcome.ratio)
 
 
-def _realign_rows(exp: Experiment, poison_indices, poison_pairs):
-    """Re-alignment rows, never the poison rows (by index when both share a source, and by content)."""
-    same_source = (exp.realign_data.source, exp.realign_data.safety) == (exp.finetune.harmful.source, exp.finetune.harmful.safety)
-    pairs = exp.realign_data.load("unsafe", exclude=poison_indices if same_source else ())
-    overlap = set(pairs.pairs) & set(poison_pairs)
+def _disjoint_rows(exp: Experiment, spec, role: str, key: str, poison_indices, poison_pairs, taken=()):
+    """Harmful rows for `role`, never the poison rows (by index when both share a source, and by content), nor
+    the rows `taken` by another role."""
+    same_source = (spec.source, spec.safety) == (exp.finetune.harmful.source, exp.finetune.harmful.safety)
+    pairs = spec.load("unsafe", exclude=poison_indices if same_source else ())
+    overlap = set(pairs.pairs) & (set(poison_pairs) | set(taken))
     if overlap:
-        raise AntidoteError(
-            f"{len(overlap)} re-alignment rows are also poison rows; give realign_data a disjoint source or skip window"
-        )
+        others = "poison or re-alignment" if taken else "poison"
+        raise AntidoteError(f"{len(overlap)} {role} rows are also {others} rows; give {key} a disjoint source or skip window")
     return pairs
 
 
@@ -237,13 +274,15 @@ def _metrics(folder: Path) -> EvalMetrics:
     return EvalMetrics.model_validate_json((folder / METRICS_FILE).read_text(encoding="utf-8"))
 
 
-def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: EvalMetrics, **times) -> dict:
+def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: EvalMetrics, setting: str | None = None,
+         **times) -> dict:
     return {
         **values,
         "stage": stage,
         "defense": label,
         "method": method,
         "ratio": ratio,
+        "setting": setting,
         "harmful_score": metrics.harmful_score,
         "degenerate_rate": metrics.degenerate_rate,
         "compliance_rate": metrics.compliance_rate,
@@ -293,28 +332,48 @@ def _plan_setting(setting: _Setting, jobs: dict[str, StageJob]) -> list[_Row]:
     finetuned = ModelSource(aligned.model, adapters=(str(setting.stages / finetune_job.name / "adapter"),),
                             dtype=aligned.dtype, device=aligned.device)
     realign_pairs, benign = setting.realign_pairs, setting.benign
+    needed = {name for spec in exp.defenses.values() for options in defense(spec.method).extra_inputs for name in options}
+    unalign_job = setting.unalign(align_key, aligned, align_needs) if "unaligned_model" in needed else None
+    if unalign_job is not None:
+        jobs.setdefault(unalign_job.name, unalign_job)
+    # The peers' extra inputs, and what identifies each for the stage keys.
+    extras = {
+        "base_model": (setting.base_source if exp.alignment is not None else None,
+                       stage_key("given", setting.base_source.describe())),
+        "unaligned_model": (str(setting.stages / unalign_job.name / "adapter") if unalign_job else None,
+                            unalign_job and unalign_job.key),
+        "safe": (setting.safe, setting.safe and setting.safe.sha256),
+    }
     for label, spec in exp.defenses.items():
         settings = exp.defense_settings(label)
         settings_dump = settings.model_dump(mode="json") if settings is not None else None
-        needs_validation = defense(spec.method).needs_validation
+        chosen = defense(spec.method)
+        needs_validation = chosen.needs_validation
+        used = {name: extras[name] for options in chosen.extra_inputs for name in options if name in extras}
+        extra_keys = [[name, identity] for name, (_, identity) in sorted(used.items())]
         key = stage_key("defense", finetune_job.key, spec.method, settings_dump, realign_pairs.sha256,
                         benign and benign.sha256, setting.eval_key, exp.seed,
-                        setting.validation_key if needs_validation else None)
+                        setting.validation_key if needs_validation else None, *([extra_keys] if extra_keys else []))
         work = _DefenseWork(finetuned, spec.method, settings, realign_pairs, benign, setting.evaluation,
-                            setting.validation_inputs if needs_validation else None, setting.progress)
-        job = StageJob(f"defense-{label}", "defense", key, work, (finetune_job.name,))
+                            setting.validation_inputs if needs_validation else None, setting.progress,
+                            {name: value for name, (value, _) in used.items()})
+        defense_needs = (finetune_job.name, *([unalign_job.name] if unalign_job and "unaligned_model" in used else []))
+        job = StageJob(f"defense-{label}", "defense", key, work, defense_needs)
         jobs.setdefault(job.name, job)
         setting.defense_folders[label] = setting.stages / job.name
 
-        def defense_row(folder=setting.stages / job.name, label=label, spec=spec):
+        def defense_row(folder=setting.stages / job.name, label=label, spec=spec, chosen=chosen, settings=settings):
             record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
+            memory = record.memory
             return _row(
                 setting.values, "fine-tuned", label, spec.method, record.outcome.ratio, _metrics(folder / "eval"),
-                pruned_fraction=record.outcome.changed_fraction, defense_s=record.defense_s,
-                finetune_s=_train_seconds(setting.stages / finetune_job.name),
+                setting=chosen.knob(settings), pruned_fraction=record.outcome.changed_fraction,
+                defense_s=record.defense_s, finetune_s=_train_seconds(setting.stages / finetune_job.name),
+                defense_peak_rss_mb=round(memory.peak_rss_bytes / 2**20) if memory else None,
+                defense_added_rss_mb=round((memory.peak_rss_bytes - memory.rss_start_bytes) / 2**20) if memory else None,
             )
 
-        rows.append(_Row((job.name, finetune_job.name), defense_row))
+        rows.append(_Row(defense_needs, defense_row))
     return rows
 
 

@@ -232,7 +232,7 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
                     f"adapter {adapter_dir} does not fit the model: it has weights for {module_name!r}, which the model lacks"
                 )
             shape = tuple(f.get_slice(key).get_shape())
-            in_f, out_f = _in_out_features(module)
+            in_f, out_f = _in_out_features(getattr(module, "base_layer", module))  # a module with a LoRA already
             if (kind.startswith("A") and shape[-1] != in_f) or (kind.startswith("B") and shape[0] != out_f):
                 raise AntidoteError(
                     f"adapter {adapter_dir} does not fit the model: {key} has shape {list(shape)} "

@@ -9,9 +9,10 @@ from antidote_llm.training.sft import (
     encode_example,
     encode_rows,
     finetune,
+    unalign,
 )
 
 __all__ = [
     "PRESETS", "FinetuneResult", "MixSpec", "Stage", "TrainConfig", "TrainResult", "align", "build_mix",
-    "check_mix_counts", "encode_example", "encode_rows", "finetune", "mix_spec", "preset",
+    "check_mix_counts", "encode_example", "encode_rows", "finetune", "mix_spec", "preset", "unalign",
 ]

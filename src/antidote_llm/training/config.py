@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from antidote_llm.errors import AntidoteError, validated
 
-Stage = Literal["align", "finetune"]
+Stage = Literal["align", "finetune", "unalign"]
 
 
 class TrainConfig(BaseModel):
@@ -53,10 +53,15 @@ PRESETS: dict[str, dict[str, dict]] = {
     "paper": {
         "align": {**_PAPER, "learning_rate": 1e-3, "lr_scheduler": "cosine"},
         "finetune": {**_PAPER, "learning_rate": 1e-4, "lr_scheduler": "constant"},
+        # RESTA's unaligned model: no setting of the authors is public; these are the only public driver's
+        # (kangyangWHU/LLMAlignment cfg/unalign_llama2_7b.yaml: LoRA r=8 alpha=16, lr 1e-3, 10 epochs, batch 10).
+        "unalign": {**_PAPER, "lora_r": 8, "lora_alpha": 16, "batch_size": 10, "epochs": 10, "learning_rate": 1e-3,
+                    "lr_scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0},
     },
     "cpu": {
         "align": {**_CPU, "learning_rate": 1e-3, "lr_scheduler": "cosine", "epochs": 3, "max_length": 72},
         "finetune": {**_CPU, "learning_rate": 2e-3, "lr_scheduler": "constant", "epochs": 1, "max_length": 96},
+        "unalign": {**_CPU, "learning_rate": 2e-3, "lr_scheduler": "constant", "epochs": 2, "max_length": 96},
     },
 }
 
@@ -69,6 +74,6 @@ def preset(name: str, stage: Stage, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise AntidoteError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     if stage not in PRESETS[name]:
-        raise AntidoteError(f"unknown stage {stage!r}; choose align or finetune")
+        raise AntidoteError(f"unknown stage {stage!r}; choose align, finetune or unalign")
     values = {**PRESETS[name][stage], **{k: v for k, v in overrides.items() if v is not None}}
     return validated(TrainConfig, values)

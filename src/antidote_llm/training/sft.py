@@ -228,15 +228,36 @@ def align(
     `report.json` into `out_dir`, atomically. `model` is changed in place (the adapter ends merged into
     it) and returned as `result.model`; pass a copy to keep the original.
     """
-    timings = Timings()
     rows = as_pairs(pairs) + (as_pairs(benign) if benign is not None else ())
     data = {"safety": describe_rows(pairs), **({"benign": describe_rows(benign)} if benign is not None else {})}
+    return _merged_stage("align", model, tokenizer, rows, data, config, out_dir, model_info, progress)
+
+
+def unalign(
+    model,
+    tokenizer,
+    pairs: Rows,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    model_info: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """RESTA's unaligned model: a short LoRA SFT of the aligned model on (harmful prompt, harmful answer) rows,
+    written as `align` writes (adapter/, merged/, report.json); the adapter lies on the aligned model."""
+    return _merged_stage("unalign", model, tokenizer, as_pairs(pairs), {"harmful": describe_rows(pairs)}, config,
+                         out_dir, model_info, progress)
+
+
+def _merged_stage(stage: str, model, tokenizer, rows, data: dict, config: TrainConfig, out_dir: str | Path,
+                  model_info: dict | None, progress: bool) -> TrainResult:
+    timings = Timings()
     out = Path(out_dir)
     with MemoryMonitor() as memory:
         peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress)
         if not main_process:  # under accelerate launch only the main process writes
             merged = merge_adapter(peft_model)
-            report = _report("align", config, data, facts, timings, memory, model_info, {})
+            report = _report(stage, config, data, facts, timings, memory, model_info, {})
             return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report, wrote=False)
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
@@ -246,7 +267,7 @@ def align(
             with timings.measure("save_s"):
                 merged.save_pretrained(tmp / "merged")
                 tokenizer.save_pretrained(tmp / "merged")
-            report = _report("align", config, data, facts, timings, memory, model_info,
+            report = _report(stage, config, data, facts, timings, memory, model_info,
                              {"adapter": "adapter", "merged": "merged",
                               "merge_dtype": str(MERGE_DTYPE).removeprefix("torch.")})
             write_report(tmp / REPORT_FILE, report)
