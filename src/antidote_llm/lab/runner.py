@@ -373,7 +373,7 @@ def _plan_setting(setting: _Setting, jobs: dict[str, StageJob]) -> list[_Row]:
                 defense_added_rss_mb=round((memory.peak_rss_bytes - memory.rss_start_bytes) / 2**20) if memory else None,
             )
 
-        rows.append(_Row(defense_needs, defense_row))
+        rows.append(_Row((job.name, *defense_needs), defense_row))
     return rows
 
 
