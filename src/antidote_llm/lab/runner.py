@@ -367,7 +367,8 @@ def _plan_setting(setting: _Setting, jobs: dict[str, StageJob]) -> list[_Row]:
             memory = record.memory
             return _row(
                 setting.values, "fine-tuned", label, spec.method, record.outcome.ratio, _metrics(folder / "eval"),
-                setting=chosen.knob(settings), pruned_fraction=record.outcome.changed_fraction,
+                setting=chosen.knob(settings) or (f"ratio={record.outcome.ratio:g}" if record.outcome.ratio else None),
+                pruned_fraction=record.outcome.changed_fraction,
                 defense_s=record.defense_s, finetune_s=_train_seconds(setting.stages / finetune_job.name),
                 defense_peak_rss_mb=round(memory.peak_rss_bytes / 2**20) if memory else None,
                 defense_added_rss_mb=round((memory.peak_rss_bytes - memory.rss_start_bytes) / 2**20) if memory else None,
