@@ -28,6 +28,7 @@ class TrainReport(BaseModel):
     timings: dict[str, float]
     memory: MemoryReport
     versions: dict[str, str]
+    defense: dict | None = None  # the training-stage defense: name, settings, its extra rows
 
     @property
     def seconds(self) -> float:

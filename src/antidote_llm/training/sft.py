@@ -22,9 +22,10 @@ from antidote_llm.runtime.loading import MERGE_DTYPE, merge_adapter
 from antidote_llm.runtime.outputs import atomic_dir, write_json, write_report
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 from antidote_llm.training.config import TrainConfig
+from antidote_llm.training.methods.base import MethodRun
 from antidote_llm.training.report import TrainFacts, TrainReport
+from antidote_llm.training.trainer import IGNORE_INDEX, sft_trainer_class, supervised_collator, training_arguments
 
-IGNORE_INDEX = -100
 REPORT_FILE = "report.json"
 
 
@@ -61,15 +62,6 @@ def encode_rows(tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[
             f"no row has an answer token within max_length={config.max_length}; raise --max-length"
         )
     return items, len(pairs) - len(items)
-
-
-def supervised_collator(tokenizer):
-    """Right-padded batches with labels padded by -100. The attention mask comes from row lengths
-    (tokenizer.pad), not from the pad id: many tokenizers pad with their EOS, which also ends every answer."""
-    from transformers import DataCollatorForSeq2Seq
-
-    tokenizer.padding_side = "right"
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True, return_tensors="pt")
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -117,71 +109,32 @@ def _lora_model(model, config: TrainConfig):
         raise AntidoteError(f"cannot add LoRA: {str(exc).splitlines()[0]}; check target_modules") from None
 
 
-def _trainer_class():
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class SFTTrainer(Trainer):
-        """Rows grouped by length in batches of the *global* batch (per-device batch x accumulation x processes),
-        from a generator seeded by the config: the same rows make each optimizer step however many processes
-        share it (the Trainer's own sampler groups by the per-device batch and draws from the global RNG)."""
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            args = self.args
-            return LengthGroupedSampler(
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-                lengths=[len(item["input_ids"]) for item in dataset],
-                generator=torch.Generator().manual_seed(args.seed),
-            )
-
-    return SFTTrainer
-
-
-def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progress: bool):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        weight_decay=config.weight_decay,
-        optim="adamw_torch",
-        seed=config.seed,
-        logging_steps=config.logging_steps,
-        train_sampling_strategy="group_by_length",
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        label_names=["labels"],
-        use_cpu=on_cpu,
-        dataloader_num_workers=0,
-        disable_tqdm=not progress,
-    )
-
-
 def _train(
-    model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, timings: Timings, progress: bool
+    model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, timings: Timings, progress: bool,
+    method: MethodRun | None = None,
 ) -> tuple[object, TrainFacts, bool]:
-    """Add a LoRA to `model` and train it; returns the PEFT model (in eval mode), the training facts and
-    whether this is the main process (under `accelerate launch` only the main process writes)."""
+    """Add a LoRA to `model` and train it, with a training-stage defense when `method` is given; returns the
+    PEFT model (in eval mode), the training facts and whether this is the main process (under
+    `accelerate launch` only the main process writes)."""
     from transformers.trainer_callback import PrinterCallback
 
+    if method is not None:
+        method.check(config.gradient_accumulation)
     with timings.measure("tokenize_s"):
         items, dropped = encode_rows(tokenizer, pairs, config)
+        extra = {role: encode_rows(tokenizer, as_pairs(rows), config)[0] for role, rows in (method.extra if method else {}).items()}
     peft_model = _lora_model(model, config)
     on_cpu = next(model.parameters()).device.type == "cpu"
+    method_arguments = {} if method is None else {
+        "method_settings": method.settings, "extra_items": extra, "extra_batch_sizes": method.method.extra_batch_sizes}
+    trainer_class = sft_trainer_class() if method is None else method.method.trainer()
     with tempfile.TemporaryDirectory(prefix="antidote-trainer-") as scratch:
-        trainer = _trainer_class()(
+        trainer = trainer_class(
             model=peft_model,
             args=training_arguments(config, scratch, on_cpu, progress),
             data_collator=supervised_collator(tokenizer),
             train_dataset=items,
+            **method_arguments,
         )
         if not progress:  # without a progress bar the Trainer prints every log line instead
             trainer.remove_callback(PrinterCallback)
@@ -206,9 +159,18 @@ def _train(
 
 
 def _report(stage: str, config: TrainConfig, data: dict, facts: TrainFacts, timings: Timings,
-            memory: MemoryMonitor, model_info: dict | None, outputs: dict) -> TrainReport:
+            memory: MemoryMonitor, model_info: dict | None, outputs: dict, method: MethodRun | None = None) -> TrainReport:
+    defense = None if method is None else {
+        "name": method.method.name, "settings": method.settings.model_dump(mode="json"),
+        "data": {role: describe_rows(rows) for role, rows in method.extra.items()}}
     return TrainReport(stage=stage, model=model_info, config=config, data=data, train=facts, outputs=outputs,
-                       timings=dict(timings), memory=memory.report(), versions=library_versions())
+                       timings=dict(timings), memory=memory.report(), versions=library_versions(), defense=defense)
+
+
+def _check_stage(method: MethodRun | None, stage: str) -> None:
+    if method is not None and method.method.stage != stage:
+        raise AntidoteError(f"defense {method.method.name!r} acts at the {method.method.stage} stage, not {stage}; "
+                            f"use it with `antidote {method.method.stage} --defense {method.method.name}`")
 
 
 def align(
@@ -219,18 +181,21 @@ def align(
     out_dir: str | Path,
     *,
     benign: Rows | None = None,
+    method: MethodRun | None = None,
     model_info: dict | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Safety alignment: LoRA SFT on (harmful prompt, safe answer) rows, optionally mixed with benign rows.
+    """Safety alignment: LoRA SFT on (harmful prompt, safe answer) rows, optionally mixed with benign rows,
+    or an alignment-stage defense (Vaccine, RepNoise, Booster) when `method` is given.
 
     Writes `adapter/` (PEFT, safetensors), `merged/` (base with the adapter merged, plus tokenizer) and
     `report.json` into `out_dir`, atomically. `model` is changed in place (the adapter ends merged into
     it) and returned as `result.model`; pass a copy to keep the original.
     """
+    _check_stage(method, "align")
     rows = as_pairs(pairs) + (as_pairs(benign) if benign is not None else ())
     data = {"safety": describe_rows(pairs), **({"benign": describe_rows(benign)} if benign is not None else {})}
-    return _merged_stage("align", model, tokenizer, rows, data, config, out_dir, model_info, progress)
+    return _merged_stage("align", model, tokenizer, rows, data, config, out_dir, model_info, progress, method)
 
 
 def unalign(
@@ -250,14 +215,14 @@ def unalign(
 
 
 def _merged_stage(stage: str, model, tokenizer, rows, data: dict, config: TrainConfig, out_dir: str | Path,
-                  model_info: dict | None, progress: bool) -> TrainResult:
+                  model_info: dict | None, progress: bool, method: MethodRun | None = None) -> TrainResult:
     timings = Timings()
     out = Path(out_dir)
     with MemoryMonitor() as memory:
-        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress)
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress, method)
         if not main_process:  # under accelerate launch only the main process writes
             merged = merge_adapter(peft_model)
-            report = _report(stage, config, data, facts, timings, memory, model_info, {})
+            report = _report(stage, config, data, facts, timings, memory, model_info, {}, method)
             return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report, wrote=False)
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
@@ -269,7 +234,7 @@ def _merged_stage(stage: str, model, tokenizer, rows, data: dict, config: TrainC
                 tokenizer.save_pretrained(tmp / "merged")
             report = _report(stage, config, data, facts, timings, memory, model_info,
                              {"adapter": "adapter", "merged": "merged",
-                              "merge_dtype": str(MERGE_DTYPE).removeprefix("torch.")})
+                              "merge_dtype": str(MERGE_DTYPE).removeprefix("torch.")}, method)
             write_report(tmp / REPORT_FILE, report)
     return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
 
@@ -285,6 +250,7 @@ def finetune(
     config: TrainConfig,
     out_dir: str | Path,
     seed: int | None = None,
+    method: MethodRun | None = None,
     model_info: dict | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -293,8 +259,10 @@ def finetune(
 
     Writes `adapter/`, `mix.json` (every row's origin, in training order) and `report.json` into
     `out_dir`, atomically. `seed` shuffles the mix (default: config.seed). The returned model keeps the
-    fine-tuning adapter live, since Antidote scores its lora_A/lora_B weights.
+    fine-tuning adapter live, since Antidote scores its lora_A/lora_B weights. `method`: a fine-tuning-stage
+    defense the provider runs (Lisa, LDIFS).
     """
+    _check_stage(method, "finetune")
     spec = mix_spec(harmful_fraction, n)
     mix_seed = config.seed if seed is None else seed
     rows, origins = build_mix(task_pairs, harmful_pairs, spec, mix_seed)
@@ -314,11 +282,11 @@ def finetune(
     timings = Timings()
     out = Path(out_dir)
     with MemoryMonitor() as memory:
-        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress)
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress, method)
     result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report=None,
                             mix=mix, harmful_indices=harmful_indices)
     if not main_process:  # under accelerate launch only the main process writes
-        result.report = _report("finetune", config, data, facts, timings, memory, model_info, {})
+        result.report = _report("finetune", config, data, facts, timings, memory, model_info, {}, method)
         result.wrote = False
         return result
     with atomic_dir(out) as tmp:
@@ -326,6 +294,6 @@ def finetune(
             peft_model.save_pretrained(tmp / "adapter")
         write_json(tmp / "mix.json", mix)
         result.report = _report("finetune", config, data, facts, timings, memory, model_info,
-                                {"adapter": "adapter", "mix": "mix.json"})
+                                {"adapter": "adapter", "mix": "mix.json"}, method)
         write_report(tmp / REPORT_FILE, result.report)
     return result
