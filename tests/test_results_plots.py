@@ -101,3 +101,28 @@ def test_metrics_lines_against_the_ratio_name_each_method_once():
 def test_plot_writes_both_pictures(tmp_path, rows):
     paths = plot(rows, [], tmp_path)
     assert [p.name for p in paths] == ["metrics.png", "tradeoff.png"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_one_at_a_time_sweep_gives_the_papers_tables_and_a_plot_per_setting(tmp_path):
+    from antidote_llm.lab.config import expand_sweep, parse_experiment
+    from antidote_llm.lab.results import sweep_tables, write_results
+
+    lr, ep = "finetune.training.overrides.learning_rate", "finetune.training.overrides.epochs"
+    raw = {"model": {"model": "m"}, "realign_data": {"source": "r.json"},
+           "finetune": {"task": "sst2", "harmful": {"source": "h.json"}, "harmful_fraction": 0.1, "samples": 10,
+                        "training": {"overrides": {"learning_rate": 1e-3, "epochs": 1}}},
+           "defenses": {"none": {"method": "none"}}, "evaluation": {"harmful_prompts": {"source": "p.json"}},
+           "sweep": {lr: [1e-4, 1e-3, 1e-2], ep: [1, 2, 4]}, "sweep_mode": "each"}
+    experiment = parse_experiment(raw, tmp_path)
+    combos = [values for values, _ in expand_sweep(experiment)]
+    assert len(combos) == 5  # 3 + 3 with the file's own point (1e-3, 1) once
+    assert all(c[lr] == 1e-3 or c[ep] == 1 for c in combos)
+
+    rows = [{**c, **row(d, hs=100 * c[lr] + c[ep] + (d == "x"), fa=50.0)} for c in combos for d in ("none", "x")]
+    text = sweep_tables(rows, experiment.model_dump(mode="json"))
+    assert "| defense | learning_rate=0.0001 | learning_rate=0.001 | learning_rate=0.01 | average |" in text
+    assert "| none | 1.0 | 1.1 | 2.0 | 1.4 |" in text and "| x | 2.0 | 2.1 | 3.0 | 2.4 |" in text  # 100 lr + epochs (+1)
+    assert "| none | 1.1 | 2.1 | 4.1 | 2.4 |" in text  # the epoch table keeps lr at the file's 1e-3
+    files = write_results(rows, tmp_path, list(experiment.sweep), experiment.model_dump(mode="json"))
+    assert files["sweep-learning_rate"].stat().st_size > 0 and files["sweep-epochs"].stat().st_size > 0
+    assert "### harmful score (%) against epochs" in files["markdown"].read_text()

@@ -13,12 +13,16 @@ from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
 from antidote_llm.runtime.loading import load_model
 from antidote_llm.runtime.outputs import check_output_dir
+from antidote_llm.training.methods import EXTRA_ROLES, TRAINING_METHODS, MethodRun, training_method
 from antidote_llm.training.report import TrainReport
 
 # TrainConfig fields with a flag; flags left unset keep the preset's value.
 TRAIN_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation", "max_length", "lora_r",
                 "lora_alpha", "lr_scheduler", "seed", "template")
 FIELD_FLAGS = ("prompt_field", "response_field", "input_field")
+EXTRA_FIELDS = ("prompt_field", "response_field", "samples", "skip")
+# The extra rows each stage's defenses read, and the BeaverTails is_safe filter each role defaults to.
+STAGE_ROLES = {"align": {"harmful": "unsafe"}, "finetune": {"guide": "safe"}}
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +45,60 @@ def _add_field_arguments(group, data_flag: str) -> None:
     add_config_options(group, DataSpec, FIELD_FLAGS, help_extra={name: f"of {data_flag}" for name in FIELD_FLAGS})
     group.add_argument("--shuffle", action="store_true",
                        help=f"shuffle the rows of {data_flag} with --seed before taking the first ones")
+
+
+def _add_defense_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    names = [name for name, method in TRAINING_METHODS.items() if method.stage == stage]
+    group = parser.add_argument_group(f"{stage}-stage defense (default: none, plain LoRA SFT)")
+    group.add_argument("--defense", metavar="NAME", help=f"one of {', '.join(names)}")
+    group.add_argument("--defense-preset", choices=["paper", "cpu"],
+                       help="the defense's settings: paper (the authors' script) or cpu (default: --preset)")
+    group.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one of the defense's settings, e.g. rho=2 (repeatable)")
+    for role in STAGE_ROLES[stage]:
+        group.add_argument(f"--{role}-data", help=f"{EXTRA_ROLES[role]}; disjoint from the poison and evaluation rows")
+        add_config_options(group, DataSpec, EXTRA_FIELDS, prefix=f"{role}_",
+                           help_extra={name: f"of --{role}-data" for name in EXTRA_FIELDS})
+
+
+def _method_run(args: argparse.Namespace, stage: str, config: training.TrainConfig) -> MethodRun | None:
+    """The training-stage defense the flags ask for, its settings and extra rows, checked before any training."""
+    roles = STAGE_ROLES[stage]
+    if not args.defense:
+        given = [f"--{role}-data" for role in roles if getattr(args, f"{role}_data")]
+        given += ["--defense-option"] * bool(args.defense_option) + ["--defense-preset"] * bool(args.defense_preset)
+        if given:
+            raise AntidoteError(f"{given[0]} is for a defense; add --defense NAME or drop it")
+        return None
+    method = training_method(args.defense, stage)
+    options = {}
+    for option in args.defense_option:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise AntidoteError(f"--defense-option {option!r} is not KEY=VALUE; e.g. --defense-option rho=2")
+        options[key.strip().replace("-", "_")] = value.strip()
+    settings = method.configure(args.defense_preset or args.preset, **options)
+    extra = {}
+    for role, safety in roles.items():
+        source = getattr(args, f"{role}_data")
+        if source and role in method.extra_data:
+            spec = config_from_args(DataSpec, args, EXTRA_FIELDS, prefix=f"{role}_", source=source)
+            extra[role] = spec.load(safety)
+        elif source:
+            raise AntidoteError(f"defense {method.name!r} reads no {role} rows; drop --{role}-data")
+    run = MethodRun(method=method, settings=settings, extra=extra)
+    run.check(config.gradient_accumulation)
+    return run
+
+
+def _check_disjoint(extra: PairSet, flag: str, others: dict[str, PairSet | None]) -> None:
+    """Refuse defense rows that share prompts with the poison or evaluation rows."""
+    mine = {pair.prompt for pair in extra.pairs}
+    for name, rows in others.items():
+        shared = mine & {pair.prompt for pair in rows.pairs} if rows is not None else set()
+        if shared:
+            raise AntidoteError(f"{len(shared)} rows of {flag} share their prompt with {name}; "
+                                f"give {flag} other rows (--{flag[2:].removesuffix('-data')}-skip)")
 
 
 def _config(args: argparse.Namespace, stage: training.Stage) -> training.TrainConfig:
@@ -67,16 +125,17 @@ def _summary(stage: str, report: TrainReport, out: str) -> str:
 
 def run_align(args: argparse.Namespace) -> int:
     config = _config(args, "align")
+    method = _method_run(args, "align", config)
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite,
-                           inputs=[source.model, *source.adapters, args.data, args.benign_data])
+                           inputs=[source.model, *source.adapters, args.data, args.benign_data, args.harmful_data])
     pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load("safe")
     benign = None
     if args.benign_data:
         benign = DataSpec(source=args.benign_data, samples=args.benign_samples,
                           seed=config.seed if args.shuffle else None).load()
     loaded = load_model(source)
-    result = training.align(loaded.model, loaded.tokenizer, pairs, config, out, benign=benign,
+    result = training.align(loaded.model, loaded.tokenizer, pairs, config, out, benign=benign, method=method,
                             model_info=source.describe(), progress=not args.quiet)
     if result.wrote:  # under accelerate launch, once
         print(_summary("align", result.report, args.out))
@@ -111,18 +170,22 @@ def run_finetune(args: argparse.Namespace) -> int:
             f"p={spec.harmful_fraction} of n={spec.samples_total} needs {spec.harmful_rows} harmful rows; "
             "pass --harmful-data (or --harmful-fraction 0)"
         )
+    method = _method_run(args, "finetune", config)
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite,
-                           inputs=[source.model, *source.adapters, args.task_data, args.harmful_data])
+                           inputs=[source.model, *source.adapters, args.task_data, args.harmful_data, args.guide_data])
     harmful = None
     if spec.harmful_rows:
         harmful = _data(args, config, args.harmful_data, samples=spec.harmful_rows, skip=args.harmful_skip).load("unsafe")
     task_pairs = _task_rows(args, spec.task_rows)
     training.check_mix_counts(spec, len(task_pairs), len(harmful) if harmful is not None else 0)
+    if method is not None and "guide" in method.extra:
+        _check_disjoint(method.extra["guide"], "--guide-data", {"the poison rows (--harmful-data)": harmful})
     loaded = load_model(source)
     result = training.finetune(
         loaded.model, loaded.tokenizer, task_pairs, harmful, harmful_fraction=spec.harmful_fraction,
-        n=spec.samples_total, config=config, out_dir=out, model_info=source.describe(), progress=not args.quiet,
+        n=spec.samples_total, config=config, out_dir=out, method=method, model_info=source.describe(),
+        progress=not args.quiet,
     )
     if not result.wrote:  # under accelerate launch, once
         return 0
@@ -149,6 +212,7 @@ def register(subparsers) -> None:
     data.add_argument("--benign-data", help="benign (instruction, answer) rows to mix in")
     data.add_argument("--benign-samples", type=int, help="rows of --benign-data to use (default: all)")
     _add_training_arguments(align)
+    _add_defense_arguments(align, "align")
     _add_output_arguments(align)
     align.set_defaults(func=run_align)
 
@@ -184,5 +248,6 @@ def register(subparsers) -> None:
     data.add_argument("--harmful-fraction", type=float, default=0.1, help="p: share of harmful rows, in [0, 1] (default 0.1)")
     data.add_argument("--samples-total", type=int, required=True, help="n: rows in the fine-tuning mix")
     _add_training_arguments(finetune)
+    _add_defense_arguments(finetune, "finetune")
     _add_output_arguments(finetune)
     finetune.set_defaults(func=run_finetune)

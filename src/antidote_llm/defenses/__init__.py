@@ -12,12 +12,26 @@ from antidote_llm.defenses.registry import (
 from antidote_llm.defenses.resta import RESTA
 from antidote_llm.defenses.safe_delta import SAFE_DELTA
 from antidote_llm.defenses.safelora import SAFELORA
+from antidote_llm.training.methods import TRAINING_METHODS, TrainingMethod
 
 NO_DEFENSE = Defense(
     name="none", stage="post", description="no defense: the fine-tuned model as the user got it",
     apply=lambda model, settings, context: DefenseOutcome(),
 )
-DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *PRUNING_DEFENSES, AUTO_DEFENSE, SAFELORA, RESTA, SAFE_DELTA)
+
+
+def _trained(method: TrainingMethod) -> Defense:
+    """A training-stage defense in the registry: it acts while its stage trains, so afterwards it changes nothing."""
+    return Defense(
+        name=method.name, stage=method.stage, description=method.description, settings=method.settings,
+        apply=lambda model, settings, context: DefenseOutcome(), training=method,
+        knob=lambda settings: ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                                        for key, value in settings.model_dump().items()),
+    )
+
+
+DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *map(_trained, TRAINING_METHODS.values()), *PRUNING_DEFENSES,
+                                        AUTO_DEFENSE, SAFELORA, RESTA, SAFE_DELTA)
 
 
 def defense(name: str, stage: DefenseStage | None = None) -> Defense:

@@ -17,6 +17,7 @@ from antidote_llm.data.records import PairSet
 from antidote_llm.errors import AntidoteError, validated
 from antidote_llm.evaluation.evaluate import EvalInputs
 from antidote_llm.runtime.loading import ModelSource
+from antidote_llm.training.methods import TrainingMethod
 
 DefenseStage = Literal["align", "finetune", "post"]
 
@@ -53,7 +54,8 @@ class Defense:
     """A registered defense.
 
     `settings` validates the defense's options (None: it takes none). `apply(model, settings, context)`
-    changes the model in place and returns a DefenseOutcome. `live_adapter(settings)` says whether it
+    changes the model in place and returns a DefenseOutcome (a training-stage defense has acted before:
+    its `training` method ran in the align or finetune stage, and its `apply` changes nothing). `live_adapter(settings)` says whether it
     acts on the fine-tuning adapter kept separate (True) or on the merged model (False).
     """
 
@@ -69,9 +71,13 @@ class Defense:
     # Context fields it needs beyond the model; each entry lists alternatives, any one of which will do.
     extra_inputs: tuple[tuple[str, ...], ...] = ()
     knob: Callable[[BaseModel | None], str | None] = lambda settings: None  # its main setting, for tables: "ratio=0.05"
+    training: TrainingMethod | None = None  # an align or finetune defense: the Trainer that runs it in its stage
 
-    def configure(self, options: dict, defaults: dict | None = None) -> BaseModel | None:
-        """The defense's validated settings from `options`; `defaults` fill the fields it has but were not given."""
+    def configure(self, options: dict, defaults: dict | None = None, preset: str = "paper") -> BaseModel | None:
+        """The defense's validated settings from `options`; `defaults` fill the fields it has but were not given.
+        A training-stage defense starts from its `preset` (paper or cpu) instead."""
+        if self.training is not None:
+            return self.training.configure(preset, **options)
         if self.settings is None:
             if options:
                 raise AntidoteError(f"defense {self.name!r} takes no options; got {', '.join(sorted(options))}")

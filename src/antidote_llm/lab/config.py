@@ -18,6 +18,7 @@ from antidote_llm.data.spec import DataSpec
 from antidote_llm.defenses import defense
 from antidote_llm.errors import AntidoteError, validation_message
 from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.training.methods import EXTRA_ROLES
 
 
 class Strict(BaseModel):
@@ -57,6 +58,14 @@ class UnalignSpec(Strict):
 
     data: DataSpec
     training: TrainingSpec = TrainingSpec()
+
+
+class DefenseDataSpec(Strict):
+    """The extra rows of the training-stage defenses, by role. Both must be disjoint from the poison rows, the
+    re-alignment rows and the evaluation prompts (the runner checks and names any overlap)."""
+
+    harmful: DataSpec | None = None  # harmful prompt, harmful answer: RepNoise's and Booster's harmful stream
+    guide: DataSpec | None = None  # harmful prompt, safe answer: Lisa's alignment rows
 
 
 # Where the lab finds each extra input of a post-fine-tuning peer (DefenseContext field -> experiment key).
@@ -155,16 +164,23 @@ class Experiment(Strict):
     benign_data: DataSpec | None = None
     unalign: UnalignSpec | None = None  # RESTA's unaligned model
     safe_data: DataSpec | None = None  # Safe Delta's safe calibration rows (harmful prompt, safe answer)
+    defense_data: DefenseDataSpec | None = None  # the training-stage defenses' extra rows
     defenses: dict[str, DefenseSpec]
     evaluation: EvaluationSpec
     evaluate_stages: tuple[Literal["base", "aligned"], ...] = ("base", "aligned")
-    sweep: dict[str, list] = Field(default_factory=dict, description="dotted path -> values; every combination runs")
+    sweep: dict[str, list] = Field(default_factory=dict, description="dotted path -> values")
+    # grid: every combination runs; each: one path varies at a time, the others keep the file's values (the
+    # paper's learning-rate and epoch tables)
+    sweep_mode: Literal["grid", "each"] = "grid"
     cluster: ClusterSpec | None = None  # None: the defaults; how stages run, never what they compute
 
     def defense_settings(self, label: str) -> BaseModel | None:
         """The validated settings of defense `label`; the model's template and the experiment's seed are defaults."""
         spec = self.defenses[label]
-        return defense(spec.method).configure(spec.options, {"template": self.model.template, "seed": self.seed})
+        chosen = defense(spec.method)
+        stage = self.alignment if chosen.stage == "align" else self.finetune
+        preset = stage.training.preset if stage is not None else "paper"  # the stage's preset: paper or cpu
+        return chosen.configure(spec.options, {"template": self.model.template, "seed": self.seed}, preset)
 
     @model_validator(mode="after")
     def _defenses_known(self):
@@ -173,6 +189,14 @@ class Experiment(Strict):
                 settings = self.defense_settings(label)
             except AntidoteError as exc:
                 raise ValueError(f"defense {label!r}: {exc}") from None
+            chosen = defense(spec.method)
+            if chosen.stage == "align" and self.alignment is None:
+                raise ValueError(f"defense {label!r} ({spec.method}) acts at the alignment stage; "
+                                 "the experiment needs an alignment block")
+            for role in chosen.training.extra_data if chosen.training else ():
+                if getattr(self.defense_data, role, None) is None:
+                    raise ValueError(f"defense {label!r} ({spec.method}) needs defense_data.{role} "
+                                     f"({EXTRA_ROLES[role]})")
             if defense(spec.method).needs_benign(settings) and self.benign_data is None:
                 raise ValueError(f"defense {label!r} ({spec.method}) needs benign_data")
             if defense(spec.method).needs_validation and (
@@ -272,10 +296,27 @@ def expand_sweep(experiment: Experiment) -> list[tuple[dict, Experiment]]:
     for path in paths:
         if not experiment.sweep[path]:
             raise AntidoteError(f"sweep path {path!r} has no values")
+    if experiment.sweep_mode == "grid":
+        combinations = [dict(zip(paths, values, strict=True))
+                        for values in itertools.product(*(experiment.sweep[p] for p in paths))]
+    else:
+        own = {path: sweep_base_value(base, path) for path in paths}
+        combinations = list({json.dumps(c, sort_keys=True, default=str): c for c in (
+            {**own, path: value} for path in paths for value in experiment.sweep[path])}.values())
     settings = []
-    for values in itertools.product(*(experiment.sweep[p] for p in paths)):
+    for combination in combinations:
         raw = copy.deepcopy(base)
-        for path, value in zip(paths, values, strict=True):
+        for path, value in combination.items():
             _set_path(raw, path, value)
-        settings.append((dict(zip(paths, values, strict=True)), _validate(raw, f"sweep {dict(zip(paths, values, strict=True))}")))
+        settings.append((combination, _validate(raw, f"sweep {combination}")))
     return settings
+
+
+def sweep_base_value(raw: dict, dotted: str):
+    """The value the experiment file itself gives the swept setting `dotted` (None: the stage's default)."""
+    node = raw
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from antidote_llm.lab.config import sweep_base_value
 from antidote_llm.runtime.outputs import write_json
 from antidote_llm.runtime.plotting import DPI, save_figure, tradeoff_axes
 
@@ -52,6 +53,67 @@ def markdown_table(rows: list[dict], sweep: Sequence[str]) -> str:
             cells.append(_fmt(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+METRICS = {"harmful_score": "harmful score (%)", "finetune_accuracy": "fine-tune accuracy (%)"}
+
+
+def sweep_lines(rows: list[dict], experiment: dict) -> dict[str, tuple[list, list[dict]]]:
+    """Per swept path: its values and the defended rows where only it varies (the other swept settings at the
+    file's own values), for the paper's layout: a table and a plot per path."""
+    sweep = experiment.get("sweep") or {}
+    defended = [r for r in rows if r["stage"] == "fine-tuned"]
+    lines = {}
+    for path, values in sweep.items():
+        others = {other: sweep_base_value(experiment, other) for other in sweep if other != path}
+        line = [r for r in defended if all(r.get(other) == value for other, value in others.items())]
+        present = [v for v in values if any(r.get(path) == v for r in line)]
+        if len(present) > 1:
+            lines[path] = (present, line)
+    return lines
+
+
+def _mean(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def sweep_tables(rows: list[dict], experiment: dict) -> str:
+    """The paper's layout: per swept path and metric, one row per defense, one column per value, and the average."""
+    parts = []
+    for path, (values, line) in sweep_lines(rows, experiment).items():
+        name = path.rsplit(".", 1)[-1]
+        for metric, title in METRICS.items():
+            parts.append(f"\n### {title} against {name}\n")
+            parts.append("| defense | " + " | ".join(f"{name}={v}" for v in values) + " | average |")
+            parts.append("|---|" + "---|" * (len(values) + 1))
+            for label in dict.fromkeys(r["defense"] for r in line):
+                cells = [next((r[metric] for r in line if r["defense"] == label and r.get(path) == v), None) for v in values]
+                parts.append(f"| {label} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt(_mean(cells))} |")
+    return "\n".join(parts) + ("\n" if parts else "")
+
+
+def sweep_figure(path: str, values: list, line: list[dict]):
+    """Harmful score and fine-tune accuracy against one swept setting, one line per defense."""
+    import matplotlib.pyplot as plt
+
+    name = path.rsplit(".", 1)[-1]
+    numeric = all(isinstance(v, int | float) and v > 0 for v in values)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=DPI)
+    for ax, (metric, title) in zip(axes, METRICS.items(), strict=True):
+        for label in dict.fromkeys(r["defense"] for r in line):
+            points = sorted((r[path], r[metric]) for r in line if r["defense"] == label and r[metric] is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        if numeric and max(values) / min(values) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_title(f"{title} against {name}")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def _csv(rows: list[dict], sweep: Sequence[str]) -> str:
@@ -124,19 +186,23 @@ def tradeoff_figure(rows: list[dict]):
     return tradeoff_axes(points, "safety / accuracy trade-off")
 
 
-def plot(rows: list[dict], sweep: Sequence[str], out: Path) -> list[Path]:
+def plot(rows: list[dict], sweep: Sequence[str], out: Path, experiment: dict | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    return [save_figure(metrics_figure(rows, sweep), out / "metrics.png"), save_figure(tradeoff_figure(rows), out / "tradeoff.png")]
+    paths = [save_figure(metrics_figure(rows, sweep), out / "metrics.png"),
+             save_figure(tradeoff_figure(rows), out / "tradeoff.png")]
+    for path, (values, line) in sweep_lines(rows, experiment or {}).items():
+        paths.append(save_figure(sweep_figure(path, values, line), out / f"sweep-{path.rsplit('.', 1)[-1]}.png"))
+    return paths
 
 
 def write_results(rows: list[dict], out: Path, sweep: Sequence[str], experiment: dict) -> dict[str, Path]:
     rows = add_deltas(rows, sweep)
     files = {"csv": out / "results.csv", "markdown": out / "results.md", "json": out / "results.json"}
     _write_text(files["csv"], _csv(rows, sweep))
-    _write_text(files["markdown"], markdown_table(rows, sweep))
+    _write_text(files["markdown"], markdown_table(rows, sweep) + sweep_tables(rows, experiment))
     write_json(files["json"], {"experiment": experiment, "rows": rows})
-    for path in plot(rows, sweep, out):
+    for path in plot(rows, sweep, out, experiment):
         files[path.stem] = path
     return files

@@ -31,6 +31,7 @@ from antidote_llm.lab.results import write_results
 from antidote_llm.runtime.loading import ModelSource, load_base_model, load_model
 from antidote_llm.runtime.outputs import atomic_dir, write_report
 from antidote_llm.runtime.runinfo import MemoryMonitor, MemoryReport
+from antidote_llm.training.methods import MethodRun, training_method
 from antidote_llm.training.report import TrainReport
 from antidote_llm.training.sft import REPORT_FILE as TRAIN_REPORT
 
@@ -100,6 +101,7 @@ class _Setting:
             shared = {p.prompt for p in self.unalign_pairs.pairs} & {p.prompt for p in self.prompts.pairs}
             if shared:
                 raise AntidoteError(f"{len(shared)} unalignment prompts are evaluation prompts; give unalign.data other rows")
+        self.defense_rows = self._defense_rows(poison)
         self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
         self.test_inputs = EvalInputs(self.prompts.pairs, ft.task, self.task_test, spec, exp.model.template)
         self.validation_inputs = _validation_inputs(exp, self.prompts.pairs, self.task_test)
@@ -109,36 +111,64 @@ class _Setting:
                                   exp.model.template)
         self.evaluation = self.test_inputs
 
+    def _defense_rows(self, poison) -> dict[str, PairSet]:
+        """The training-stage defenses' extra rows by role, refused when they share rows with the poison or the
+        re-alignment rows, or prompts with the evaluation prompts."""
+        exp = self.exp
+        rows = {}
+        for role, safety in (("harmful", "unsafe"), ("guide", "safe")):
+            spec = getattr(exp.defense_data, role, None)
+            if spec is None:
+                continue
+            rows[role] = spec.load(safety)
+            mine = set(rows[role].pairs)
+            prompts = {pair.prompt for pair in mine}
+            for other, shared in (("poison rows (finetune.harmful)", mine & set(poison)),
+                                  ("re-alignment rows (realign_data)", mine & set(self.realign_pairs.pairs)),
+                                  ("evaluation prompts", prompts & {pair.prompt for pair in self.prompts.pairs})):
+                if shared:
+                    raise AntidoteError(f"{len(shared)} rows of defense_data.{role} are also {other}; "
+                                        f"give defense_data.{role} a disjoint source or skip window")
+        return rows
+
+    def method_run(self, label: str) -> tuple[str, object, dict] | None:
+        """A training-stage defense as its stage job runs it: name, settings, extra rows (None: a post defense)."""
+        chosen = defense(self.exp.defenses[label].method)
+        if chosen.training is None:
+            return None
+        return chosen.name, self.exp.defense_settings(label), {role: self.defense_rows[role]
+                                                              for role in chosen.training.extra_data}
+
     def folder(self, kind: str, key: str) -> Path:
         return self.stages / f"{kind}-{key}"
 
     # --- training stages ---------------------------------------------------------------------------
 
-    def align(self) -> tuple[StageJob | None, str, ModelSource]:
-        """The alignment job (None: the model is aligned already), its key, and the aligned model."""
+    def align(self, method: tuple | None = None) -> tuple[StageJob | None, str, ModelSource]:
+        """The alignment job (None: the model is aligned already), its key, and the aligned model; `method`: an
+        alignment-stage defense (name, settings, extra rows)."""
         exp = self.exp
         if exp.alignment is None:
             return None, stage_key("given", self.base_source.describe()), self.base_source
         config = training.preset(exp.alignment.training.preset, "align", seed=exp.seed, template=exp.model.template,
                                  **exp.alignment.training.overrides)
         key = stage_key("align", self.base_source.describe(), self.align_pairs.sha256,
-                        self.align_benign and self.align_benign.sha256, config)
-        work = _AlignWork(self.base_source, self.align_pairs, self.align_benign, config, self.progress)
+                        self.align_benign and self.align_benign.sha256, config, *_method_key(method))
+        work = _AlignWork(self.base_source, self.align_pairs, self.align_benign, config, self.progress, method)
         source = ModelSource(str(self.folder("align", key) / "merged"), dtype=exp.model.dtype, device=exp.model.device)
         return StageJob("align", "align", key, work), key, source
 
-    def finetune(self, align_key: str, aligned: ModelSource, needs: tuple[str, ...]) -> StageJob:
+    def finetune(self, align_key: str, aligned: ModelSource, needs: tuple[str, ...], method: tuple | None = None
+                 ) -> StageJob:
+        """The user's fine-tuning job; `method`: a fine-tuning-stage defense the provider runs."""
         spec = self.exp.finetune
         config = training.preset(spec.training.preset, "finetune", seed=self.exp.seed, template=self.exp.model.template,
                                  **spec.training.overrides)
         key = stage_key("finetune", align_key, spec.task, pairs_sha256(self.task_train), self.harmful.sha256,
-                        spec.harmful_fraction, spec.samples, config)
+                        spec.harmful_fraction, spec.samples, config, *_method_key(method))
         work = _FinetuneWork(aligned, self.task_train, self.harmful, spec.harmful_fraction, spec.samples, config,
-                             self.exp.seed, self.progress)
+                             self.exp.seed, self.progress, method)
         return StageJob("finetune", "finetune", key, work, needs)
-
-
-# --- stage work: picklable, so that a stage can run in another process or on another machine ----------------
 
     def unalign(self, align_key: str, aligned: ModelSource, needs: tuple[str, ...]) -> StageJob:
         """RESTA's unaligned model: a short harmful LoRA SFT of the aligned model (its adapter)."""
@@ -148,6 +178,24 @@ class _Setting:
         key = stage_key("unalign", align_key, self.unalign_pairs.sha256, config)
         return StageJob("unalign", "finetune", key, _UnalignWork(aligned, self.unalign_pairs, config, self.progress), needs)
 
+
+
+def _method_key(method: tuple | None) -> list:
+    """What identifies a training-stage defense in its stage's key (nothing for plain SFT, so old keys stay)."""
+    if method is None:
+        return []
+    name, settings, extra = method
+    return [[name, settings.model_dump(mode="json"), {role: rows.sha256 for role, rows in sorted(extra.items())}]]
+
+
+def _method_run(method: tuple | None) -> MethodRun | None:
+    if method is None:
+        return None
+    name, settings, extra = method
+    return MethodRun(method=training_method(name), settings=settings, extra=extra)
+
+
+# --- stage work: picklable, so that a stage can run in another process or on another machine ----------------
 
 
 def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs | None:
@@ -176,11 +224,12 @@ class _AlignWork:
     benign: PairSet | None
     config: object
     progress: bool
+    method: tuple | None = None  # an alignment-stage defense: name (looked up where the stage runs), settings, rows
 
     def __call__(self, folder: Path) -> None:
         model, tokenizer = load_base_model(self.base)
         training.align(model, tokenizer, self.pairs, self.config, folder, benign=self.benign,
-                       model_info=self.base.describe(), progress=self.progress)
+                       method=_method_run(self.method), model_info=self.base.describe(), progress=self.progress)
 
 
 @dataclass(frozen=True)
@@ -193,12 +242,14 @@ class _FinetuneWork:
     config: object
     seed: int
     progress: bool
+    method: tuple | None = None  # a fine-tuning-stage defense: name, settings, extra rows
 
     def __call__(self, folder: Path) -> None:
         loaded = load_model(self.aligned)
         training.finetune(loaded.model, loaded.tokenizer, self.task_pairs, self.harmful,
                           harmful_fraction=self.harmful_fraction, n=self.samples, config=self.config, out_dir=folder,
-                          seed=self.seed, model_info=self.aligned.describe(), progress=self.progress)
+                          seed=self.seed, method=_method_run(self.method), model_info=self.aligned.describe(),
+                          progress=self.progress)
 
 
 @dataclass(frozen=True)
@@ -349,33 +400,54 @@ def _plan_setting(setting: _Setting, jobs: dict[str, StageJob]) -> list[_Row]:
         settings_dump = settings.model_dump(mode="json") if settings is not None else None
         chosen = defense(spec.method)
         needs_validation = chosen.needs_validation
+        own_align, own_finetune, own_finetuned = (_defended_chain(setting, label, jobs) if chosen.training
+                                                   else (align_job, finetune_job, finetuned))
         used = {name: extras[name] for options in chosen.extra_inputs for name in options if name in extras}
         extra_keys = [[name, identity] for name, (_, identity) in sorted(used.items())]
-        key = stage_key("defense", finetune_job.key, spec.method, settings_dump, realign_pairs.sha256,
+        key = stage_key("defense", own_finetune.key, spec.method, settings_dump, realign_pairs.sha256,
                         benign and benign.sha256, setting.eval_key, exp.seed,
                         setting.validation_key if needs_validation else None, *([extra_keys] if extra_keys else []))
-        work = _DefenseWork(finetuned, spec.method, settings, realign_pairs, benign, setting.evaluation,
+        work = _DefenseWork(own_finetuned, spec.method, settings, realign_pairs, benign, setting.evaluation,
                             setting.validation_inputs if needs_validation else None, setting.progress,
                             {name: value for name, (value, _) in used.items()})
-        defense_needs = (finetune_job.name, *([unalign_job.name] if unalign_job and "unaligned_model" in used else []))
+        defense_needs = (own_finetune.name, *([unalign_job.name] if unalign_job and "unaligned_model" in used else []))
         job = StageJob(f"defense-{label}", "defense", key, work, defense_needs)
         jobs.setdefault(job.name, job)
         setting.defense_folders[label] = setting.stages / job.name
 
-        def defense_row(folder=setting.stages / job.name, label=label, spec=spec, chosen=chosen, settings=settings):
+        def defense_row(folder=setting.stages / job.name, label=label, spec=spec, chosen=chosen, settings=settings,
+                        finetune_folder=setting.stages / own_finetune.name, own_align=own_align):
             record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
             memory = record.memory
+            trained_align = chosen.stage == "align" and own_align is not None
             return _row(
                 setting.values, "fine-tuned", label, spec.method, record.outcome.ratio, _metrics(folder / "eval"),
                 setting=chosen.knob(settings) or (f"ratio={record.outcome.ratio:g}" if record.outcome.ratio else None),
                 pruned_fraction=record.outcome.changed_fraction,
-                defense_s=record.defense_s, finetune_s=_train_seconds(setting.stages / finetune_job.name),
+                defense_s=record.defense_s, finetune_s=_train_seconds(finetune_folder),
+                align_s=_train_seconds(setting.stages / own_align.name) if trained_align else None,
                 defense_peak_rss_mb=round(memory.peak_rss_bytes / 2**20) if memory else None,
                 defense_added_rss_mb=round((memory.peak_rss_bytes - memory.rss_start_bytes) / 2**20) if memory else None,
             )
 
         rows.append(_Row((job.name, *defense_needs), defense_row))
     return rows
+
+
+def _defended_chain(setting: _Setting, label: str, jobs: dict[str, StageJob]):
+    """(align job, finetune job, fine-tuned model) of a training-stage defense: its own alignment followed by the
+    user's plain fine-tuning (align stage), or the shared alignment followed by its fine-tuning (finetune stage)."""
+    method = setting.method_run(label)
+    stage = defense(method[0]).stage
+    align_job, align_key, aligned = setting.align(method if stage == "align" else None)
+    align_needs = (align_job.name,) if align_job else ()
+    finetune_job = setting.finetune(align_key, aligned, align_needs, method if stage == "finetune" else None)
+    for job in (align_job, finetune_job):
+        if job is not None:
+            jobs.setdefault(job.name, job)
+    finetuned = ModelSource(aligned.model, adapters=(str(setting.stages / finetune_job.name / "adapter"),),
+                            dtype=aligned.dtype, device=aligned.device)
+    return align_job, finetune_job, finetuned
 
 
 @dataclass

@@ -24,7 +24,12 @@ from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_version
 from antidote_llm.training.config import TrainConfig
 from antidote_llm.training.methods.base import MethodRun
 from antidote_llm.training.report import TrainFacts, TrainReport
-from antidote_llm.training.trainer import IGNORE_INDEX, sft_trainer_class, supervised_collator, training_arguments
+from antidote_llm.training.trainer import (
+    IGNORE_INDEX,
+    sft_trainer_class,
+    supervised_collator,
+    training_arguments,
+)
 
 REPORT_FILE = "report.json"
 

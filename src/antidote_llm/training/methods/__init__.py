@@ -2,7 +2,13 @@
 Lisa, LDIFS (the user's fine-tuning). Each is a Trainer subclass; see base.py for what a method declares."""
 
 from antidote_llm.errors import AntidoteError
-from antidote_llm.training.methods.base import EXTRA_ROLES, MethodRun, MethodSettings, MethodStage, TrainingMethod
+from antidote_llm.training.methods.base import (
+    EXTRA_ROLES,
+    MethodRun,
+    MethodSettings,
+    MethodStage,
+    TrainingMethod,
+)
 from antidote_llm.training.methods.booster import BOOSTER
 from antidote_llm.training.methods.ldifs import LDIFS
 from antidote_llm.training.methods.lisa import LISA
