@@ -120,6 +120,25 @@ def method_trainer_class():
     return MethodTrainer
 
 
+def causal_lm(model):
+    """The bare causal LM inside DistributedDataParallel and PEFT wrappers."""
+    while hasattr(model, "module"):  # DistributedDataParallel
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_blocks(model, part: str, method: str) -> list[torch.nn.Module]:
+    """The `part` (self_attn, mlp) of every decoder layer, found by path through the wrappers (not by class name,
+    so Llama, Mistral, Qwen, Gemma and their attention variants all work)."""
+    lm = causal_lm(model)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    blocks = [getattr(layer, part, None) for layer in getattr(decoder, "layers", None) or ()]
+    if not blocks or any(block is None for block in blocks):
+        raise AntidoteError(f"{method} needs each decoder layer's `{part}` (model.layers[i].{part}, as in Llama, "
+                            f"Mistral, Qwen, Gemma); {type(lm).__name__} has none")
+    return blocks
+
+
 def _endless(loader) -> Iterator[dict]:
     epoch = 0
     while True:
