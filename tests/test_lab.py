@@ -165,7 +165,7 @@ def test_relative_paths_are_relative_to_the_file_not_the_working_directory(exper
         load_experiment(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("**/*.yaml")), ids=lambda p: p.name)
 def test_shipped_example_configs_validate(path):
     assert load_experiment(path).defenses["none"].method == "none"
 

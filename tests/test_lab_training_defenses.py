@@ -103,3 +103,20 @@ def test_cli_refuses_a_defense_at_the_wrong_stage_before_training(tmp_path, tiny
     err = capsys.readouterr().err
     assert "needs harmful rows" in err and "--harmful-data" in err
     assert not out.exists()
+
+
+def test_cli_refuses_guide_rows_that_share_prompts_with_the_poison(tmp_path, tiny_model_dir, harmful_file, capsys):
+    from conftest import HARMFUL_ROWS
+
+    (tmp_path / "sst2.tsv").write_text("label\tsentence\n" + "".join(f"{i % 2}\tsentence {i} .\n" for i in range(20)))
+    guide = _guide_rows(tmp_path / "guide.jsonl", [HARMFUL_ROWS[0]["prompt"], "An unrelated request"])
+    out = tmp_path / "out"
+    code = main(["finetune", "--model", str(tiny_model_dir), "--device", "cpu", "--task", "sst2", "--task-data",
+                 str(tmp_path / "sst2.tsv"), "--harmful-data", str(harmful_file), "--harmful-fraction", "0.5",
+                 "--samples-total", "4", "--defense", "lisa", "--guide-data", str(guide), "--out", str(out)])
+    assert code == 2
+    assert "1 rows of --guide-data share their prompt with the poison rows" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["finetune", "--model", str(tiny_model_dir), "--task", "sst2", "--samples-total", "4",
+                 "--guide-data", str(guide), "--out", str(out)]) == 2
+    assert "--guide-data is for a defense; add --defense NAME" in capsys.readouterr().err
