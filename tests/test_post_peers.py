@@ -428,3 +428,21 @@ def test_unalign_command_writes_an_adapter_resta_takes(lineage, tmp_path, harmfu
     report = json.loads((out / "report.json").read_text())
     assert report["stage"] == "unalign" and report["data"]["harmful"]["rows"] == 12
     assert _cli(lineage, tmp_path / "r", "--method", "resta", "--unaligned-model", str(out / "adapter"), "--beta", "0.5") == 0
+
+
+# --- interpolation, the control ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.4, 1.0])
+def test_interpolate_keeps_gamma_of_the_update_exactly(lineage, gamma):
+    loaded = _finetuned(lineage)
+    aligned = {name: lora.aligned_weight(layer).detach().float().clone()
+               for name, layer in lora.lora_modules(loaded.model).items()}
+    before = _effective(loaded.model)
+    chosen = defense("interpolate")
+    outcome = chosen.apply(loaded.model, chosen.configure({"gamma": gamma}), _context(loaded.tokenizer))
+    after = _effective(loaded.model)
+    for name, weight in after.items():
+        torch.testing.assert_close(weight, aligned[name] + gamma * (before[name] - aligned[name]), rtol=1e-5, atol=1e-6)
+    assert outcome.changed_fraction == (0.0 if gamma == 1.0 else pytest.approx(1.0))
+    assert chosen.knob(chosen.configure({"gamma": gamma})) == f"gamma={gamma:g}"

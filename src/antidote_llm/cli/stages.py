@@ -114,9 +114,14 @@ def _data(args: argparse.Namespace, config: training.TrainConfig, source: str, *
 def _summary(stage: str, report: TrainReport, out: str) -> str:
     train = report.train
     written = [value for key, value in report.outputs.items() if key != "merge_dtype"]
+    defense = report.defense
     lines = [
         f"antidote: {stage}: {train.rows} rows ({train.dropped_no_answer} dropped: no answer token left), "
         f"{train.steps} steps, mean loss {train.train_loss:.4f}",
+        *([f"  defense: {defense['name']} ("
+           + ", ".join(f"{k}={v}" for k, v in defense["settings"].items())
+           + "".join(f"; {role}: {info['rows']} rows" for role, info in defense["data"].items()) + ")"]
+          if defense else []),
         "  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report.timings.items()),
         f"  wrote {out} ({', '.join(written)}, report.json)",
     ]
