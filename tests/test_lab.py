@@ -131,7 +131,7 @@ BAD_CONFIGS = {
     "p negative": lambda raw: raw["finetune"].update(harmful_fraction=-0.1),
     "n larger than data": lambda raw: raw["finetune"].update(samples=1000),
     "missing data": lambda raw: raw["realign_data"].update(source="nope.jsonl"),
-    "unknown defense": lambda raw: raw["defenses"].update(vaccine={"method": "vaccine"}),
+    "unknown defense": lambda raw: raw["defenses"].update(other={"method": "nonesuch"}),
     "no baseline": lambda raw: raw["defenses"].pop("none"),
     "ratio missing": lambda raw: raw["defenses"]["antidote"].pop("ratio"),
     "bad sweep path": lambda raw: raw.update(sweep={"finetune.nothing.here": [1, 2]}),
