@@ -116,6 +116,17 @@ def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_p
     return peft_model.eval()
 
 
+def saved_lora_b(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The lora_B weights of a saved adapter loaded onto a fresh tiny model, checked to have left zero (their
+    initial value), so the adapter loads and holds what training did."""
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(make_model(), adapter_dir)
+    lora = {name: p for name, p in loaded.named_parameters() if "lora_B" in name}
+    assert lora and any(float(p.abs().max()) > 0 for p in lora.values())
+    return lora
+
+
 def save_adapter(path: Path, base_dir: Path, seed: int = 1, **kwargs) -> Path:
     from transformers import AutoModelForCausalLM
 

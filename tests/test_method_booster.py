@@ -15,7 +15,7 @@ from antidote_llm.errors import AntidoteError
 from antidote_llm.training.methods import MethodRun
 from antidote_llm.training.methods.booster import BOOSTER
 from antidote_llm.training.sft import encode_rows, supervised_collator, training_arguments
-from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer
+from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer, saved_lora_b
 from test_training import MEMO, adapter_tensors, tiny_config
 
 HARMFUL = PairSet(pairs=tuple(Pair(row["prompt"], row["response"]) for row in HARMFUL_ROWS if not row["is_safe"]),
@@ -64,7 +64,6 @@ def test_optimizer_gets_alignment_gradient_plus_lambda_times_the_harmful_gradien
 
 
 def test_align_with_booster_uses_the_harmful_rows_and_names_the_defense(tmp_path):
-    from peft import PeftModel
 
     tokenizer = make_tokenizer()
     settings = BOOSTER.configure("cpu")
@@ -78,8 +77,7 @@ def test_align_with_booster_uses_the_harmful_rows_and_names_the_defense(tmp_path
     assert report["defense"]["settings"] == {"lamb": 5.0, "alpha": 0.1, "harmful_batch_size": 8}
     assert report["defense"]["data"]["harmful"] == HARMFUL.describe()
     assert report["train"]["steps"] == 2
-    loaded = PeftModel.from_pretrained(make_model(), result.adapter_dir)
-    assert any(p.abs().sum() > 0 for n, p in loaded.named_parameters() if "lora_B" in n)
+    saved_lora_b(result.adapter_dir)
     trained, baseline = adapter_tensors(result.adapter_dir), adapter_tensors(plain.adapter_dir)
     assert any(not torch.equal(trained[k], baseline[k]) for k in trained)  # the regulariser changed training
     with pytest.raises(AntidoteError, match="needs harmful rows"):

@@ -13,7 +13,7 @@ from antidote_llm.data.records import Pair
 from antidote_llm.training.methods import LDIFS, MethodRun
 from antidote_llm.training.methods.ldifs import mlp_modules
 from antidote_llm.training.trainer import supervised_collator, training_arguments
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, saved_lora_b
 
 ROWS = [Pair("short", "ok"), Pair("a much longer prompt than the first", "and a longer answer too"),
         Pair("middle prompt", "middle answer")]
@@ -168,17 +168,12 @@ def test_presets():
 
 
 def test_finetune_writes_a_loadable_adapter_and_names_the_defense(tmp_path):
-    from peft import PeftModel
-
     method = MethodRun(LDIFS, LDIFS.configure("paper"))
     result = training.finetune(make_model(), make_tokenizer(), USER, None, harmful_fraction=0.0, n=10,
                                config=tiny_config(), out_dir=tmp_path / "ft", method=method, progress=False)
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert report["defense"] == {"name": "ldifs", "settings": {"rho": 1e-4, "authors_threshold": False}, "data": {}}
     assert report["train"]["steps"] == 3
-    loaded = PeftModel.from_pretrained(make_model(), tmp_path / "ft" / "adapter")
     trained = dict(result.model.named_parameters())
-    lora = {name: p for name, p in loaded.named_parameters() if "lora_B" in name}
-    assert lora and any(float(p.abs().max()) > 0 for p in lora.values())
-    for name, param in lora.items():
+    for name, param in saved_lora_b(tmp_path / "ft" / "adapter").items():
         torch.testing.assert_close(param, trained[name])

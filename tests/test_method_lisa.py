@@ -13,7 +13,7 @@ from antidote_llm import training
 from antidote_llm.data.records import Pair, PairSet
 from antidote_llm.errors import AntidoteError
 from antidote_llm.training.methods import LISA, MethodRun
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, saved_lora_b
 
 MARK = "#"  # in every guide answer and in no user row, so a batch tells where it came from
 USER = [Pair(f"task {i}", "positive" if i % 2 else "negative", input=f"sentence {i}") for i in range(12)]
@@ -119,8 +119,6 @@ def test_presets_and_bounds():
 
 
 def test_finetune_with_guide_rows_writes_a_loadable_adapter_and_names_the_defense(tmp_path):
-    from peft import PeftModel
-
     settings = LISA.configure("cpu", align_steps=1, finetune_steps=2)
     result = run_finetune(tmp_path / "ft", MethodRun(LISA, settings, {"guide": GUIDE}), max_steps=4)
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
@@ -128,11 +126,8 @@ def test_finetune_with_guide_rows_writes_a_loadable_adapter_and_names_the_defens
     assert report["defense"]["settings"] == {"rho": 1.0, "align_steps": 1, "finetune_steps": 2}
     assert report["defense"]["data"]["guide"]["source"] == "guide.json"
     assert report["train"]["steps"] == 4
-    loaded = PeftModel.from_pretrained(make_model(), tmp_path / "ft" / "adapter")
     trained = dict(result.model.named_parameters())
-    lora = {name: p for name, p in loaded.named_parameters() if "lora_B" in name}
-    assert lora and any(float(p.abs().max()) > 0 for p in lora.values())
-    for name, param in lora.items():
+    for name, param in saved_lora_b(tmp_path / "ft" / "adapter").items():
         torch.testing.assert_close(param, trained[name])
 
 

@@ -13,7 +13,7 @@ from antidote_llm.errors import AntidoteError
 from antidote_llm.training.methods import MethodRun, vaccine
 from antidote_llm.training.methods.vaccine import VACCINE
 from antidote_llm.training.sft import encode_rows, supervised_collator, training_arguments
-from conftest import add_lora, make_model, make_tokenizer
+from conftest import add_lora, make_model, make_tokenizer, saved_lora_b
 from test_training import MEMO, adapter_tensors, tiny_config
 
 
@@ -118,7 +118,6 @@ def test_a_model_without_decoder_self_attention_is_refused():
 
 
 def test_align_with_vaccine_writes_a_loadable_adapter_and_names_the_defense(tmp_path):
-    from peft import PeftModel
 
     tokenizer = make_tokenizer()
     run = MethodRun(method=VACCINE, settings=VACCINE.configure("cpu"))
@@ -129,8 +128,7 @@ def test_align_with_vaccine_writes_a_loadable_adapter_and_names_the_defense(tmp_
     report = json.loads((tmp_path / "vaccine" / "report.json").read_text())
     assert report["defense"]["name"] == "vaccine" and report["defense"]["settings"] == {"rho": 2.0}
     assert report["train"]["steps"] == 2
-    loaded = PeftModel.from_pretrained(make_model(), result.adapter_dir)
-    assert any(p.abs().sum() > 0 for n, p in loaded.named_parameters() if "lora_B" in n)
+    saved_lora_b(result.adapter_dir)
     trained, baseline = adapter_tensors(result.adapter_dir), adapter_tensors(plain.adapter_dir)
     assert any(not torch.equal(trained[k], baseline[k]) for k in trained)  # the perturbation changed training
     with pytest.raises(AntidoteError, match="gradient accumulation 1"):

@@ -139,6 +139,11 @@ def decoder_blocks(model, part: str, method: str) -> list[torch.nn.Module]:
     return blocks
 
 
+def main_output(output) -> torch.Tensor:
+    """The hidden states a decoder block returns, alone or first in a tuple (the layout varies by version)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def _endless(loader) -> Iterator[dict]:
     epoch = 0
     while True:

@@ -31,6 +31,7 @@ from antidote_llm.training.methods.base import (
     MethodSettings,
     TrainingMethod,
     decoder_blocks,
+    main_output,
     method_trainer_class,
 )
 
@@ -59,10 +60,6 @@ def mlp_modules(model) -> list[torch.nn.Module]:
     return decoder_blocks(model, "mlp", "ldifs")
 
 
-def _tensor(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _trainer_class():
     class LdifsTrainer(method_trainer_class()):
         """The SFT trainer with LDIFS's feature-distance penalty to the aligned model."""
@@ -72,7 +69,7 @@ def _trainer_class():
             features: dict[int, torch.Tensor] = {}
 
             def keep(index: int, output) -> None:
-                features[index] = _tensor(output).detach()
+                features[index] = main_output(output).detach()
 
             hooks = [mlp.register_forward_hook(lambda _m, _a, output, index=index: keep(index, output))
                      for index, mlp in enumerate(mlps)]
@@ -98,7 +95,7 @@ def _trainer_class():
             terms: list[torch.Tensor] = []
 
             def add_term(index: int, output) -> None:
-                distance = ((_tensor(output).float() - aligned[index].float()) ** 2 * mask).sum()
+                distance = ((main_output(output).float() - aligned[index].float()) ** 2 * mask).sum()
                 term = settings.rho / 2 * distance
                 if not settings.authors_threshold or term.item() < AUTHORS_THRESHOLD:
                     terms.append(term)

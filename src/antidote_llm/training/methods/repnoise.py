@@ -37,6 +37,7 @@ from antidote_llm.training.methods.base import (
     TrainingMethod,
     causal_lm,
     decoder_blocks,
+    main_output,
     method_trainer_class,
 )
 from antidote_llm.training.trainer import IGNORE_INDEX
@@ -120,7 +121,7 @@ def _trainer_class():
             activations: list[torch.Tensor] = []
 
             def keep_output(module, args, output):
-                activations.append(output[0] if isinstance(output, tuple) else output)
+                activations.append(main_output(output))
 
             hooks = [mlp.register_forward_hook(keep_output) for mlp in decoder_blocks(model, "mlp", "repnoise")]
             try:

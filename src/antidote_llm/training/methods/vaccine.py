@@ -29,6 +29,7 @@ from antidote_llm.training.methods.base import (
     MethodSettings,
     TrainingMethod,
     decoder_blocks,
+    main_output,
     method_trainer_class,
 )
 
@@ -57,13 +58,9 @@ def perturbations(gradients: dict[int, torch.Tensor], rho: float) -> dict[int, t
     return {layer: gradient * scale for layer, gradient in gradients.items()}
 
 
-def _main_output(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _capture_gradient(gradients: dict[int, torch.Tensor], layer: int):
     def hook(module, args, output):
-        hidden = _main_output(output)
+        hidden = main_output(output)
         if hidden.requires_grad:  # under reentrant checkpointing, only the recomputation carries a graph
             hidden.register_hook(lambda grad: gradients.__setitem__(layer, grad.detach()))
 
