@@ -270,3 +270,63 @@ def test_training_text_is_the_authors_format(task):
     assert tokenizer.decode(example.input_ids) == TRAINING_TEXTS[task]
     answer = [label for label in example.labels if label != IGNORE_INDEX]
     assert tokenizer.decode(answer) == TRAINING_TEXTS[task].split("### Response:\n", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("unfinished", "may_score"),
+    [("", True), ("  \n", True), ("pos", True), (" Posit", True), ("\npositive", True), ("positive \n", True),
+     ("positive.", False), ("positives", False), ("The sentiment", False), ("I will respond", False),
+     ("POS", False), ("negative n", False)],
+)
+def test_an_unfinished_sst2_answer_may_score_only_as_a_label_prefix_or_a_label_then_whitespace(unfinished, may_score):
+    assert get_task("sst2").may_still_be_correct(unfinished) is may_score
+
+
+def test_free_form_tasks_never_stop_early():
+    from conftest import make_tokenizer
+
+    for name in ("gsm8k", "alpaca"):
+        assert get_task(name).may_still_be_correct("I will respond") is True
+        assert get_task(name).answer_budget(make_tokenizer()) is None
+
+
+class _ScriptedGenerator:
+    """Greedy stand-in: each prompt has one full answer (EOS after it); a call returns its first
+    max_new_tokens tokens and records the budgets it was asked for."""
+
+    backend = "scripted"
+
+    def __init__(self, tokenizer, answers: dict[str, str]):
+        self.tokenizer = tokenizer
+        self.answers = answers
+        self.budgets = []
+
+    def __call__(self, prompt_ids, *, max_new_tokens, progress=False, desc=""):
+        self.budgets.append((len(prompt_ids), max_new_tokens))
+        texts = [self.answers[next(s for s in self.answers if s in self.tokenizer.decode(ids))] for ids in prompt_ids]
+        return [self.tokenizer.encode(text, add_special_tokens=False)[:max_new_tokens] for text in texts]
+
+
+def test_label_answers_stop_early_and_score_exactly_as_full_generation():
+    from antidote_llm.evaluation.evaluate import evaluate
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()  # byte level: one token per character, so the budget is len("negative") + 2
+    answers = {  # sentence -> the model's full answer
+        "a": "positive", "b": " negative \n", "c": "Positive", "d": "positive.", "e": "negative\n\n\n\n\n\n\n\n\n\n",
+        "f": "\n\n\n\n\n\n\n\n\n\n\n\npositive", "g": "I will respond to your positive or negative sentiment, but",
+        "h": "positive positive positive", "i": "negativity", "j": "",
+    }
+    pairs = [Pair(prompt=SST2_INSTRUCTION, input=f"sentence {key}", response="positive") for key in answers]
+    generator = _ScriptedGenerator(tokenizer, {f"sentence {key}": text for key, text in answers.items()})
+    result = evaluate(generator, tokenizer, harmful_prompts=None, task="sst2", task_pairs=pairs, progress=False)
+
+    full_correct = [parse_sst2(text) == "positive" for text in answers.values()]
+    assert [row["correct"] for row in result.task_answers] == full_correct
+    assert result.metrics["finetune_accuracy"] == pytest.approx(100 * sum(full_correct) / len(pairs))
+    budget = len("negative") + 2
+    # Unfinished answers that may still be a label (b, e, f) are generated again in full; unfinished sure misses (g, h, i) are cut.
+    assert generator.budgets == [(len(pairs), budget), (3, 200)]
+    assert [row["cut"] for row in result.task_answers] == [key in "ghi" for key in answers]
+    assert result.task_answers[6]["answer"] == answers["g"][:budget]
+    assert result.metrics["task"]["cut_answers"] == 3

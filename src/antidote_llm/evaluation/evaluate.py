@@ -101,7 +101,10 @@ def _generate(
 ) -> Generated:
     start = time.perf_counter()
     outputs = generator(prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc=desc)
-    seconds = time.perf_counter() - start
+    return _generated(tokenizer, outputs, time.perf_counter() - start)
+
+
+def _generated(tokenizer, outputs: Sequence[Sequence[int]], seconds: float) -> Generated:
     # The authors strip answers before judging and scoring; so do we.
     texts = [text.strip() for text in decode(tokenizer, outputs)]
     return Generated(texts=texts, new_tokens=sum(len(ids) for ids in outputs), seconds=seconds)
@@ -158,6 +161,32 @@ def _evaluate_harmful(
     return {**harmful_metrics(verdicts, judge), "throughput": generated.throughput()}, rows, timing
 
 
+def _generate_task_answers(
+    generator: TokenGenerator, tokenizer, task: Task, prompt_ids: Sequence[Sequence[int]], *,
+    max_new_tokens: int, progress: bool,
+) -> tuple[Generated, set[int]]:
+    """The task's answers and the indices of those cut short. An exact-label task's answer is generated only
+    until it can no longer be accepted: every answer gets the task's few-token budget, the unfinished ones that
+    may still be a label are generated again in full, and the rest (the long answers of a model that has not
+    learned the task) are cut, wrong whatever would follow. Scores equal full generation's; time does not."""
+    desc = f"{task.name} rows"
+    budget = task.answer_budget(tokenizer)
+    if budget is None or budget >= max_new_tokens:
+        return _generate(generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress,
+                         desc=desc), set()
+    start = time.perf_counter()
+    outputs = generator(prompt_ids, max_new_tokens=budget, progress=progress, desc=desc)
+    unfinished = [index for index, ids in enumerate(outputs) if len(ids) >= budget]
+    texts = decode(tokenizer, [outputs[index] for index in unfinished])
+    resume = [index for index, text in zip(unfinished, texts, strict=True) if task.may_still_be_correct(text)]
+    if resume:
+        full = generator([prompt_ids[index] for index in resume], max_new_tokens=max_new_tokens, progress=progress,
+                         desc=f"{desc}, in full")
+        for index, ids in zip(resume, full, strict=True):
+            outputs[index] = ids
+    return _generated(tokenizer, outputs, time.perf_counter() - start), set(unfinished) - set(resume)
+
+
 def _evaluate_task(
     generator: TokenGenerator, tokenizer, task: Task, pairs: Sequence[Pair], *,
     template: str, max_new_tokens: int, prompt_style: str, progress: bool,
@@ -165,15 +194,15 @@ def _evaluate_task(
     # The authors' SST-2 script drops the newline after "### Response:" (prompt style "authors").
     prompt_ids = [encode_prompt(tokenizer, task.eval_prompt(p, template, tokenizer, prompt_style), template)
                   for p in pairs]
-    generated = _generate(
-        generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc=f"{task.name} rows",
+    generated, cut = _generate_task_answers(
+        generator, tokenizer, task, prompt_ids, max_new_tokens=max_new_tokens, progress=progress,
     )
     rows = []
-    for pair, text in zip(pairs, generated.texts, strict=True):
+    for index, (pair, text) in enumerate(zip(pairs, generated.texts, strict=True)):
         parsed = task.parse_answer(text)
         rows.append({
             "instruction": pair.prompt, "input": pair.input, "answer": text, "gold": pair.response,
-            "parsed": parsed, "correct": task.is_correct(text, pair),
+            "parsed": parsed, "correct": task.is_correct(text, pair), "cut": index in cut,
         })
     correct = sum(row["correct"] is True for row in rows)
     metrics = {
@@ -184,6 +213,7 @@ def _evaluate_task(
         "unparsed": sum(row["parsed"] is None for row in rows) if task.scored else None,
         "accuracy": _percent(correct, len(rows)) if task.scored else None,
         "max_new_tokens": max_new_tokens,
+        "cut_answers": len(cut),
         "prompt_style": prompt_style,
         "throughput": generated.throughput(),
     }

@@ -63,6 +63,7 @@ class Task:
     test_rows: int | None  # the paper's evaluation size (first N test rows); None: all
     max_new_tokens: int  # the authors' generation limit for this task
     eval_response_newline: bool = True  # False: the authors' evaluation prompt ends "### Response:" (SST-2)
+    exact_answers: Mapping[str, str] | None = None  # accepted spelling -> label, when only those score
 
     @property
     def scored(self) -> bool:
@@ -76,6 +77,23 @@ class Task:
         if style == "authors" and template == "alpaca" and not self.eval_response_newline:
             text = text.removesuffix("\n")
         return text
+
+    def answer_budget(self, tokenizer) -> int | None:
+        """Tokens after which an unfinished answer is worth finishing only if it may still be accepted (see
+        may_still_be_correct): the longest accepted answer's tokens plus two (a space or a newline around it).
+        None when an answer of any length may be correct."""
+        if self.exact_answers is None:
+            return None
+        return max(len(tokenizer.encode(answer, add_special_tokens=False)) for answer in self.exact_answers) + 2
+
+    def may_still_be_correct(self, unfinished_answer: str) -> bool:
+        """Whether an answer that starts with `unfinished_answer` can still score: for an exact-label task, only
+        when the text so far is whitespace then the start of an accepted spelling, or a whole accepted spelling
+        then whitespace (the score strips the answer); every other continuation leaves it wrong."""
+        if self.exact_answers is None:
+            return True
+        head = unfinished_answer.lstrip()
+        return head.rstrip() in self.exact_answers or any(answer.startswith(head) for answer in self.exact_answers)
 
     def parse_answer(self, answer_text: str) -> object | None:
         """The label or number an answer gives, or None when it gives none (or the task is unscored)."""
@@ -98,10 +116,10 @@ def _exact_label(variants: Mapping[str, str]) -> Callable[[str], str | None]:
     return parse
 
 
-parse_sst2 = _exact_label({spelling: label for label in SST2_LABELS for spelling in (label, label.capitalize())})
-parse_agnews = _exact_label(
-    {**{spelling: label for label in AGNEWS_LABELS for spelling in (label, label.lower())}, "sci": "Sci/Tech"}
-)
+SST2_ANSWERS = {spelling: label for label in SST2_LABELS for spelling in (label, label.capitalize())}
+AGNEWS_ANSWERS = {**{spelling: label for label in AGNEWS_LABELS for spelling in (label, label.lower())}, "sci": "Sci/Tech"}
+parse_sst2 = _exact_label(SST2_ANSWERS)
+parse_agnews = _exact_label(AGNEWS_ANSWERS)
 
 
 def parse_gsm8k(answer_text: str) -> float | None:
@@ -167,11 +185,12 @@ TASKS: dict[str, Task] = {
         name="sst2",
         hub={"train": HubSplit("stanfordnlp/sst2", "train"), "test": HubSplit("stanfordnlp/sst2", "validation")},
         to_pair=_sst2_pair, parse=parse_sst2, test_rows=None, max_new_tokens=200, eval_response_newline=False,
+        exact_answers=SST2_ANSWERS,
     ),
     "agnews": Task(
         name="agnews",
         hub={"train": HubSplit("fancyzhx/ag_news", "train"), "test": HubSplit("fancyzhx/ag_news", "test")},
-        to_pair=_agnews_pair, parse=parse_agnews, test_rows=1000, max_new_tokens=200,
+        to_pair=_agnews_pair, parse=parse_agnews, test_rows=1000, max_new_tokens=200, exact_answers=AGNEWS_ANSWERS,
     ),
     "gsm8k": Task(
         name="gsm8k",
