@@ -45,7 +45,10 @@ def write_stage(folder, *, seconds=0.0, fail=False):
         raise RuntimeError("boom in the stage")
     tmp = folder.with_name(f".{folder.name}.tmp")
     tmp.mkdir()
-    (tmp / "run.json").write_text(json.dumps({"pid": os.getpid(), "start": started, "end": time.time()}))
+    import torch
+
+    (tmp / "run.json").write_text(json.dumps({"pid": os.getpid(), "start": started, "end": time.time(),
+                                              "threads": torch.get_num_threads()}))
     os.replace(tmp, folder)
 
 
@@ -101,6 +104,18 @@ def test_max_parallel_bounds_the_stages_running_at_once(tmp_path):
     spans = [_run(tmp_path / "stages" / job.name) for job in jobs]
     overlap = max(sum(s["start"] < t["end"] and t["start"] < s["end"] for s in spans) for t in spans)
     assert overlap == 2
+
+
+def test_stages_in_processes_share_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    jobs = [StageJob(f"s{i}", "eval", "k", stage_fn()) for i in range(2)]
+    run_graph(jobs, tmp_path / "stages", make_executor("processes", tmp_path, None, max_parallel=3), max_parallel=3,
+              poll_s=0.05, **QUIET)
+    assert [_run(tmp_path / "stages" / job.name)["threads"] for job in jobs] == [2, 2]  # 8 cores // 3 stages
+    assert make_executor("processes", tmp_path, None, max_parallel=16).threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert make_executor("processes", tmp_path, None, max_parallel=2).threads is None  # the user's setting stays
 
 
 def test_the_local_executor_isolates_failures_in_one_process(tmp_path):

@@ -163,7 +163,7 @@ def test_authors_threshold_drops_the_layers_whose_term_reaches_it(tmp_path):
 
 def test_presets():
     assert LDIFS.configure("paper").model_dump() == {"rho": 1e-4, "authors_threshold": False}
-    assert LDIFS.configure("cpu").rho == 1e-3
+    assert LDIFS.configure("cpu").rho == 1e-6
     assert LDIFS.extra_data == () and not LDIFS.single_accumulation
 
 

@@ -3,6 +3,7 @@ local executor), or one Slurm job each (`slurm`, through submitit). One registry
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import traceback
@@ -96,6 +97,29 @@ def _submitit(executor: str):
     return submitit
 
 
+def stage_threads(max_parallel: int) -> int | None:
+    """Threads for each of `max_parallel` stages sharing this machine's cores: their share, so they do not fight
+    over them (two stages of two threads on two cores run several times slower than of one each). None when the
+    user set OMP_NUM_THREADS (theirs is kept)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // max_parallel)
+
+
+@dataclass(frozen=True)
+class _WithThreads:
+    """A stage's work run with a number of torch threads (set in the stage's own process)."""
+
+    work: Callable[[Path], None]
+    threads: int
+
+    def __call__(self, folder: Path) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        return self.work(folder)
+
+
 @dataclass
 class _SubmititHandle:
     job: object
@@ -146,6 +170,7 @@ class SubmititExecutor:
     name: str = "slurm"
     remote_workers: bool = True
     in_process: bool = False
+    threads: int | None = None  # processes: torch threads per stage (None: torch's default)
     _executors: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -168,6 +193,8 @@ class SubmititExecutor:
         return executor
 
     def submit(self, name, family, work, folder) -> Handle:
+        if self.threads is not None:
+            work = _WithThreads(work, self.threads)
         return _SubmititHandle(self._executor(family, name).submit(work, folder))
 
 
@@ -181,7 +208,8 @@ def _visible_gpus() -> int:
 EXECUTORS = ("local", "processes", "slurm")
 
 
-def make_executor(name: str, out: Path, cluster: ClusterSpec | None) -> Executor:
+def make_executor(name: str, out: Path, cluster: ClusterSpec | None, max_parallel: int = 1) -> Executor:
+    """The executor `name`; stages of `processes` share this machine's cores (stage_threads)."""
     cluster = cluster or ClusterSpec()
     if name == "local":
         return LocalExecutor(logs=out / LOCAL_LOGS_DIR)
@@ -189,7 +217,8 @@ def make_executor(name: str, out: Path, cluster: ClusterSpec | None) -> Executor
         remote = name == "slurm"
         if remote:
             check_shared_storage(out, cluster.shared_storage)
-        return SubmititExecutor(folder=out / JOBS_DIR, cluster=cluster, name=name, remote_workers=remote)
+        return SubmititExecutor(folder=out / JOBS_DIR, cluster=cluster, name=name, remote_workers=remote,
+                                threads=None if remote else stage_threads(max_parallel))
     raise AntidoteError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
 
 

@@ -476,7 +476,7 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
     if max_parallel < 1:
         raise AntidoteError(f"--max-parallel must be at least 1, got {max_parallel}")
     out = Path(out_dir).resolve()
-    runner = make_executor(executor, out, experiment.cluster)
+    runner = make_executor(executor, out, experiment.cluster, max_parallel=max_parallel)
     plan = plan_experiment(experiment, out, progress=progress)
     for index, setting in enumerate(plan.settings, 1):
         if setting.values:

@@ -49,10 +49,10 @@ class LdifsSettings(MethodSettings):
 PRESETS = {
     # git-disl/Antidote script/finetune/LDIFS_poison_ratio.sh:15 (RHO=0.0001), for Llama-2-7b.
     "paper": {"rho": 1e-4},
-    # The penalty is a sum: SmolLM2-135M's batch (8 rows x <=96 tokens x 576 features x 30 layers) sums ~10x
-    # fewer terms than Llama-2-7b's (5 x <=256 x 4096 x 32), so 10x rho keeps its weight against the
-    # cross-entropy; 1e-3 is also the default of the authors' rho sweep (LDIFS_rho.sh:15).
-    "cpu": {"rho": 1e-3},
+    # Measured on SmolLM2-135M (SST-2, lr 2e-3, one epoch; README): the summed distance is ~1e6 after a few
+    # steps, so rho 1e-4 and 1e-5 make the penalty 10-60x the cross-entropy and the task is not learned (FA 0
+    # and 6 against 60 undefended); at 1e-6 the penalty is about the cross-entropy and the task is learned.
+    "cpu": {"rho": 1e-6},
 }
 
 
