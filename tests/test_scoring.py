@@ -113,3 +113,24 @@ def test_squared_sum_into_a_reused_buffer_equals_brute_force(dtype):
         got = scoring.squared_sum(x, padding, exclude=True, out=out)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_nested_levels_and_counts_against_the_masks(k):
+    scores = torch.rand(40, 33, generator=torch.Generator().manual_seed(k))
+    ratios = [0.05 * (i + 1) for i in range(k)]
+    masks = [scoring.select_per_row(scores, ratio) for ratio in ratios]
+    levels = scoring.nested_levels(masks)
+    first = torch.zeros(scores.shape, dtype=torch.uint8)  # by hand: the first ratio that selects each weight
+    for index in reversed(range(k)):
+        first[masks[index]] = index + 1
+    assert levels.dtype == torch.uint8 and torch.equal(levels, first)
+    for index, mask in enumerate(masks):
+        assert torch.equal(scoring.level_mask(levels, index), mask)
+    assert scoring.selected_counts(levels, k) == [int(mask.sum()) for mask in masks]
+
+
+def test_masks_that_are_not_nested_are_refused():
+    small = torch.tensor([[True, False]])
+    with pytest.raises(AssertionError, match="not nested"):
+        scoring.nested_levels([small, ~small])

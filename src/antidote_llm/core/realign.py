@@ -205,13 +205,13 @@ class NestedSelection:
         return {name: scoring.level_mask(level, index) for name, level in self.levels.items()}
 
     def report(self, index: int) -> RealignReport:
-        masks = self.masks(index)
+        pruned = {name: scoring.selected_counts(level, len(self.ratios))[index] for name, level in self.levels.items()}
         modules = {
             t.param_name: ModuleReport(
                 shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(),
                 selected=self.selected[t.param_name][index],
-                spared_by_protection=self.selected[t.param_name][index] - int(masks[t.param_name].sum()),
-                pruned=int(masks[t.param_name].sum()),
+                spared_by_protection=self.selected[t.param_name][index] - pruned[t.param_name],
+                pruned=pruned[t.param_name],
             )
             for t in self.targets
         }
@@ -249,8 +249,7 @@ def select_nested(
         stats, tokens = _statistics(model, tokenizer, targets, pairs, config, progress, "harmful statistics")
     with timings.measure("selection_s"):
         levels = _select_levels(targets, stats, config, ratios)
-        selected = {name: [int(scoring.level_mask(level, i).sum()) for i in range(len(ratios))]
-                    for name, level in levels.items()}
+        selected = {name: scoring.selected_counts(level, len(ratios)) for name, level in levels.items()}
     protection = None
     if config.protect_ratio is not None:
         with timings.measure("protection_s"):

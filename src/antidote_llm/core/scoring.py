@@ -151,12 +151,21 @@ def nested_levels(masks) -> torch.Tensor:
     i-th mask on. Refuses masks that are not nested (each contained in the next)."""
     if len(masks) > 255:
         raise AntidoteError(f"at most 255 ratios at once, got {len(masks)}")
-    levels = torch.zeros(masks[0].shape, dtype=torch.uint8, device=masks[0].device)
-    for index in range(len(masks) - 1, -1, -1):
-        if index + 1 < len(masks) and bool((masks[index] & ~masks[index + 1]).any()):
+    for smaller, larger in zip(masks, masks[1:], strict=False):
+        if bool(torch.gt(smaller, larger).any()):
             raise AssertionError("selections at growing ratios are not nested")
-        levels[masks[index]] = index + 1
-    return levels
+    depth = masks[0].to(torch.uint8)  # how many of the masks select each weight: k - level + 1 where selected
+    if len(masks) == 1:
+        return depth
+    for mask in masks[1:]:
+        depth += mask
+    return torch.where(depth > 0, len(masks) + 1 - depth, 0)
+
+
+def selected_counts(levels: torch.Tensor, ratios: int) -> list[int]:
+    """How many weights the selection at each of `ratios` ratios holds, from nested levels in one pass."""
+    per_level = torch.bincount(levels.reshape(-1), minlength=ratios + 1)
+    return per_level[1:ratios + 1].cumsum(0).tolist()
 
 
 def level_mask(levels: torch.Tensor, index: int) -> torch.Tensor:
