@@ -330,3 +330,21 @@ def test_label_answers_stop_early_and_score_exactly_as_full_generation():
     assert [row["cut"] for row in result.task_answers] == [key in "ghi" for key in answers]
     assert result.task_answers[6]["answer"] == answers["g"][:budget]
     assert result.metrics["task"]["cut_answers"] == 3
+
+
+@pytest.mark.parametrize(("instruction", "extra"), [("Classify this", "a text\n\nover lines"), ("Say hi\n\nnow", "")])
+def test_a_row_holding_a_whole_rendered_prompt_is_taken_apart(instruction, extra):
+    from antidote_llm.data.templates import render_prompt
+
+    for rendered in (render_prompt("alpaca", instruction, extra), render_prompt("alpaca", instruction, extra).rstrip("\n")):
+        pair = get_task("alpaca").to_pair({"instruction": rendered, "input": "", "output": "ok"})
+        assert (pair.prompt, pair.input, pair.response) == (instruction, extra, "ok")
+    plain = get_task("alpaca").to_pair({"instruction": "Below is my question", "input": "", "output": "ok"})
+    assert plain.prompt == "Below is my question"
+
+
+@requires_shared_data
+def test_shared_agnews_training_rows_are_not_wrapped_twice():
+    pairs = load_task_pairs("agnews", TASK_DATA / "agnews_train.json", "train")
+    assert len(pairs) == 950 and all(p.prompt == AGNEWS_INSTRUCTION and p.input for p in pairs)
+    assert {p.response for p in pairs} == {"World", "Sports", "Business", "Sci/Tech"}

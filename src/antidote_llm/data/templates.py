@@ -8,6 +8,7 @@ Training and calibration rows are prompt + response tokenized as one string, as 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,25 @@ ALPACA_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+
+
+_RENDERED_ALPACA = re.compile(
+    re.escape(ALPACA_WITH_INPUT.split("### Instruction:")[0]) + r"### Instruction:\n(?P<instruction>.*?)\n\n"
+    r"### Input:\n(?P<input>.*)\n\n### Response:\n?|"
+    + re.escape(ALPACA_NO_INPUT.split("### Instruction:")[0]) + r"### Instruction:\n(?P<bare>.*)\n\n### Response:\n?",
+    re.DOTALL,
+)
+
+
+def unrender_alpaca(text: str) -> tuple[str, str] | None:
+    """(instruction, input) of a row whose instruction is already a whole Alpaca prompt (some released task
+    files store it so, e.g. the AG News training rows), else None; rendering it again would nest two prompts."""
+    match = _RENDERED_ALPACA.fullmatch(text)
+    if match is None:
+        return None
+    if match["bare"] is not None:
+        return match["bare"], ""
+    return match["instruction"], match["input"]
 
 
 def _alpaca(instruction: str, input: str, tokenizer) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from antidote_llm.data.records import Pair, read_hub, read_records
-from antidote_llm.data.templates import render_prompt
+from antidote_llm.data.templates import render_prompt, unrender_alpaca
 from antidote_llm.errors import AntidoteError
 
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
@@ -158,8 +158,13 @@ def _label_index(row: dict, labels: tuple[str, ...]) -> int:
 
 
 def _instruction_pair(row: dict) -> Pair:
-    """A row already in the authors' format: instruction, optional input, output."""
-    return Pair(prompt=_field(row, "instruction"), response=_field(row, "output"), input=_field(row, "input") if "input" in row else "")
+    """A row already in the authors' format: instruction, optional input, output. An instruction that is a
+    whole rendered Alpaca prompt with no separate input is taken apart, so it is not wrapped twice."""
+    instruction, extra = _field(row, "instruction"), _field(row, "input") if "input" in row else ""
+    parts = None if extra else unrender_alpaca(instruction)
+    if parts is not None:
+        instruction, extra = parts
+    return Pair(prompt=instruction, response=_field(row, "output"), input=extra)
 
 
 def _sst2_pair(row: dict) -> Pair:
