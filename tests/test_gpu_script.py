@@ -1,5 +1,5 @@
-"""examples/gpu/paper-gsm8k.sh: every command it runs parses with the CLI's own parser (the GPU run itself is
-not tested here), in the order of the paper's stages."""
+"""The example scripts (examples/gpu/paper-gsm8k.sh, examples/smollm2-frontier.sh): every command they run parses
+with the CLI's own parser (the runs themselves are not tested here), in the order of the stages."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_paper_gsm8k_script_commands_parse(tmp_path):
+def _stub_cli(tmp_path: Path) -> tuple[Path, Path]:
+    """An `antidote` that only parses its arguments and logs the command."""
     log = tmp_path / "commands.log"
     stub = tmp_path / "antidote"
     stub.write_text(
@@ -28,8 +28,29 @@ def test_paper_gsm8k_script_commands_parse(tmp_path):
         "    (pathlib.Path(args.out) / 'summary.md').write_text('summary')\n"
     )
     stub.chmod(0o755)
+    return stub, log
+
+
+@pytest.mark.slow
+def test_paper_gsm8k_script_commands_parse(tmp_path):
+    stub, log = _stub_cli(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ANTIDOTE": str(stub), "RUN": str(tmp_path / "run")}
     done = subprocess.run(["bash", str(ROOT / "examples" / "gpu" / "paper-gsm8k.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert log.read_text().split() == ["align", "finetune", "realign", "evaluate", "judge", "evaluate", "judge"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sst2", "agnews"])
+def test_frontier_script_commands_parse(tmp_path, task):
+    stub, log = _stub_cli(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ANTIDOTE": str(stub), "SHARED": str(tmp_path / "data")}
+    script = str(ROOT / "examples" / "smollm2-frontier.sh")
+    done = subprocess.run(["bash", script, str(tmp_path / "run"), task], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # alignment, then per poison fraction (0.2, 0): the fine-tune and the two frontiers (both factors, lora_A)
+    assert log.read_text().split() == ["align"] + ["finetune", "realign", "realign"] * 2
+    wrong = subprocess.run(["bash", script, str(tmp_path / "run"), "gsm9k"], env=env, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "task must be sst2 or agnews" in wrong.stderr
