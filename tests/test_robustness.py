@@ -96,6 +96,26 @@ def test_ctrl_c_during_scoring_is_one_line_exit_130_and_writes_nothing(tmp_path,
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_sigterm_during_scoring_ends_like_ctrl_c_and_writes_nothing(tmp_path, harmful_file, capsys, monkeypatch):
+    import os
+    import signal
+
+    from antidote_llm.core import scoring
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would; the handler raises at once
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(scoring, "wanda_scores", terminated)
+    model = save_model(tmp_path / "model")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 130
+    assert capsys.readouterr().err == "antidote: interrupted, nothing written\n"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
 def test_ctrl_c_while_saving_removes_what_was_half_written(tmp_path, harmful_file, capsys, monkeypatch):
     """Interrupted right after the model's weights were written into the output's hidden temporary folder."""
     from transformers import PreTrainedModel

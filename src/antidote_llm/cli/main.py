@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 from pydantic import ValidationError
 
@@ -38,7 +41,30 @@ def _hide_library_progress_bars() -> None:
 RESUMABLE_COMMANDS = ("lab", "demo")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """SIGTERM (kill, a scheduler's stop) ends a command as Ctrl-C does: the stage jobs it started are stopped,
+    its locks released and its temporary outputs removed, instead of the process vanishing mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _termination_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
