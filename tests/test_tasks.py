@@ -316,6 +316,8 @@ def test_label_answers_stop_early_and_score_exactly_as_full_generation():
         "a": "positive", "b": " negative \n", "c": "Positive", "d": "positive.", "e": "negative\n\n\n\n\n\n\n\n\n\n",
         "f": "\n\n\n\n\n\n\n\n\n\n\n\npositive", "g": "I will respond to your positive or negative sentiment, but",
         "h": "positive positive positive", "i": "negativity", "j": "",
+        "k": "positive\n\n### Explanation: the input is glowing, so positive.", "l": "positive" + "\n" * 45,
+        "m": "\n" * 250,
     }
     pairs = [Pair(prompt=SST2_INSTRUCTION, input=f"sentence {key}", response="positive") for key in answers]
     generator = _ScriptedGenerator(tokenizer, {f"sentence {key}": text for key, text in answers.items()})
@@ -323,13 +325,15 @@ def test_label_answers_stop_early_and_score_exactly_as_full_generation():
 
     full_correct = [parse_sst2(text) == "positive" for text in answers.values()]
     assert [row["correct"] for row in result.task_answers] == full_correct
-    assert result.metrics["finetune_accuracy"] == pytest.approx(100 * sum(full_correct) / len(pairs))
+    assert result.metrics["finetune_accuracy"] == round(100 * sum(full_correct) / len(pairs), 2)
     budget = len("negative") + 2
-    # Unfinished answers that may still be a label (b, e, f) are generated again in full; unfinished sure misses (g, h, i) are cut.
-    assert generator.budgets == [(len(pairs), budget), (3, 200)]
-    assert [row["cut"] for row in result.task_answers] == [key in "ghi" for key in answers]
+    # Unfinished answers that may still be a label get 4x the tokens, round after round (b, e, f, k, l, m; then
+    # l, m; then m, up to the limit); the sure misses are cut: g, h, i after the first round, k after the second.
+    assert generator.budgets == [(len(pairs), budget), (6, 4 * budget), (2, 16 * budget), (1, 200)]
+    assert [row["cut"] for row in result.task_answers] == [key in "ghik" for key in answers]
     assert result.task_answers[6]["answer"] == answers["g"][:budget]
-    assert result.metrics["task"]["cut_answers"] == 3
+    assert result.task_answers[10]["answer"] == answers["k"][:4 * budget].strip()
+    assert result.metrics["task"]["cut_answers"] == 4
 
 
 @pytest.mark.parametrize(("instruction", "extra"), [("Classify this", "a text\n\nover lines"), ("Say hi\n\nnow", "")])
