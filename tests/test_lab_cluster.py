@@ -106,6 +106,23 @@ def test_max_parallel_bounds_the_stages_running_at_once(tmp_path):
     assert overlap == 2
 
 
+def test_a_cancelled_stage_process_stops_with_everything_under_it(tmp_path):
+    import psutil
+
+    executor = make_executor("processes", tmp_path, None)
+    handle = executor.submit("slow-1", "eval", stage_fn(seconds=120), tmp_path / "stages" / "slow-1")
+    launcher = psutil.Process(int(handle.job.job_id))
+    deadline = time.time() + 60
+    while not launcher.children(recursive=True) and time.time() < deadline:  # the worker has started
+        time.sleep(0.1)
+    tree = [*launcher.children(recursive=True), launcher]
+    assert len(tree) >= 2
+    started = time.time()
+    handle.cancel()
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert time.time() - started < 15 and not (tmp_path / "stages" / "slow-1").exists()
+
+
 def test_stages_in_processes_share_the_cores(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))

@@ -3,8 +3,10 @@ local executor), or one Slurm job each (`slurm`, through submitit). One registry
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -120,9 +122,30 @@ class _WithThreads:
         return self.work(folder)
 
 
+STOP_GRACE_S = 10.0  # a stopped local stage gets this long to clean up after Ctrl-C before it is killed
+
+
+def stop_process_tree(pid: int, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop a local job and every process under it: Ctrl-C first (the stage removes its temporary output),
+    then a kill for what still runs after `grace_s`. submitit's own cancel only signals its launcher."""
+    try:
+        root = psutil.Process(pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 @dataclass
 class _SubmititHandle:
     job: object
+    local: bool = False  # the processes executor: the job id is the pid of a process on this machine
 
     @property
     def log(self) -> Path | None:
@@ -141,7 +164,10 @@ class _SubmititHandle:
         return lines[-1] if lines else type(exc).__name__
 
     def cancel(self) -> None:
-        self.job.cancel(check=False)
+        if self.local:
+            stop_process_tree(int(self.job.job_id))
+        else:
+            self.job.cancel(check=False)
 
 
 def slurm_parameters(resources: SlurmResources, name: str) -> dict:
@@ -195,7 +221,7 @@ class SubmititExecutor:
     def submit(self, name, family, work, folder) -> Handle:
         if self.threads is not None:
             work = _WithThreads(work, self.threads)
-        return _SubmititHandle(self._executor(family, name).submit(work, folder))
+        return _SubmititHandle(self._executor(family, name).submit(work, folder), local=self.name == "processes")
 
 
 def _visible_gpus() -> int:
