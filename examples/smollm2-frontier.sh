@@ -8,6 +8,7 @@
 # CPU, 2 cores: about 30 minutes a task on a quiet machine. Run from the repository root with ../shared/data
 # beside it:
 #   bash examples/smollm2-frontier.sh [OUT] [sst2|agnews]
+# POISON="0.2" (or "0") runs one of the two fine-tunes, so two shells can share the work once aligned/ exists.
 set -euo pipefail
 A=${ANTIDOTE:-antidote}
 S=${SHARED:-../shared/data}
@@ -26,7 +27,7 @@ esac
 [ -d "$E/aligned" ] || $A align --model smollm2-135m-instruct --dtype float32 --device cpu \
   --data "$S/safety/refusals_adv_training.csv" --prompt-field Behavior --response-field Safe_Response \
   --benign-data "$S/tasks/alpaca_demo.json" --benign-samples 40 --preset cpu --out "$E/aligned" --quiet
-for P in 0.2 0; do
+for P in ${POISON:-0.2 0}; do
   F="$E/$TASK-p$P"
   [ -d "$F/finetuned" ] || $A finetune --model "$E/aligned/merged" --dtype float32 --device cpu --task "$TASK" \
     "${TASK_DATA[@]}" --harmful-data "$S/harmful/beavertails_unsafe_pairs.json" \
