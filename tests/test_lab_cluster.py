@@ -120,7 +120,7 @@ def test_a_cancelled_stage_process_stops_with_everything_under_it(tmp_path):
     started = time.time()
     handle.cancel()
     assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert time.time() - started < 15 and not (tmp_path / "stages" / "slow-1").exists()
+    assert time.time() - started < 25 and not (tmp_path / "stages" / "slow-1").exists()
 
 
 def test_stages_in_processes_share_the_cores(tmp_path, monkeypatch):

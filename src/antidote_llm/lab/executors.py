@@ -140,6 +140,7 @@ def stop_process_tree(pid: int, grace_s: float = STOP_GRACE_S) -> None:
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)  # a kill is not instant: return once they are gone
 
 
 @dataclass
