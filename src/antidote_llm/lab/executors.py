@@ -105,7 +105,8 @@ def stage_threads(max_parallel: int) -> int | None:
     user set OMP_NUM_THREADS (theirs is kept)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    return max(1, len(os.sched_getaffinity(0)) // max_parallel)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    return max(1, cores // max_parallel)
 
 
 @dataclass(frozen=True)
