@@ -334,6 +334,9 @@ def test_label_answers_stop_early_and_score_exactly_as_full_generation():
     assert result.task_answers[6]["answer"] == answers["g"][:budget]
     assert result.task_answers[10]["answer"] == answers["k"][:4 * budget].strip()
     assert result.metrics["task"]["cut_answers"] == 4
+    rounds = [(answers, budget), ("befklm", 4 * budget), ("lm", 16 * budget), ("m", 200)]
+    generated = sum(min(len(answers[key]), size) for keys, size in rounds for key in keys)  # every round counts
+    assert result.metrics["task"]["throughput"]["new_tokens"] == generated
 
 
 @pytest.mark.parametrize(("instruction", "extra"), [("Classify this", "a text\n\nover lines"), ("Say hi\n\nnow", "")])

@@ -7,6 +7,7 @@ scores through tasks.py, and one folder of results (metrics.json, answers.jsonl,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import Counter
@@ -183,10 +184,12 @@ def _generate_task_answers(
     outputs: list[list[int]] = [[] for _ in prompt_ids]
     cut: set[int] = set()
     open_rows = list(range(len(prompt_ids)))
+    generated_tokens = 0
     while open_rows:
         budget = min(budget, max_new_tokens)
         answers = generator([prompt_ids[index] for index in open_rows], max_new_tokens=budget, progress=progress,
                             desc=desc if budget == first_budget else f"{desc}, up to {budget} tokens")
+        generated_tokens += sum(len(ids) for ids in answers)
         still_open = []
         for index, ids in zip(open_rows, answers, strict=True):
             outputs[index] = ids
@@ -197,7 +200,9 @@ def _generate_task_answers(
             else:
                 cut.add(index)
         open_rows, budget = still_open, budget * ANSWER_BUDGET_GROWTH
-    return _generated(tokenizer, outputs, time.perf_counter() - start), cut
+    generated = _generated(tokenizer, outputs, time.perf_counter() - start)
+    # every round's tokens count in the throughput, not only the kept answers'
+    return dataclasses.replace(generated, new_tokens=generated_tokens), cut
 
 
 def _evaluate_task(
