@@ -150,7 +150,8 @@ def test_cli_auto_evaluates_every_point_and_saves_the_chosen_model(files):
     (["--ratio", "0.05,0.05"], "increasing"),
     (["--ratio", "0.05,1.2"], r"\(0, 1\)"),
     (["--ratio", "0.05,lots"], "not a number"),
-    (["--ratio", "0.05", "--task", "sst2"], "together"),
+    (["--ratio", "0.05", "--task", "sst2"], "--task names the task"),
+    (["--ratio", "0.05", "--task", "sst2", "--validation-data", "v.tsv"], "together"),
 ])
 def test_cli_bad_frontier_input(files, extra, message, capsys):
     tmp, base, adapter, data, _, _ = files

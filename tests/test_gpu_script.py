@@ -23,6 +23,9 @@ def _stub_cli(tmp_path: Path) -> tuple[Path, Path]:
         "from antidote_llm.cli.main import build_parser\n"
         "args = build_parser().parse_args(sys.argv[1:])\n"
         f"open({str(log)!r}, 'a').write(args.command + '\\n')\n"
+        "if args.command == 'realign':\n"
+        "    pathlib.Path(args.out).mkdir(parents=True)\n"
+        "    (pathlib.Path(args.out) / 'frontier.csv').write_text('selection,ratio\\nnone,\\n')\n"
         "if args.command == 'evaluate':\n"
         "    pathlib.Path(args.out).mkdir(parents=True)\n"
         "    (pathlib.Path(args.out) / 'summary.md').write_text('summary')\n"
@@ -54,3 +57,20 @@ def test_frontier_script_commands_parse(tmp_path, task):
     assert log.read_text().split() == ["align"] + ["finetune", "realign", "realign"] * 2
     wrong = subprocess.run(["bash", script, str(tmp_path / "run"), "gsm9k"], env=env, capture_output=True, text=True)
     assert wrong.returncode == 2 and "task must be sst2 or agnews" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_selections_script_commands_parse_and_collect_every_frontier(tmp_path):
+    stub, log = _stub_cli(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ANTIDOTE": str(stub), "SHARED": str(tmp_path / "data"),
+           "JOBS": "4"}
+    run = tmp_path / "run"
+    done = subprocess.run(["bash", str(ROOT / "examples" / "gpu" / "smollm2-selections.sh"), str(run)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    commands = log.read_text().split()
+    # one alignment, four fine-tunes (two tasks, two poison fractions), eleven frontiers per task
+    assert commands[0] == "align" and commands.count("finetune") == 4 and commands.count("realign") == 22
+    rows = (run / "selections.csv").read_text().splitlines()
+    assert rows[0] == "task,poison,variant,selection,ratio" and len(rows) == 1 + 22
+    assert "sst2,0.2,refusal-a,none," in rows and "agnews,0,lora-a,none," in rows

@@ -7,7 +7,7 @@ import argparse
 from antidote_llm.cli import peers
 from antidote_llm.cli.common import add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
-from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
+from antidote_llm.core.pipeline import ContrastSpec, apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
 from antidote_llm.core.report import RealignReport
 from antidote_llm.data.spec import DataSpec
@@ -45,6 +45,16 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--protect-data", help="benign rows for --protect-ratio")
     group.add_argument("--protect-samples", type=int, help="rows of --protect-data to use")
     group.add_argument("--aligned-model", help="the aligned model the fine-tune started from, for --action revert")
+    group.add_argument("--contrast-data", metavar="SRC", help="the user's own fine-tuning rows, for --score contrastive "
+                       "or refusal and --allocation gap; read as --task's training rows when --task is given")
+    group.add_argument("--contrast-samples", type=int, help="rows of --contrast-data to use (default: all)")
+    group.add_argument("--contrast-skip", type=int, default=0, help="skip the first N rows of --contrast-data")
+
+
+def _contrast(args: argparse.Namespace) -> ContrastSpec | None:
+    if not args.contrast_data:
+        return None
+    return ContrastSpec(source=args.contrast_data, samples=args.contrast_samples, skip=args.contrast_skip, task=args.task)
 
 
 def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +111,8 @@ def _summary(report: RealignReport, out: str) -> str:
         lines.append(f"  data: {report.data.rows} rows, {report.data.tokens:,} tokens from {report.data.source}")
     if report.protection:
         lines.append(f"  protection: {report.protection.spared:,} selected weights spared")
+    if report.contrast:
+        lines.append(f"  contrast: {report.contrast.rows} rows from {report.contrast.source}")
     lines.append("  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report.timings.items()))
     if report.execution:
         lines.append(f"  path: {report.execution.path} ({report.execution.reason})")
@@ -110,7 +122,9 @@ def _summary(report: RealignReport, out: str) -> str:
 
 def _probe(args: argparse.Namespace) -> ProbeSpec | None:
     given = [args.probe_prompts, args.task, args.validation_data]
-    if not any(given):
+    if not (args.probe_prompts or args.validation_data):
+        if args.task and not args.contrast_data:
+            raise AntidoteError("--task names the task of --validation-data or --contrast-data; give one of them")
         return None
     if not all(given):
         raise AntidoteError("evaluating the frontier needs --probe-prompts, --task and --validation-data together")
@@ -156,12 +170,13 @@ def run_realign(args: argparse.Namespace) -> int:
         benign = DataSpec(source=args.benign_data, samples=args.benign_samples) if args.benign_data else None
         report = frontier_to_disk(
             model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign, protect_data=protect,
-            pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
+            contrast=_contrast(args), pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
         )
         print(_frontier_summary(report, args.out))
         return 0
     result = realign_to_disk(
-        model_source(args), config, args.out, data=data, protect_data=protect, aligned_model=args.aligned_model,
+        model_source(args), config, args.out, data=data, protect_data=protect, contrast=_contrast(args),
+        aligned_model=args.aligned_model,
         save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet, offload=args.offload,
     )
     print(_summary(result.report, args.out))

@@ -7,7 +7,7 @@ report; `antidote_llm.core.pipeline` adds loading and saving around it for the C
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -23,7 +23,7 @@ from antidote_llm.core.report import (
     RealignReport,
     Totals,
 )
-from antidote_llm.core.statistics import collect_statistics, make_batches
+from antidote_llm.core.statistics import collect_loss_gradients, collect_statistics, make_batches
 from antidote_llm.core.targets import NAMED_SETS, Target, check_finite, layout_of, resolve_targets
 from antidote_llm.data.records import Pair, PairSet, Rows, as_pairs, describe_rows
 from antidote_llm.data.templates import encode_pair
@@ -43,8 +43,13 @@ class RealignConfig(BaseModel):
 
     ratio: float = Field(gt=0, lt=1, description="alpha: fraction of weights pruned, in (0, 1); the authors use "
                          "0.05-0.1 on LoRA adapters, 1e-5 on full fine-tunes")
-    score: Literal["wanda", "magnitude", "random"] = Field(
-        default="wanda", description="weight score: wanda |W|*||x|| on the data, magnitude |W|, or random (seeded)")
+    score: Literal["wanda", "magnitude", "random", "contrastive", "refusal"] = Field(
+        default="wanda", description="weight score: wanda |W|*||x|| on the data, magnitude |W|, random (seeded); beyond "
+        "the paper: contrastive |W|*(||x|| - ||c||) against the contrast rows, or refusal W*dL/dW, the first-order drop "
+        "of the loss of the data's (refusal) answers, plus the contrast rows' loss when given")
+    allocation: Literal["uniform", "gap"] = Field(
+        default="uniform", description="per-tensor ratios: uniform (the authors'), or beyond the paper gap: in "
+        "proportion to how much more Wanda signal the data gives a tensor than the contrast rows do (the same total)")
     granularity: Literal["row", "matrix", "global"] = Field(
         default="row", description="where the top ratio is taken: per output row (the authors'), per matrix, or over all")
     targets: tuple[str, ...] = Field(
@@ -80,12 +85,30 @@ class RealignConfig(BaseModel):
 
     @property
     def needs_data(self) -> bool:
-        return self.score == "wanda"
+        return self.score in ("wanda", "contrastive", "refusal") or self.allocation == "gap"
 
-    def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_aligned: bool) -> None:
+    @property
+    def needs_contrast(self) -> bool:
+        return self.score == "contrastive" or self.allocation == "gap"
+
+    @property
+    def needs_activations(self) -> bool:
+        """Whether the data's input statistics are collected (the refusal score needs gradients instead)."""
+        return self.score in ("wanda", "contrastive") or self.allocation == "gap"
+
+    def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_aligned: bool, has_contrast: bool = False) -> None:
         """Refuse a missing or unused input before any model is loaded."""
         if self.needs_data and not has_data:
-            raise AntidoteError("score 'wanda' needs harmful calibration data; pass --data or use --score magnitude")
+            raise AntidoteError(f"score {self.score!r} needs calibration data; pass --data or use --score magnitude")
+        if self.needs_contrast and not has_contrast:
+            what = f"score {self.score!r}" if self.score == "contrastive" else "allocation 'gap'"
+            raise AntidoteError(f"{what} needs contrast rows (the user's own fine-tuning rows); pass --contrast-data")
+        if has_contrast and not (self.needs_contrast or self.score == "refusal"):
+            raise AntidoteError("--contrast-data is used by --score contrastive or refusal and --allocation gap; "
+                                "choose one of them or drop --contrast-data")
+        if self.allocation == "gap" and (self.score not in ("wanda", "contrastive") or self.granularity == "global"):
+            raise AntidoteError("--allocation gap shares the ratio between tensors from their Wanda signal: use it with "
+                                "--score wanda or contrastive and --granularity row or matrix")
         if self.protect_ratio is not None and not has_protect_data:
             raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
         if has_protect_data and self.protect_ratio is None:
@@ -115,44 +138,103 @@ def calibration_batches(tokenizer, pairs: Sequence[Pair], config: RealignConfig)
     return make_batches(encoded, config.batch_size, tokenizer, response_only=config.tokens == "response")
 
 
-def _score(target: Target, stats, config: RealignConfig, generator: torch.Generator) -> torch.Tensor:
+@dataclass
+class Signals:
+    """What the scores are computed from: the data's input statistics (or, for the refusal score, its loss
+    gradient) and the contrast rows' statistics and loss gradient, each keyed by parameter name."""
+
+    stats: dict[str, scoring.ChannelStats] = field(default_factory=dict)
+    contrast: dict[str, scoring.ChannelStats] = field(default_factory=dict)
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter layout, per-token mean loss
+
+
+def _mean_sq(stats: dict[str, scoring.ChannelStats], name: str) -> torch.Tensor:
+    mean_sq = stats[name].mean_sq
+    if not torch.isfinite(mean_sq).all():
+        raise AntidoteError(f"activation statistics of {name} hold NaN or Inf; try --dtype float32")
+    return mean_sq
+
+
+def _score(target: Target, signals: Signals, config: RealignConfig, generator: torch.Generator) -> torch.Tensor:
     """The score of every weight of one target, in Linear layout [out, in]."""
     weight = target.to_linear(target.weight)
+    name = target.param_name
     if config.score == "magnitude":
         return scoring.magnitude_scores(weight)
     if config.score == "random":
         return scoring.random_scores(weight, generator)
-    mean_sq = stats[target.param_name].mean_sq
-    if not torch.isfinite(mean_sq).all():
-        raise AntidoteError(f"activation statistics of {target.param_name} hold NaN or Inf; try --dtype float32")
-    return scoring.wanda_scores(weight, mean_sq)
+    if config.score == "refusal":
+        return scoring.first_order_scores(weight, target.to_linear(signals.gradients[name]))
+    if config.score == "contrastive":
+        return scoring.contrastive_scores(weight, _mean_sq(signals.stats, name), _mean_sq(signals.contrast, name))
+    return scoring.wanda_scores(weight, _mean_sq(signals.stats, name))
+
+
+def _tensor_ratios(targets: Sequence[Target], signals: Signals, config: RealignConfig,
+                   ratios: Sequence[float]) -> dict[str, list[float]]:
+    """Each target's ratio at each of `ratios`: the same (uniform), or shared out by the Wanda gap (see
+    scoring.allocate_ratios and scoring.wanda_gap)."""
+    if config.allocation == "uniform":
+        return {t.param_name: list(ratios) for t in targets}
+    gaps = [scoring.wanda_gap(t.to_linear(t.weight), _mean_sq(signals.stats, t.param_name),
+                              _mean_sq(signals.contrast, t.param_name)) for t in targets]
+    sizes = [t.weight.numel() for t in targets]
+    per_ratio = [scoring.allocate_ratios(ratio, sizes, gaps) for ratio in ratios]
+    return {t.param_name: [shares[i] for shares in per_ratio] for i, t in enumerate(targets)}
 
 
 def _select_levels(
-    targets: Sequence[Target], stats, config: RealignConfig, ratios: Sequence[float], generator: torch.Generator | None = None,
+    targets: Sequence[Target], signals: Signals, config: RealignConfig, ratios: Sequence[float],
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Nested selections at every ratio from one score per weight, as levels (Linear layout; see
     scoring.nested_levels). Per row or matrix, one score tensor lives at a time; global needs all.
     A caller selecting in parts (layer by layer) passes one `generator` so random scores match one call."""
     generator = generator or torch.Generator().manual_seed(config.seed)
-
-    def levels_of(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        per_ratio = [scoring.select(scores, ratio, config.granularity) for ratio in ratios]
-        return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in scores}
-
     if config.granularity == "global":
-        return levels_of({t.param_name: _score(t, stats, config, generator) for t in targets})
-    return {name: level for t in targets for name, level in levels_of({t.param_name: _score(t, stats, config, generator)}).items()}
+        scores = {t.param_name: _score(t, signals, config, generator) for t in targets}
+        per_ratio = [scoring.select(scores, ratio, "global") for ratio in ratios]
+        return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in scores}
+    shares = _tensor_ratios(targets, signals, config, ratios)
+    levels = {}
+    for target in targets:
+        score = _score(target, signals, config, generator)
+        levels[target.param_name] = scoring.nested_levels(
+            [scoring.select_tensor(score, share, config.granularity) for share in shares[target.param_name]])
+    return levels
 
 
-def _statistics(model, tokenizer, targets, pairs, config, progress, desc):
-    if not config.needs_data:
-        return {}, 0
+def _activation_statistics(model, tokenizer, targets, pairs, config, progress, desc):
     batches = calibration_batches(tokenizer, pairs, config)
     tokens = sum(b.tokens for b in batches)
     if tokens == 0:
         raise AntidoteError("no tokens count for the statistics (every response was cut off); raise --max-length or use --tokens all")
     return collect_statistics(model, batches, targets, progress=progress, desc=desc), tokens
+
+
+def _loss_gradients(model, tokenizer, targets, pairs, config, progress, desc):
+    """The gradient of the mean loss of the rows' answers (prompt tokens never count) for every target."""
+    batches = calibration_batches(tokenizer, pairs, config.model_copy(update={"tokens": "response"}))
+    gradients, tokens = collect_loss_gradients(model, batches, targets, progress=progress, desc=desc)
+    if tokens == 0:
+        raise AntidoteError("no answer tokens for the loss (every answer was cut off); raise --max-length")
+    return {name: grad / tokens for name, grad in gradients.items()}, tokens
+
+
+def _signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress) -> tuple[Signals, int]:
+    """Everything the scores need, and how many of the data's tokens counted."""
+    signals, tokens = Signals(), 0
+    if config.needs_activations:
+        signals.stats, tokens = _activation_statistics(model, tokenizer, targets, pairs, config, progress, "statistics")
+        if config.needs_contrast:
+            signals.contrast, _ = _activation_statistics(model, tokenizer, targets, contrast_pairs, config, progress,
+                                                         "contrast statistics")
+    if config.score == "refusal":
+        signals.gradients, tokens = _loss_gradients(model, tokenizer, targets, pairs, config, progress, "loss gradients")
+        if contrast_pairs:
+            contrast, _ = _loss_gradients(model, tokenizer, targets, contrast_pairs, config, progress, "contrast gradients")
+            signals.gradients = {name: grad + contrast[name] for name, grad in signals.gradients.items()}
+    return signals, tokens
 
 
 def _apply(targets: Sequence[Target], masks: dict[str, torch.Tensor], action: str, aligned: dict[str, torch.Tensor] | None):
@@ -198,6 +280,7 @@ class NestedSelection:
     data: DataReport | None
     protection: ProtectionReport | None
     method: MethodReport
+    contrast: DataReport | None
     timings: dict[str, float]
 
     def masks(self, index: int) -> dict[str, torch.Tensor]:
@@ -221,7 +304,7 @@ class NestedSelection:
         protection = None if self.protection is None else self.protection.model_copy(update={"spared": spared})
         return RealignReport(
             method=self.method.model_copy(update={"ratio": self.ratios[index]}), data=self.data, protection=protection,
-            modules=modules,
+            contrast=self.contrast, modules=modules,
             totals=Totals(targets=len(self.targets), scored=scored, selected=sum(m.selected for m in modules.values()),
                           spared_by_protection=spared, pruned=pruned, pruned_fraction=pruned / scored if scored else 0.0),
             timings=self.timings, seed=self.method.seed,
@@ -236,29 +319,32 @@ def select_nested(
     *,
     ratios: Sequence[float] | None = None,
     protect_data: Rows | None = None,
+    contrast_data: Rows | None = None,
     progress: bool = True,
 ) -> NestedSelection:
-    """Score once and select at every ratio (default: `config.ratio`), changing nothing in the model."""
+    """Score once and select at every ratio (default: `config.ratio`), changing nothing in the model.
+    `contrast_data`: the user's own fine-tuning rows, for the contrastive and refusal scores and the gap allocation."""
     ratios = check_ratios(ratios if ratios is not None else (config.ratio,))
     timings = Timings()
     has_adapter = hasattr(model, "peft_config")
     targets = resolve_targets(model, config.effective_targets(has_adapter))
     check_finite(targets)
     pairs, data_info = _pairs(data) if data is not None else ((), None)
+    contrast_pairs, contrast_info = _pairs(contrast_data) if contrast_data is not None else ((), None)
     with timings.measure("scoring_s"):
-        stats, tokens = _statistics(model, tokenizer, targets, pairs, config, progress, "harmful statistics")
+        signals, tokens = _signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
     with timings.measure("selection_s"):
-        levels = _select_levels(targets, stats, config, ratios)
+        levels = _select_levels(targets, signals, config, ratios)
         selected = {name: scoring.selected_counts(level, len(ratios)) for name, level in levels.items()}
     protection = None
     if config.protect_ratio is not None:
         with timings.measure("protection_s"):
             protect_pairs, protect_info = _pairs(protect_data)
-            protect_config = config.model_copy(update={"score": "wanda"})
-            benign_stats, benign_tokens = _statistics(
+            protect_config = config.model_copy(update={"score": "wanda", "allocation": "uniform"})
+            benign_stats, benign_tokens = _activation_statistics(
                 model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics"
             )
-            protected = _select_levels(targets, benign_stats, protect_config, (config.protect_ratio,))
+            protected = _select_levels(targets, Signals(stats=benign_stats), protect_config, (config.protect_ratio,))
             for name in levels:
                 levels[name][protected[name] > 0] = 0
             protection = ProtectionReport(**protect_info, tokens=benign_tokens, ratio=config.protect_ratio, spared=0)
@@ -266,7 +352,7 @@ def select_nested(
         targets=targets, ratios=ratios,
         levels={t.param_name: t.from_linear(levels[t.param_name]).contiguous().cpu() for t in targets},
         selected=selected, data=None if data_info is None else DataReport(**data_info, tokens=tokens),
-        protection=protection,
+        protection=protection, contrast=None if contrast_info is None else DataReport(**contrast_info),
         method=MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))}),
         timings=dict(timings),
     )
@@ -291,6 +377,7 @@ def realign(
     data: PairSet | Sequence[Pair] | None = None,
     *,
     protect_data: PairSet | Sequence[Pair] | None = None,
+    contrast_data: PairSet | Sequence[Pair] | None = None,
     aligned: nn.Module | None = None,
     progress: bool = True,
 ) -> RealignResult:
@@ -299,9 +386,10 @@ def realign(
     `model` is a PeftModel when the targets are the fine-tuning adapter. With `protect_data`
     (benign rows) and `config.protect_ratio` beta, weights in the top beta of the Wanda score on
     benign data are never pruned. With `config.action == "revert"` the selected weights take the
-    `aligned` model's values instead of zero.
+    `aligned` model's values instead of zero. `contrast_data`: the user's own fine-tuning rows (see select_nested).
     """
-    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned is not None)
+    config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned is not None,
+                        has_contrast=contrast_data is not None)
     has_adapter = hasattr(model, "peft_config")
     targets = resolve_targets(model, config.effective_targets(has_adapter))
     aligned_values = None
@@ -309,7 +397,8 @@ def realign(
         if any("lora_" in t.module_name for t in targets):
             raise AntidoteError("action 'revert' applies to full fine-tunes; adapter targets can only be zeroed")
         aligned_values = aligned_weights(aligned, targets)
-    selection = select_nested(model, tokenizer, config, data, protect_data=protect_data, progress=progress)
+    selection = select_nested(model, tokenizer, config, data, protect_data=protect_data, contrast_data=contrast_data,
+                              progress=progress)
     masks = selection.masks(0)
     _apply(selection.targets, masks, config.action, aligned_values)
     return RealignResult(masks=masks, report=selection.report(0))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from antidote_llm.core.realign import (
     RealignConfig,
     RealignResult,
+    Signals,
     _apply,
     _select_levels,
     calibration_batches,
@@ -207,6 +208,9 @@ def _check_supported(config: RealignConfig) -> None:
         raise AntidoteError("--offload does not support --protect-data yet; run without --offload")
     if config.action != "zero":
         raise AntidoteError("--offload supports action 'zero' only; run --action revert without --offload")
+    if config.score in ("contrastive", "refusal") or config.allocation != "uniform":
+        raise AntidoteError(f"--offload supports the scores wanda, magnitude and random with allocation uniform, not "
+                            f"score {config.score!r} / allocation {config.allocation!r}; run without --offload")
 
 
 def _skeleton(folder: str, source: ModelSource, dtype: torch.dtype, live_adapter: str | None):
@@ -391,7 +395,7 @@ def realign_sequential(
                                                  advance=index < len(layers) - 1)
         with timings.measure("selection_s"):
             chosen = {name: level > 0 for name, level in
-                      _select_levels(per_layer[index], stats, config, (config.ratio,), generator).items()}
+                      _select_levels(per_layer[index], Signals(stats=stats), config, (config.ratio,), generator).items()}
             chosen = {t.param_name: t.from_linear(chosen[t.param_name]).contiguous().cpu() for t in per_layer[index]}
             _apply(per_layer[index], chosen, "zero", None)
             masks.update(chosen)

@@ -171,6 +171,43 @@ def collect_statistics(
     return stats
 
 
+def collect_loss_gradients(
+    model: nn.Module, batches: Iterable[Batch], targets: Sequence[Target], *, progress: bool = True,
+    desc: str = "loss gradients",
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradient of the summed next-token loss of the counted tokens for every target weight (in the weight's
+    own layout, fp32), and how many tokens were counted. Only the targets take gradients: every other parameter's
+    requires_grad is off meanwhile and restored after, and the model's weights are left unchanged."""
+    params = list(model.parameters())
+    wanted = {id(t.weight) for t in targets}
+    trainable = [p.requires_grad for p in params]
+    sums = {t.param_name: torch.zeros(t.weight.shape, dtype=torch.float32, device=t.weight.device) for t in targets}
+    device, tokens = input_device(model), 0
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        for batch in tqdm(list(batches), desc=desc, unit="batch", disable=not progress):
+            # the token at t is predicted at t - 1: count the predictions of counted tokens
+            counted = batch.count_mask[:, 1:].to(device)
+            with torch.enable_grad():
+                logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                               use_cache=False).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(
+                    logits[counted].float(), batch.input_ids[:, 1:].to(device)[counted], reduction="sum")
+                loss.backward()
+            tokens += int(counted.sum())
+            for target in targets:
+                if target.weight.grad is not None:
+                    sums[target.param_name] += target.weight.grad.float()
+                    target.weight.grad = None
+    finally:
+        for p, flag in zip(params, trainable, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+    return sums, tokens
+
+
 @dataclass
 class LayerInput:
     """What one decoder layer receives for one calibration batch: hidden states and the keyword arguments

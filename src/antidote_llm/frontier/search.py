@@ -135,6 +135,7 @@ def run_frontier(
     *,
     benign: Rows | None = None,
     protect_data: Rows | None = None,
+    contrast_data: Rows | None = None,
     pick: bool = False,
     progress: bool = True,
 ) -> FrontierResult:
@@ -144,17 +145,18 @@ def run_frontier(
         raise AntidoteError("the frontier zeroes weights; --action revert takes one --ratio")
     if "benign" in frontier.controls and benign is None:
         raise AntidoteError("control 'benign' needs benign rows (--benign-data)")
-    config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False)
+    config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False,
+                        has_contrast=contrast_data is not None)
     baseline = _point("none", None, 0.0, _evaluate(model, tokenizer, probe, progress))
     selection = select_nested(model, tokenizer, config, data, ratios=frontier.ratios, protect_data=protect_data,
-                              progress=progress)
+                              contrast_data=contrast_data, progress=progress)
     points = [baseline, *_walk(model, tokenizer, "antidote", selection, probe, progress)]
     control_data = {"random": (config.model_copy(update={"score": "random"}), data),
                     "benign": (config, benign)}
     for control in frontier.controls:
         control_config, control_rows = control_data[control]
         control_selection = select_nested(model, tokenizer, control_config, control_rows, ratios=frontier.ratios,
-                                          protect_data=protect_data, progress=progress)
+                                          protect_data=protect_data, contrast_data=contrast_data, progress=progress)
         points += _walk(model, tokenizer, control, control_selection, probe, progress)
     result = FrontierResult(points=points, selection=selection)
     if pick:
