@@ -69,8 +69,8 @@ def test_selections_script_commands_parse_and_collect_every_frontier(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     commands = log.read_text().split()
-    # one alignment, four fine-tunes (two tasks, two poison fractions), eleven frontiers per task
-    assert commands[0] == "align" and commands.count("finetune") == 4 and commands.count("realign") == 22
+    # one alignment, four fine-tunes (two tasks, two poison fractions), nine frontiers per task
+    assert commands[0] == "align" and commands.count("finetune") == 4 and commands.count("realign") == 18
     rows = (run / "selections.csv").read_text().splitlines()
-    assert rows[0] == "task,poison,variant,selection,ratio" and len(rows) == 1 + 22
+    assert rows[0] == "task,poison,variant,selection,ratio" and len(rows) == 1 + 18
     assert "sst2,0.2,refusal-a,none," in rows and "agnews,0,lora-a,none," in rows

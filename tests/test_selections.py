@@ -1,5 +1,5 @@
-"""Selections beyond the paper: the contrastive and refusal scores, the gap allocation, and the loss gradients
-they use, against brute-force computations; their inputs refused when missing or unused."""
+"""Selections beyond the paper: the contrastive and refusal scores and the loss gradients they use, against
+brute-force computations; their inputs refused when missing or unused; the lab's refusal defenses."""
 
 import json
 
@@ -15,6 +15,7 @@ from antidote_llm.data.records import Pair
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
 from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer, save_adapter, save_model
+from test_lab import experiment_file  # noqa: F401 - a fixture
 
 PAIRS = [Pair(r["prompt"], r["response"]) for r in HARMFUL_ROWS if not r["is_safe"]]
 REFUSALS = [Pair(r.prompt, "I cannot help with that request.") for r in PAIRS]
@@ -23,57 +24,9 @@ USER_ROWS = [Pair(f"Classify the review: a {word} film", label)
 RATIOS = (0.05, 0.1, 0.3)
 
 
-def test_contrastive_score_is_wanda_minus_wanda_on_the_contrast_rows():
-    weight = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])
-    data, contrast = torch.tensor([4.0, 0.25]), torch.tensor([1.0, 1.0])
-    expected = scoring.wanda_scores(weight, data) - scoring.wanda_scores(weight, contrast)
-    torch.testing.assert_close(scoring.contrastive_scores(weight, data, contrast), expected)
-
-
 def test_first_order_score_is_weight_times_gradient():
     weight, grad = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.5]])
     torch.testing.assert_close(scoring.first_order_scores(weight, grad), torch.tensor([[0.5, -1.0]]))
-
-
-def test_wanda_gap_is_the_relative_excess_of_the_data_signal():
-    torch.manual_seed(0)
-    weight, data, contrast = torch.randn(5, 3), torch.rand(3) + 0.1, torch.rand(3) + 0.1
-    mass = lambda ms: sum(abs(weight[i, j]) * ms[j].sqrt() for i in range(5) for j in range(3))  # noqa: E731
-    expected = max(float(mass(data) / mass(contrast)) - 1, 0.0)
-    assert scoring.wanda_gap(weight, data, contrast) == pytest.approx(expected, rel=1e-5)
-    assert scoring.wanda_gap(weight, contrast, contrast) == 0.0
-
-
-@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3])
-def test_allocated_ratios_keep_the_budget_follow_the_weights_and_cap(ratio):
-    sizes, weights = [100, 300, 50, 50], [1.0, 2.0, 0.0, 8.0]
-    shares = scoring.allocate_ratios(ratio, sizes, weights, cap=0.5)
-    assert sum(s * r for s, r in zip(sizes, shares, strict=True)) == pytest.approx(ratio * sum(sizes))
-    assert shares[2] == 0 and all(0 <= r <= 0.5 for r in shares)
-    free = [i for i in range(4) if weights[i] > 0 and shares[i] < 0.5]
-    for i in free:  # the uncapped shares are proportional to the weights
-        assert shares[i] / weights[i] == pytest.approx(shares[free[0]] / weights[free[0]])
-    if ratio == 0.3:
-        assert shares[3] == 0.5  # capped; what it could not take went to the others
-    assert scoring.allocate_ratios(ratio, sizes, [0.0] * 4) == [ratio] * 4
-
-
-def test_allocated_ratios_grow_with_the_ratio():
-    sizes, weights = [100, 300, 50], [1.0, 3.0, 20.0]
-    previous = [0.0] * 3
-    for ratio in (0.01, 0.05, 0.1, 0.2, 0.4, 0.6):
-        shares = scoring.allocate_ratios(ratio, sizes, weights)
-        assert all(b >= a for a, b in zip(previous, shares, strict=True))
-        previous = shares
-
-
-def test_allocation_weights_must_be_non_negative():
-    with pytest.raises(AntidoteError, match="non-negative"):
-        scoring.allocate_ratios(0.1, [10, 10], [1.0, -1.0])
-
-
-def test_a_zero_ratio_selects_nothing():
-    assert not scoring.select_tensor(torch.rand(3, 4), 0.0, "row").any()
 
 
 def test_loss_gradients_equal_autograd_row_by_row_and_leave_the_model_as_it_was():
@@ -108,20 +61,17 @@ def test_loss_gradients_equal_autograd_row_by_row_and_leave_the_model_as_it_was(
         assert parameter.grad is None
 
 
-@pytest.mark.parametrize(("update", "data"), [
-    ({"score": "contrastive"}, PAIRS),
-    ({"score": "refusal"}, REFUSALS),
-    ({"allocation": "gap"}, PAIRS),
-    ({"allocation": "gap", "granularity": "matrix", "score": "contrastive"}, PAIRS),
+@pytest.mark.parametrize(("granularity", "targets", "contrast"), [
+    ("row", "adapter", USER_ROWS), ("matrix", "adapter-a", USER_ROWS), ("global", "adapter", None),
 ])
-def test_new_selections_are_nested_and_equal_one_selection_per_ratio(update, data):
-    config = RealignConfig(ratio=RATIOS[0], targets="adapter", **update)
-    selection = select_nested(add_lora(make_model()), make_tokenizer(), config, data, ratios=RATIOS,
-                              contrast_data=USER_ROWS, progress=False)
-    assert selection.contrast.rows == len(USER_ROWS)
+def test_refusal_selections_are_nested_and_equal_one_selection_per_ratio(granularity, targets, contrast):
+    config = RealignConfig(ratio=RATIOS[0], targets=targets, score="refusal", granularity=granularity)
+    selection = select_nested(add_lora(make_model()), make_tokenizer(), config, REFUSALS, ratios=RATIOS,
+                              contrast_data=contrast, progress=False)
+    assert (selection.contrast and selection.contrast.rows) == (contrast and len(contrast))
     for index, ratio in enumerate(RATIOS):
-        alone = realign(add_lora(make_model()), make_tokenizer(), config.model_copy(update={"ratio": ratio}), data,
-                        contrast_data=USER_ROWS, progress=False)
+        alone = realign(add_lora(make_model()), make_tokenizer(), config.model_copy(update={"ratio": ratio}), REFUSALS,
+                        contrast_data=contrast, progress=False)
         masks = selection.masks(index)
         for name, mask in alone.masks.items():
             assert torch.equal(masks[name], mask), (ratio, name)
@@ -149,26 +99,11 @@ def test_the_refusal_score_is_weight_times_the_gradient_of_both_losses():
         assert torch.equal(result.masks[t.param_name], t.from_linear(expected[t.param_name]))
 
 
-def test_the_gap_allocation_gives_each_tensor_its_share():
-    model, tokenizer = add_lora(make_model()), make_tokenizer()
-    config = RealignConfig(ratio=0.1, targets="adapter", allocation="gap", granularity="matrix")
-    result = realign(model, tokenizer, config, PAIRS, contrast_data=USER_ROWS, progress=False)
-    fractions = [m.pruned / m.scored for m in result.report.modules.values()]
-    assert len(set(round(f, 3) for f in fractions)) > 1  # not uniform
-    assert result.report.totals.pruned_fraction == pytest.approx(0.1, abs=0.01)
-
-
-@pytest.mark.parametrize(("update", "contrast", "message"), [
-    ({"score": "contrastive"}, None, "needs contrast rows"),
-    ({"allocation": "gap"}, None, "needs contrast rows"),
-    ({}, USER_ROWS, "--contrast-data is used by"),
-    ({"allocation": "gap", "granularity": "global"}, USER_ROWS, "row or matrix"),
-    ({"allocation": "gap", "score": "refusal"}, USER_ROWS, "--score wanda or contrastive"),
-])
-def test_missing_or_unused_contrast_rows_are_refused(update, contrast, message):
-    config = RealignConfig(ratio=0.1, targets="adapter", **update)
-    with pytest.raises(AntidoteError, match=message):
-        realign(add_lora(make_model()), make_tokenizer(), config, PAIRS, contrast_data=contrast, progress=False)
+@pytest.mark.parametrize("score", ["wanda", "magnitude", "random"])
+def test_contrast_rows_without_the_refusal_score_are_refused(score):
+    config = RealignConfig(ratio=0.1, targets="adapter", score=score)
+    with pytest.raises(AntidoteError, match="used by --score refusal only"):
+        realign(add_lora(make_model()), make_tokenizer(), config, PAIRS, contrast_data=USER_ROWS, progress=False)
 
 
 @pytest.fixture
@@ -184,17 +119,16 @@ def test_cli_reads_the_contrast_rows_as_the_task_training_rows(files):
     tmp, base, adapter, data, user = files
     out = tmp / "out"
     assert main(["realign", "--model", str(base), "--adapter", str(adapter), "--data", str(data), "--ratio", "0.1",
-                 "--score", "contrastive", "--contrast-data", str(user), "--task", "sst2", "--contrast-samples", "2",
+                 "--score", "refusal", "--contrast-data", str(user), "--task", "sst2", "--contrast-samples", "2",
                  "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["contrast"]["rows"] == 2 and report["method"]["score"] == "contrastive"
+    assert report["contrast"]["rows"] == 2 and report["method"]["score"] == "refusal"
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--score", "contrastive"], "needs contrast rows"),
-    (["--contrast-data", "USER"], "--contrast-data is used by"),
+    (["--contrast-data", "USER", "--task", "sst2"], "used by --score refusal only"),
     (["--task", "sst2"], "--task names the task"),
-    (["--score", "contrastive", "--contrast-data", "USER", "--task", "sst2", "--offload"], "--offload supports"),
+    (["--score", "refusal", "--contrast-data", "USER", "--task", "sst2", "--offload"], "--offload supports"),
 ])
 def test_cli_bad_selection_input(files, extra, message, capsys):
     tmp, base, adapter, data, user = files
@@ -204,3 +138,54 @@ def test_cli_bad_selection_input(files, extra, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp / "bad").exists()
+
+
+# --- the lab: antidote-refusal and antidote-refusal-auto -----------------------------------------------------
+
+
+def test_the_refusal_defense_scores_the_safe_rows_against_the_user_rows():
+    from antidote_llm.defenses import DefenseContext, defense
+    from antidote_llm.defenses.pipeline import PEER_METHODS
+
+    chosen = defense("antidote-refusal", "post")
+    settings = chosen.configure({"ratio": 0.1, "targets": "adapter"})
+    assert settings.score == "refusal" and chosen.extra_inputs == (("safe",), ("user_rows",))
+    with pytest.raises(AntidoteError, match="sets score itself"):
+        chosen.configure({"ratio": 0.1, "score": "wanda"})
+    model, tokenizer = add_lora(make_model()), make_tokenizer()
+    context = DefenseContext(tokenizer, PAIRS, None, safe=REFUSALS, user_rows=USER_ROWS)
+    outcome = chosen.apply(model, settings, context)
+    expected = realign(add_lora(make_model()), tokenizer, settings, REFUSALS, contrast_data=USER_ROWS, progress=False)
+    assert outcome.changed_fraction == expected.report.totals.pruned_fraction
+    assert outcome.report["contrast"]["rows"] == len(USER_ROWS)
+    for name, parameter in model.named_parameters():
+        if name in expected.masks:
+            assert bool((parameter[expected.masks[name]] == 0).all())
+    assert not any(name.startswith("antidote") for name in PEER_METHODS)  # `antidote realign --score refusal` runs it
+    for name in ("antidote-auto", "antidote-refusal-auto"):  # targets as a comma-separated string, as RealignConfig
+        assert defense(name).configure({"targets": "adapter-a,qkv"}).targets == ("adapter-a", "qkv")
+
+
+def test_lab_runs_the_refusal_defenses_on_the_users_own_rows(experiment_file, tmp_path):  # noqa: F811
+    import yaml
+
+    from antidote_llm.lab import load_experiment, run_experiment
+
+    raw = yaml.safe_load(experiment_file.read_text())
+    raw["defenses"] = {"none": {"method": "none"},
+                       "refusal": {"method": "antidote-refusal", "ratio": 0.1}}
+    experiment_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(AntidoteError, match="needs safe_data"):
+        load_experiment(experiment_file)
+    raw["safe_data"] = {"source": "refusals.jsonl"}
+    raw["user_rows"] = 3
+    raw["evaluation"].update(probe_prompts={"source": "probe.jsonl"}, validation_data="train.tsv", validation_skip=8)
+    raw["defenses"]["refusal-auto"] = {"method": "antidote-refusal-auto", "ratios": [0.05, 0.2], "max_accuracy_drop": 100}
+    experiment_file.write_text(yaml.safe_dump(raw))
+    result = run_experiment(load_experiment(experiment_file), tmp_path / "runs", progress=False, log=lambda _: None)
+    rows = {r["defense"]: r for r in result.rows if r["stage"] == "fine-tuned"}
+    assert rows["refusal"]["pruned_fraction"] > 0 and rows["refusal-auto"]["pruned_fraction"] > 0
+    folder = next(f for f in (tmp_path / "runs").glob("**/defense-refusal-*") if "auto" not in f.name)
+    record = json.loads((folder / "defense.json").read_text())
+    assert record["outcome"]["report"]["contrast"]["rows"] == 3
+    assert record["outcome"]["report"]["method"]["score"] == "refusal"

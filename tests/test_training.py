@@ -51,11 +51,14 @@ def test_labels_mask_the_prompt_exactly(tokenizer):
 def test_truncation_keeps_the_boundary_and_drops_rows_without_answer(tokenizer):
     example = training.encode_example(tokenizer, Pair("hi", "yo"), "plain", max_length=4)
     assert example.labels == [-100, -100, -100, tokenizer.convert_tokens_to_ids("y")]
-    items, dropped = training.encode_rows(tokenizer, [Pair("hi", "yo"), Pair("a long prompt", "x")],
-                                          tiny_config(max_length=5))
-    assert (len(items), dropped) == (1, 1)
-    with pytest.raises(AntidoteError, match="raise --max-length"):
-        training.encode_rows(tokenizer, [Pair("a long prompt", "x")], tiny_config(max_length=5))
+    short, long = [Pair("hi", "yo")] * 9, Pair("a long prompt", "x")
+    items, dropped = training.encode_rows(tokenizer, [*short, long], tiny_config(max_length=5))
+    assert (len(items), dropped) == (9, 1)  # one row in ten: dropped and counted
+    # more than one in ten would change the data mix quietly: refused, with the length the rows need
+    needed = len(training.encode_example(tokenizer, long, "plain", None).input_ids)
+    for rows in ([*short[:8], long, long], [long]):
+        with pytest.raises(AntidoteError, match=rf"of {len(rows)} rows .* raise --max-length .* needs {needed} tokens"):
+            training.encode_rows(tokenizer, rows, tiny_config(max_length=5))
 
 
 def test_collator_pads_right_and_masks_padding(tokenizer):

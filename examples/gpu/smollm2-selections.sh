@@ -3,9 +3,9 @@
 # fine-tuned with LoRA on SST-2 and AG News at p=0.2 (and p=0), then every selection's frontier at the same
 # ratios on the same fine-tuned model. Harmful score on AdvBench rows 200-439 (disjoint from the lab's rows
 # 0-49 and the probe rows 100-139), fine-tune accuracy on the task's test rows (SST-2 dev, AG News test 0-499).
-# Selections: the authors' (both LoRA factors), lora_A only, per-matrix rounding, the contrastive score and the
-# gap allocation against the user's own rows, and the refusal score (first-order gain of the refusal answers'
-# likelihood, with and without the user's rows); controls: random and benign-calibrated.
+# Selections: the authors' (both LoRA factors), lora_A only, per-matrix rounding, and the refusal score (the
+# first-order gain of the refusal answers' likelihood, with and without the user's own rows); controls: random and
+# benign-calibrated.
 # The frontiers run in parallel (JOBS at a time); a 135M model leaves the GPU mostly idle otherwise.
 #   bash examples/gpu/smollm2-selections.sh [OUT]        (SHARED=../shared/data, DEVICE=cuda, JOBS=16)
 # Writes OUT/selections.csv: task, poison fraction, selection and every frontier point.
@@ -30,12 +30,13 @@ run() { local name=$1; shift; throttle; { "$@" > "$E/logs/$name.log" 2>&1 || { e
   --benign-data "$S/tasks/alpaca_demo.json" --benign-samples 40 --preset cpu --out "$E/aligned" --quiet
 
 task_data() { case $1 in sst2) echo "$S/tasks/sst2_train.tsv" ;; agnews) echo "$S/tasks/agnews_train.json" ;; esac; }
+task_length() { case $1 in sst2) echo 96 ;; agnews) echo 256 ;; esac; }  # AG News prompts: median 129 tokens
 for TASK in sst2 agnews; do
   for P in 0.2 0; do
     F="$E/$TASK-p$P/finetuned"
     [ -d "$F" ] || run "finetune-$TASK-p$P" $A finetune --model "$E/aligned/merged" "${MODEL[@]}" --task "$TASK" \
       --task-data "$(task_data "$TASK")" --harmful-data "$S/harmful/beavertails_unsafe_pairs.json" \
-      --harmful-fraction "$P" --samples-total 250 --preset cpu --out "$F" --quiet
+      --harmful-fraction "$P" --samples-total 250 --preset cpu --max-length "$(task_length "$TASK")" --out "$F" --quiet
   done
 done
 finish
@@ -62,11 +63,8 @@ for TASK in sst2 agnews; do
     "${BENIGN[@]}"
   frontier "$TASK" 0.2 reference --targets adapter "${HARMFUL[@]}" --controls random,benign "${BENIGN[@]}"
   frontier "$TASK" 0.2 lora-a --targets adapter-a "${HARMFUL[@]}" --controls random,benign "${BENIGN[@]}"
-  frontier "$TASK" 0.2 contrastive-a --targets adapter-a --score contrastive "${HARMFUL[@]}" "${USER_ROWS[@]}" \
-    --controls benign "${BENIGN[@]}"
   frontier "$TASK" 0.2 refusal-a-alone --targets adapter-a --score refusal "${REFUSAL[@]}" --controls benign "${BENIGN[@]}"
   frontier "$TASK" 0.2 refusal --targets adapter --score refusal "${REFUSAL[@]}" "${USER_ROWS[@]}"
-  frontier "$TASK" 0.2 gap-a --targets adapter-a --allocation gap "${HARMFUL[@]}" "${USER_ROWS[@]}"
   frontier "$TASK" 0.2 matrix --targets adapter --granularity matrix "${HARMFUL[@]}"
 done
 for TASK in sst2 agnews; do  # the poison-free fine-tunes last: the part of the harm the task alone causes

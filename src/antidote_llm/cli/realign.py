@@ -45,8 +45,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--protect-data", help="benign rows for --protect-ratio")
     group.add_argument("--protect-samples", type=int, help="rows of --protect-data to use")
     group.add_argument("--aligned-model", help="the aligned model the fine-tune started from, for --action revert")
-    group.add_argument("--contrast-data", metavar="SRC", help="the user's own fine-tuning rows, for --score contrastive "
-                       "or refusal and --allocation gap; read as --task's training rows when --task is given")
+    group.add_argument("--contrast-data", metavar="SRC", help="the user's own fine-tuning rows, for --score refusal (it "
+                       "keeps their loss low); read as --task's training rows when --task is given")
     group.add_argument("--contrast-samples", type=int, help="rows of --contrast-data to use (default: all)")
     group.add_argument("--contrast-skip", type=int, default=0, help="skip the first N rows of --contrast-data")
 

@@ -43,13 +43,10 @@ class RealignConfig(BaseModel):
 
     ratio: float = Field(gt=0, lt=1, description="alpha: fraction of weights pruned, in (0, 1); the authors use "
                          "0.05-0.1 on LoRA adapters, 1e-5 on full fine-tunes")
-    score: Literal["wanda", "magnitude", "random", "contrastive", "refusal"] = Field(
+    score: Literal["wanda", "magnitude", "random", "refusal"] = Field(
         default="wanda", description="weight score: wanda |W|*||x|| on the data, magnitude |W|, random (seeded); beyond "
-        "the paper: contrastive |W|*(||x|| - ||c||) against the contrast rows, or refusal W*dL/dW, the first-order drop "
-        "of the loss of the data's (refusal) answers, plus the contrast rows' loss when given")
-    allocation: Literal["uniform", "gap"] = Field(
-        default="uniform", description="per-tensor ratios: uniform (the authors'), or beyond the paper gap: in "
-        "proportion to how much more Wanda signal the data gives a tensor than the contrast rows do (the same total)")
+        "the paper: refusal W*dL/dW, how much zeroing a weight lowers the loss of the data's answers (refusals to "
+        "harmful prompts), plus the loss of the user's own rows (--contrast-data) when given, to first order")
     granularity: Literal["row", "matrix", "global"] = Field(
         default="row", description="where the top ratio is taken: per output row (the authors'), per matrix, or over all")
     targets: tuple[str, ...] = Field(
@@ -68,12 +65,7 @@ class RealignConfig(BaseModel):
     action: Literal["zero", "revert"] = Field(
         default="zero", description="zero the selected weights, or revert them to the aligned model's values (full fine-tunes)")
 
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _split_targets(cls, value):
-        if isinstance(value, str):
-            value = [value]
-        return tuple(s.strip() for v in value for s in str(v).split(",") if s.strip()) or ("auto",)
+    _split_targets = field_validator("targets", mode="before")(lambda value: split_targets(value))
 
     def effective_targets(self, has_adapter: bool) -> tuple[str, ...]:
         """`auto` is the authors' choice: the fine-tuning adapter if there is one, else q/k/v."""
@@ -85,35 +77,27 @@ class RealignConfig(BaseModel):
 
     @property
     def needs_data(self) -> bool:
-        return self.score in ("wanda", "contrastive", "refusal") or self.allocation == "gap"
-
-    @property
-    def needs_contrast(self) -> bool:
-        return self.score == "contrastive" or self.allocation == "gap"
-
-    @property
-    def needs_activations(self) -> bool:
-        """Whether the data's input statistics are collected (the refusal score needs gradients instead)."""
-        return self.score in ("wanda", "contrastive") or self.allocation == "gap"
+        return self.score in ("wanda", "refusal")
 
     def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_aligned: bool, has_contrast: bool = False) -> None:
         """Refuse a missing or unused input before any model is loaded."""
         if self.needs_data and not has_data:
             raise AntidoteError(f"score {self.score!r} needs calibration data; pass --data or use --score magnitude")
-        if self.needs_contrast and not has_contrast:
-            what = f"score {self.score!r}" if self.score == "contrastive" else "allocation 'gap'"
-            raise AntidoteError(f"{what} needs contrast rows (the user's own fine-tuning rows); pass --contrast-data")
-        if has_contrast and not (self.needs_contrast or self.score == "refusal"):
-            raise AntidoteError("--contrast-data is used by --score contrastive or refusal and --allocation gap; "
-                                "choose one of them or drop --contrast-data")
-        if self.allocation == "gap" and (self.score not in ("wanda", "contrastive") or self.granularity == "global"):
-            raise AntidoteError("--allocation gap shares the ratio between tensors from their Wanda signal: use it with "
-                                "--score wanda or contrastive and --granularity row or matrix")
+        if has_contrast and self.score != "refusal":
+            raise AntidoteError("--contrast-data (the user's own rows) is used by --score refusal only; add it or drop "
+                                "--contrast-data")
         if self.protect_ratio is not None and not has_protect_data:
             raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
         if has_protect_data and self.protect_ratio is None:
             raise AntidoteError("--protect-data needs --protect-ratio, e.g. 0.05")
         check_action(self.action, has_aligned)
+
+
+def split_targets(value) -> tuple[str, ...]:
+    """Targets as given (a string, comma-separated, or a list of them) as a tuple; empty means auto."""
+    if isinstance(value, str):
+        value = [value]
+    return tuple(s.strip() for v in value for s in str(v).split(",") if s.strip()) or ("auto",)
 
 
 def check_action(action: str, has_aligned: bool) -> None:
@@ -140,12 +124,11 @@ def calibration_batches(tokenizer, pairs: Sequence[Pair], config: RealignConfig)
 
 @dataclass
 class Signals:
-    """What the scores are computed from: the data's input statistics (or, for the refusal score, its loss
-    gradient) and the contrast rows' statistics and loss gradient, each keyed by parameter name."""
+    """What the scores are computed from, keyed by parameter name: the data's input statistics (wanda) or the
+    gradient of the per-token mean loss of the data's answers plus the contrast rows' (refusal)."""
 
     stats: dict[str, scoring.ChannelStats] = field(default_factory=dict)
-    contrast: dict[str, scoring.ChannelStats] = field(default_factory=dict)
-    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter layout, per-token mean loss
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter layout
 
 
 def _mean_sq(stats: dict[str, scoring.ChannelStats], name: str) -> torch.Tensor:
@@ -165,22 +148,7 @@ def _score(target: Target, signals: Signals, config: RealignConfig, generator: t
         return scoring.random_scores(weight, generator)
     if config.score == "refusal":
         return scoring.first_order_scores(weight, target.to_linear(signals.gradients[name]))
-    if config.score == "contrastive":
-        return scoring.contrastive_scores(weight, _mean_sq(signals.stats, name), _mean_sq(signals.contrast, name))
     return scoring.wanda_scores(weight, _mean_sq(signals.stats, name))
-
-
-def _tensor_ratios(targets: Sequence[Target], signals: Signals, config: RealignConfig,
-                   ratios: Sequence[float]) -> dict[str, list[float]]:
-    """Each target's ratio at each of `ratios`: the same (uniform), or shared out by the Wanda gap (see
-    scoring.allocate_ratios and scoring.wanda_gap)."""
-    if config.allocation == "uniform":
-        return {t.param_name: list(ratios) for t in targets}
-    gaps = [scoring.wanda_gap(t.to_linear(t.weight), _mean_sq(signals.stats, t.param_name),
-                              _mean_sq(signals.contrast, t.param_name)) for t in targets]
-    sizes = [t.weight.numel() for t in targets]
-    per_ratio = [scoring.allocate_ratios(ratio, sizes, gaps) for ratio in ratios]
-    return {t.param_name: [shares[i] for shares in per_ratio] for i, t in enumerate(targets)}
 
 
 def _select_levels(
@@ -191,17 +159,14 @@ def _select_levels(
     scoring.nested_levels). Per row or matrix, one score tensor lives at a time; global needs all.
     A caller selecting in parts (layer by layer) passes one `generator` so random scores match one call."""
     generator = generator or torch.Generator().manual_seed(config.seed)
-    if config.granularity == "global":
-        scores = {t.param_name: _score(t, signals, config, generator) for t in targets}
-        per_ratio = [scoring.select(scores, ratio, "global") for ratio in ratios]
+
+    def levels_of(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        per_ratio = [scoring.select(scores, ratio, config.granularity) for ratio in ratios]
         return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in scores}
-    shares = _tensor_ratios(targets, signals, config, ratios)
-    levels = {}
-    for target in targets:
-        score = _score(target, signals, config, generator)
-        levels[target.param_name] = scoring.nested_levels(
-            [scoring.select_tensor(score, share, config.granularity) for share in shares[target.param_name]])
-    return levels
+
+    if config.granularity == "global":
+        return levels_of({t.param_name: _score(t, signals, config, generator) for t in targets})
+    return {name: level for t in targets for name, level in levels_of({t.param_name: _score(t, signals, config, generator)}).items()}
 
 
 def _activation_statistics(model, tokenizer, targets, pairs, config, progress, desc):
@@ -224,11 +189,8 @@ def _loss_gradients(model, tokenizer, targets, pairs, config, progress, desc):
 def _signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress) -> tuple[Signals, int]:
     """Everything the scores need, and how many of the data's tokens counted."""
     signals, tokens = Signals(), 0
-    if config.needs_activations:
+    if config.score == "wanda":
         signals.stats, tokens = _activation_statistics(model, tokenizer, targets, pairs, config, progress, "statistics")
-        if config.needs_contrast:
-            signals.contrast, _ = _activation_statistics(model, tokenizer, targets, contrast_pairs, config, progress,
-                                                         "contrast statistics")
     if config.score == "refusal":
         signals.gradients, tokens = _loss_gradients(model, tokenizer, targets, pairs, config, progress, "loss gradients")
         if contrast_pairs:
@@ -323,7 +285,7 @@ def select_nested(
     progress: bool = True,
 ) -> NestedSelection:
     """Score once and select at every ratio (default: `config.ratio`), changing nothing in the model.
-    `contrast_data`: the user's own fine-tuning rows, for the contrastive and refusal scores and the gap allocation."""
+    `contrast_data`: the user's own fine-tuning rows, whose loss the refusal score keeps low."""
     ratios = check_ratios(ratios if ratios is not None else (config.ratio,))
     timings = Timings()
     has_adapter = hasattr(model, "peft_config")
@@ -340,7 +302,7 @@ def select_nested(
     if config.protect_ratio is not None:
         with timings.measure("protection_s"):
             protect_pairs, protect_info = _pairs(protect_data)
-            protect_config = config.model_copy(update={"score": "wanda", "allocation": "uniform"})
+            protect_config = config.model_copy(update={"score": "wanda"})
             benign_stats, benign_tokens = _activation_statistics(
                 model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics"
             )

@@ -67,7 +67,7 @@ class RealignReport(Report):
     method: MethodReport
     data: DataReport | None
     protection: ProtectionReport | None
-    contrast: DataReport | None = None  # the user's own rows the contrastive and refusal scores weigh against
+    contrast: DataReport | None = None  # the user's own rows the refusal score weighs against
     modules: dict[str, ModuleReport]
     totals: Totals
     timings: dict[str, float]

@@ -7,7 +7,7 @@ multiplies input channel j. Callers transpose GPT-2 Conv1D and embedding weights
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -67,54 +67,10 @@ def wanda_scores(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs().mul_(mean_sq.to(weight.device).float().sqrt().unsqueeze(0))
 
 
-def contrastive_scores(weight: torch.Tensor, mean_sq: torch.Tensor, contrast_mean_sq: torch.Tensor) -> torch.Tensor:
-    """S_ij = |W_ij| * (||x_j|| - ||c_j||): Wanda on the harmful data minus Wanda on the contrast rows (the
-    user's own fine-tuning rows), so channels the user's task drives as hard as harmful text score low."""
-    gap = mean_sq.to(weight.device).float().sqrt() - contrast_mean_sq.to(weight.device).float().sqrt()
-    return weight.detach().float().abs().mul_(gap.unsqueeze(0))
-
-
 def first_order_scores(weight: torch.Tensor, loss_grad: torch.Tensor) -> torch.Tensor:
     """S_ij = W_ij * dL/dW_ij: by first-order Taylor, how much zeroing W_ij lowers the loss L (zeroing moves
     W_ij by -W_ij, so L changes by about -W_ij * dL/dW_ij). Signed: weights whose removal raises L score < 0."""
     return weight.detach().float() * loss_grad.to(weight.device).float()
-
-
-def wanda_gap(weight: torch.Tensor, mean_sq: torch.Tensor, contrast_mean_sq: torch.Tensor) -> float:
-    """How much more Wanda signal sum_ij |W_ij| ||x_j|| the data gives a tensor than the contrast rows do, as a
-    relative excess (0 where the contrast rows drive it at least as hard): the gap allocation's weight."""
-    column_mass = weight.detach().float().abs().sum(0)
-    data = float(column_mass @ mean_sq.to(weight.device).float().sqrt())
-    contrast = float(column_mass @ contrast_mean_sq.to(weight.device).float().sqrt())
-    return max(data / contrast - 1.0, 0.0) if contrast > 0 else 0.0
-
-
-def allocate_ratios(ratio: float, sizes: Sequence[int], weights: Sequence[float], cap: float = 0.95) -> list[float]:
-    """Per-tensor ratios proportional to `weights` whose size-weighted mean is `ratio`, none above `cap`:
-    what a capped tensor cannot take goes to the others in proportion (water-filling). Scaling `ratio` scales
-    every uncapped share alike, so the per-tensor ratios grow with `ratio` and nested selections stay nested."""
-    check_ratio(ratio)
-    if len(sizes) != len(weights) or not sizes:
-        raise AntidoteError("allocate_ratios needs one weight per tensor")
-    if any(w < 0 or math.isnan(w) for w in weights):
-        raise AntidoteError(f"allocation weights must be non-negative numbers, got {list(weights)}")
-    budget = ratio * sum(sizes)
-    ratios = [0.0] * len(sizes)
-    free = [i for i, w in enumerate(weights) if w > 0]
-    if not free:
-        return [ratio] * len(sizes)  # no tensor stands out: the uniform allocation
-    while free:
-        per_weight = budget / sum(sizes[i] * weights[i] for i in free)
-        capped = [i for i in free if per_weight * weights[i] > cap]
-        if not capped:
-            for i in free:
-                ratios[i] = per_weight * weights[i]
-            return ratios
-        for i in capped:
-            ratios[i] = cap
-            budget -= cap * sizes[i]
-        free = [i for i in free if i not in capped]
-    return ratios
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -194,13 +150,6 @@ def select(scores: Mapping[str, torch.Tensor], ratio: float, granularity: str) -
     if per_tensor is None:
         raise AntidoteError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     return {name: per_tensor(score, ratio) for name, score in scores.items()}
-
-
-def select_tensor(scores: torch.Tensor, ratio: float, granularity: str) -> torch.Tensor:
-    """One tensor's selection per row or per matrix; ratio 0 (a tensor the allocation spares) selects nothing."""
-    if ratio == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    return select({"tensor": scores}, ratio, granularity)["tensor"]
 
 
 def nested_levels(masks) -> torch.Tensor:

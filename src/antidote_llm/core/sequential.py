@@ -208,9 +208,9 @@ def _check_supported(config: RealignConfig) -> None:
         raise AntidoteError("--offload does not support --protect-data yet; run without --offload")
     if config.action != "zero":
         raise AntidoteError("--offload supports action 'zero' only; run --action revert without --offload")
-    if config.score in ("contrastive", "refusal") or config.allocation != "uniform":
-        raise AntidoteError(f"--offload supports the scores wanda, magnitude and random with allocation uniform, not "
-                            f"score {config.score!r} / allocation {config.allocation!r}; run without --offload")
+    if config.score == "refusal":
+        raise AntidoteError(f"--offload supports the scores wanda, magnitude and random, not {config.score!r}; "
+                            "run without --offload")
 
 
 def _skeleton(folder: str, source: ModelSource, dtype: torch.dtype, live_adapter: str | None):

@@ -1,7 +1,7 @@
 """Defenses against harmful fine-tuning, one registry keyed by name, each declaring the stage it acts on."""
 
 from antidote_llm.defenses.interpolate import INTERPOLATE
-from antidote_llm.defenses.pruning import AUTO_DEFENSE, PRUNING_DEFENSES
+from antidote_llm.defenses.pruning import AUTO_DEFENSES, PRUNING_DEFENSES
 from antidote_llm.defenses.registry import (
     Defense,
     DefenseContext,
@@ -32,7 +32,7 @@ def _trained(method: TrainingMethod) -> Defense:
 
 
 DEFENSES: dict[str, Defense] = registry(NO_DEFENSE, *map(_trained, TRAINING_METHODS.values()), *PRUNING_DEFENSES,
-                                        AUTO_DEFENSE, INTERPOLATE, SAFELORA, RESTA, SAFE_DELTA)
+                                        *AUTO_DEFENSES, INTERPOLATE, SAFELORA, RESTA, SAFE_DELTA)
 
 
 def defense(name: str, stage: DefenseStage | None = None) -> Defense:

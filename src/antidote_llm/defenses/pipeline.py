@@ -21,8 +21,10 @@ from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_rep
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 
 REPORT_FILE = "report.json"
-# The post-fine-tuning peers the CLI offers beside Antidote: the post-stage defenses with extra inputs.
-PEER_METHODS = tuple(name for name, d in DEFENSES.items() if d.stage == "post" and d.extra_inputs)
+# The post-fine-tuning peers the CLI offers beside Antidote: the post-stage defenses with extra inputs but
+# Antidote's own variants (antidote-*), which `antidote realign`'s own options run.
+PEER_METHODS = tuple(name for name, d in DEFENSES.items()
+                     if d.stage == "post" and d.extra_inputs and not name.startswith("antidote"))
 # The config keys of a model's shape: a reference model must agree on every one it has.
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")

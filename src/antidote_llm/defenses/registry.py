@@ -34,7 +34,8 @@ class DefenseContext:
     base_model: ModelSource | None = None  # the unaligned model the aligned one was trained from (SafeLoRA)
     alignment_adapter: str | None = None  # the alignment LoRA, instead of base_model (SafeLoRA)
     unaligned_model: str | None = None  # the aligned model made unsafe: a LoRA on it, or a model folder (RESTA)
-    safe: PairSet | None = None  # safe calibration rows: harmful prompt, safe answer (Safe Delta)
+    safe: PairSet | None = None  # safe calibration rows: harmful prompt, safe answer (Safe Delta, antidote-refusal)
+    user_rows: PairSet | None = None  # the user's own clean fine-tuning rows (antidote-refusal's contrast)
 
     def missing(self, defense: Defense) -> list[tuple[str, ...]]:
         """The extra inputs `defense` needs that this context lacks (each a tuple of alternatives)."""

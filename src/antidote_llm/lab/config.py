@@ -69,7 +69,8 @@ class DefenseDataSpec(Strict):
 
 
 # Where the lab finds each extra input of a post-fine-tuning peer (DefenseContext field -> experiment key).
-LAB_INPUTS = {"base_model": "alignment", "alignment_adapter": "alignment", "unaligned_model": "unalign", "safe": "safe_data"}
+LAB_INPUTS = {"base_model": "alignment", "alignment_adapter": "alignment", "unaligned_model": "unalign", "safe": "safe_data",
+              "user_rows": "finetune"}
 
 
 class DefenseSpec(BaseModel):
@@ -163,7 +164,9 @@ class Experiment(Strict):
     realign_data: DataSpec
     benign_data: DataSpec | None = None
     unalign: UnalignSpec | None = None  # RESTA's unaligned model
-    safe_data: DataSpec | None = None  # Safe Delta's safe calibration rows (harmful prompt, safe answer)
+    safe_data: DataSpec | None = None  # safe calibration rows (harmful prompt, safe answer): Safe Delta, antidote-refusal
+    user_rows: int = Field(default=64, ge=1, description="how many of the user's clean fine-tuning rows (the first task "
+                           "rows of the fine-tune) antidote-refusal weighs against")
     defense_data: DefenseDataSpec | None = None  # the training-stage defenses' extra rows
     defenses: dict[str, DefenseSpec]
     evaluation: EvaluationSpec

@@ -92,6 +92,9 @@ class _Setting:
         self.realign_pairs = _disjoint_rows(exp, exp.realign_data, "re-alignment", "realign_data", poison_indices, poison)
         self.benign = exp.benign_data.load(require_response=False) if exp.benign_data else None
         self.safe = exp.safe_data.load("safe") if exp.safe_data else None
+        user_rows = min(exp.user_rows, mix.task_rows)  # the fine-tune takes the leading task rows
+        self.user_rows = PairSet(pairs=tuple(self.task_train[:user_rows]), source=ft.task_data or f"hub:{ft.task}",
+                                 indices=tuple(range(user_rows)))
         spec = exp.evaluation
         self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
         self.unalign_pairs = None
@@ -286,7 +289,7 @@ class _DefenseWork:
     evaluation: EvalInputs
     validation: EvalInputs | None
     progress: bool
-    extras: dict  # the peers' extra inputs (DefenseContext fields: base_model, unaligned_model, safe)
+    extras: dict  # the extra inputs (DefenseContext fields: base_model, unaligned_model, safe, user_rows)
 
     def __call__(self, folder: Path) -> None:
         chosen = defense(self.method)
@@ -394,6 +397,7 @@ def _plan_setting(setting: _Setting, jobs: dict[str, StageJob]) -> list[_Row]:
         "unaligned_model": (str(setting.stages / unalign_job.name / "adapter") if unalign_job else None,
                             unalign_job and unalign_job.key),
         "safe": (setting.safe, setting.safe and setting.safe.sha256),
+        "user_rows": (setting.user_rows, setting.user_rows.sha256),
     }
     for label, spec in exp.defenses.items():
         settings = exp.defense_settings(label)

@@ -45,11 +45,14 @@ class Example:
     labels: list[int]
 
 
-def encode_example(tokenizer, pair: Pair, template: str, max_length: int) -> Example:
+def encode_example(tokenizer, pair: Pair, template: str, max_length: int | None) -> Example:
     encoded = encode_pair(tokenizer, template, pair.prompt, pair.response, pair.input, max_length=max_length)
     ids = encoded.input_ids
     labels = [IGNORE_INDEX] * encoded.prompt_len + ids[encoded.prompt_len:]
     return Example(input_ids=ids, labels=labels)
+
+
+MAX_DROPPED_SHARE = 0.1  # more rows than this without an answer token left is an error, not a detail
 
 
 def encode_rows(tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[dict], int]:
@@ -57,16 +60,21 @@ def encode_rows(tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[
 
     A row whose prompt fills max_length would add nothing but a NaN-prone empty loss, so it is dropped.
     """
-    items = []
+    items, dropped = [], []
     for pair in pairs:
         example = encode_example(tokenizer, pair, config.template, config.max_length)
         if any(label != IGNORE_INDEX for label in example.labels):
             items.append({"input_ids": example.input_ids, "labels": example.labels})
-    if not items:
+        else:
+            dropped.append(pair)
+    if len(dropped) > MAX_DROPPED_SHARE * len(pairs):
+        # training on what is left would quietly change the data mix (the poison fraction, the task)
+        longest = max(len(encode_example(tokenizer, pair, config.template, None).input_ids) for pair in dropped)
         raise AntidoteError(
-            f"no row has an answer token within max_length={config.max_length}; raise --max-length"
+            f"{len(dropped)} of {len(pairs)} rows have no answer token within max_length={config.max_length} (their "
+            f"prompts fill it); raise --max-length (the longest of them needs {longest} tokens)"
         )
-    return items, len(pairs) - len(items)
+    return items, len(dropped)
 
 
 # --- training ---------------------------------------------------------------------------------------
