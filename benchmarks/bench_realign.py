@@ -72,7 +72,7 @@ def main() -> None:
                 param.copy_(original[name])
 
     # Interleaved, best of --repeats, so a busy machine slows both sides alike.
-    bare, ours, best, frontier = float("inf"), float("inf"), {}, float("inf")
+    bare, ours, best, frontier, refusal = float("inf"), float("inf"), {}, float("inf"), float("inf")
     for _ in range(args.repeats):
         bare = min(bare, bare_forward_s(model, batches))
         restore()
@@ -84,6 +84,9 @@ def main() -> None:
         restore()
         nested = select_nested(model, tokenizer, config, pairs, ratios=RATIOS, progress=False)
         frontier = min(frontier, nested.timings["scoring_s"] + nested.timings["selection_s"])
+        # the refusal score's cost: a forward and a backward per batch (the same rows stand in for refusals)
+        gradient = select_nested(model, tokenizer, config.model_copy(update={"score": "refusal"}), pairs, progress=False)
+        refusal = min(refusal, gradient.timings["scoring_s"] + gradient.timings["selection_s"])
     print(f"bare no-grad forward through the decoder layers: {bare:.2f} s")
     print(f"antidote statistics + scores + selection (all Linear in the decoder): {ours:.2f} s "
           f"(statistics {best['scoring_s']:.2f} s, scores and selection {best['selection_s']:.2f} s)")
@@ -91,6 +94,8 @@ def main() -> None:
     k = len(RATIOS)
     print(f"{k} ratios ({', '.join(map(str, RATIOS))}) from one statistics pass: {frontier:.2f} s, "
           f"{frontier / bare:.3f} bare forwards  [goal <= {1.1 + 0.05 * k:.2f} = 1.1 + 0.05 k]")
+    print(f"the refusal score (--score refusal), one ratio: {refusal:.2f} s, {refusal / bare:.2f} bare forwards "
+          "(a forward with the LM head and a backward per batch; with --contrast-data, the user's rows cost as much again)")
     rss_ratio = memory.peak_rss / memory.start_rss
     extra_mb = (memory.peak_rss - memory.start_rss) / 2**20
     print(f"  peak RSS during scoring / RSS before: {rss_ratio:.3f} (+{extra_mb:.0f} MiB)  [goal <= 1.5 plus one batch of activations]")

@@ -53,8 +53,8 @@ def test_frontier_script_commands_parse(tmp_path, task):
     done = subprocess.run(["bash", script, str(tmp_path / "run"), task], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    # alignment, then per poison fraction (0.2, 0): the fine-tune and the two frontiers (both factors, lora_A)
-    assert log.read_text().split() == ["align"] + ["finetune", "realign", "realign"] * 2
+    # alignment, then per poison fraction (0.2, 0): the fine-tune and three frontiers (both factors, lora_A, refusal)
+    assert log.read_text().split() == ["align"] + ["finetune", "realign", "realign", "realign"] * 2
     wrong = subprocess.run(["bash", script, str(tmp_path / "run"), "gsm9k"], env=env, capture_output=True, text=True)
     assert wrong.returncode == 2 and "task must be sst2 or agnews" in wrong.stderr
 

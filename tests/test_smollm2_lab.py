@@ -26,6 +26,7 @@ def test_alignment_poisoning_and_antidote_move_the_harmful_score_the_right_way(t
         "none": {"method": "none"},
         "antidote": {"method": "antidote", "ratio": 0.2},
         "random": {"method": "random", "ratio": 0.2},
+        "antidote-refusal": {"method": "antidote-refusal", "ratio": 0.05, "targets": "adapter-a"},
     }
     raw["evaluation"]["max_new_tokens"] = 24
     result = run_experiment(parse_experiment(raw, data), tmp_path / "runs", progress=False, log=lambda _: None)
@@ -36,3 +37,4 @@ def test_alignment_poisoning_and_antidote_move_the_harmful_score_the_right_way(t
     assert hs["antidote"] < hs["none"]  # Antidote repairs part of it...
     assert hs["antidote"] < hs["random"]  # ...and not merely by pruning the same amount at random
     assert degenerate["antidote"] < 50  # by refusing, not by breaking the model
+    assert hs["antidote-refusal"] < hs["none"] and degenerate["antidote-refusal"] < 50  # the refusal score too

@@ -7,13 +7,14 @@ import argparse
 from antidote_llm.cli import peers
 from antidote_llm.cli.common import add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
-from antidote_llm.core.pipeline import ContrastSpec, apply_mask_to_disk, realign_to_disk
+from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
 from antidote_llm.core.report import RealignReport
+from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.settings import EvalSettings
-from antidote_llm.evaluation.tasks import TASKS
+from antidote_llm.evaluation.tasks import TASKS, load_task_pairs
 from antidote_llm.frontier import DEFAULT_RATIOS, FrontierConfig
 from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk
 
@@ -51,10 +52,15 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--contrast-skip", type=int, default=0, help="skip the first N rows of --contrast-data")
 
 
-def _contrast(args: argparse.Namespace) -> ContrastSpec | None:
+def _contrast(args: argparse.Namespace) -> PairSet | None:
+    """The user's own rows: --task's training rows when --task is given, else prompt/response rows."""
     if not args.contrast_data:
         return None
-    return ContrastSpec(source=args.contrast_data, samples=args.contrast_samples, skip=args.contrast_skip, task=args.task)
+    if args.task is None:
+        return DataSpec(source=args.contrast_data, samples=args.contrast_samples, skip=args.contrast_skip).load("all")
+    rows = load_task_pairs(args.task, args.contrast_data, "train", limit=args.contrast_samples, skip=args.contrast_skip)
+    return PairSet(pairs=tuple(rows), source=args.contrast_data,
+                   indices=tuple(range(args.contrast_skip, args.contrast_skip + len(rows))))
 
 
 def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,12 +176,12 @@ def run_realign(args: argparse.Namespace) -> int:
         benign = DataSpec(source=args.benign_data, samples=args.benign_samples) if args.benign_data else None
         report = frontier_to_disk(
             model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign, protect_data=protect,
-            contrast=_contrast(args), pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
+            contrast_data=_contrast(args), pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
         )
         print(_frontier_summary(report, args.out))
         return 0
     result = realign_to_disk(
-        model_source(args), config, args.out, data=data, protect_data=protect, contrast=_contrast(args),
+        model_source(args), config, args.out, data=data, protect_data=protect, contrast_data=_contrast(args),
         aligned_model=args.aligned_model,
         save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet, offload=args.offload,
     )

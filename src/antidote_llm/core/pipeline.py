@@ -13,31 +13,15 @@ from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks,
 from antidote_llm.core.report import ApplyMaskReport, ExecutionReport
 from antidote_llm.core.sequential import Execution, choose_execution, realign_sequential
 from antidote_llm.core.targets import acts_on_adapter
-from antidote_llm.data.records import Rows
+from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
-from antidote_llm.evaluation.tasks import load_task_pairs
 from antidote_llm.runtime.loading import MERGE_DTYPE, Loaded, ModelSource, load_model, merge_adapter
 from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_report
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 
 MASK_FILE = "mask.safetensors"
 REPORT_FILE = "report.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class ContrastSpec:
-    """The user's own fine-tuning rows: a task's training rows (`task` given) or generic prompt/response rows."""
-
-    source: str
-    samples: int | None = None
-    skip: int = 0
-    task: str | None = None
-
-    def load(self) -> Rows:
-        if self.task is not None:
-            return load_task_pairs(self.task, self.source, "train", limit=self.samples, skip=self.skip)
-        return DataSpec(source=self.source, samples=self.samples, skip=self.skip).load("all")
 
 
 def local_inputs(source: ModelSource, *paths) -> list[str]:
@@ -76,7 +60,7 @@ def realign_to_disk(
     *,
     data: DataSpec | None = None,
     protect_data: DataSpec | None = None,
-    contrast: ContrastSpec | None = None,
+    contrast_data: PairSet | None = None,
     aligned_model: str | None = None,
     save_merged: bool = False,
     overwrite: bool = False,
@@ -93,14 +77,13 @@ def realign_to_disk(
     out = check_output_dir(
         out, overwrite=overwrite,
         inputs=local_inputs(source, aligned_model, data and data.source, protect_data and protect_data.source,
-                            contrast and contrast.source),
+                            contrast_data and contrast_data.source),
     )
     targets = config.effective_targets(bool(source.adapters))
     config.check_inputs(has_data=data is not None, has_protect_data=protect_data is not None, has_aligned=aligned_model is not None,
-                        has_contrast=contrast is not None)
+                        has_contrast=contrast_data is not None)
     pairs = data.load("unsafe") if data is not None else None
     protect_pairs = protect_data.load("all", require_response=False) if protect_data is not None else None
-    contrast_rows = contrast.load() if contrast is not None else None
     execution = choose_execution(source, offload)
     if execution.path == "sequential":
         if save_merged:
@@ -115,7 +98,7 @@ def realign_to_disk(
             aligned = _load_aligned(aligned_model, source)
         result = realign(
             loaded.model, loaded.tokenizer, config, pairs,
-            protect_data=protect_pairs, contrast_data=contrast_rows, aligned=aligned, progress=progress,
+            protect_data=protect_pairs, contrast_data=contrast_data, aligned=aligned, progress=progress,
         )
         timings.update(result.report.timings)
         with atomic_dir(out) as tmp:

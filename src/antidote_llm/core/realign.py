@@ -33,6 +33,13 @@ from antidote_llm.runtime.runinfo import Timings
 DEFAULT_MAX_LENGTH = 2048  # the authors' tokenizer model_max_length (their Alpaca runs use 512)
 
 
+def split_targets(value) -> tuple[str, ...]:
+    """Targets as given (a string, comma-separated, or a list of them) as a tuple; empty means auto."""
+    if isinstance(value, str):
+        value = [value]
+    return tuple(s.strip() for v in value for s in str(v).split(",") if s.strip()) or ("auto",)
+
+
 class RealignConfig(BaseModel):
     """Everything that determines which weights Antidote prunes. Defaults are the authors' settings.
 
@@ -65,7 +72,7 @@ class RealignConfig(BaseModel):
     action: Literal["zero", "revert"] = Field(
         default="zero", description="zero the selected weights, or revert them to the aligned model's values (full fine-tunes)")
 
-    _split_targets = field_validator("targets", mode="before")(lambda value: split_targets(value))
+    _split_targets = field_validator("targets", mode="before")(split_targets)
 
     def effective_targets(self, has_adapter: bool) -> tuple[str, ...]:
         """`auto` is the authors' choice: the fine-tuning adapter if there is one, else q/k/v."""
@@ -91,13 +98,6 @@ class RealignConfig(BaseModel):
         if has_protect_data and self.protect_ratio is None:
             raise AntidoteError("--protect-data needs --protect-ratio, e.g. 0.05")
         check_action(self.action, has_aligned)
-
-
-def split_targets(value) -> tuple[str, ...]:
-    """Targets as given (a string, comma-separated, or a list of them) as a tuple; empty means auto."""
-    if isinstance(value, str):
-        value = [value]
-    return tuple(s.strip() for v in value for s in str(v).split(",") if s.strip()) or ("auto",)
 
 
 def check_action(action: str, has_aligned: bool) -> None:

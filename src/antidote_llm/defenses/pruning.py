@@ -61,7 +61,7 @@ PRUNING_DEFENSES = (
 # Antidote with the ratio chosen per model: RealignConfig's fields (but the ratio) and the frontier's.
 AutoAntidoteSettings = create_model(
     "AutoAntidoteSettings", __base__=FrontierConfig,
-    __validators__={"_split_targets": field_validator("targets", mode="before")(lambda value: split_targets(value))},
+    __validators__={"_split_targets": field_validator("targets", mode="before")(split_targets)},
     **{name: (field.annotation, field) for name, field in RealignConfig.model_fields.items() if name != "ratio"},
 )
 

@@ -14,10 +14,11 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import save_file
 
-from antidote_llm.core.pipeline import MASK_FILE, REPORT_FILE, ContrastSpec, local_inputs, save_repaired
+from antidote_llm.core.pipeline import MASK_FILE, REPORT_FILE, local_inputs, save_repaired
 from antidote_llm.core.realign import RealignConfig, select_nested
 from antidote_llm.core.report import RealignReport
 from antidote_llm.core.targets import acts_on_adapter
+from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.evaluate import EvalInputs
@@ -118,7 +119,7 @@ def frontier_to_disk(
     probe: ProbeSpec | None = None,
     benign: DataSpec | None = None,
     protect_data: DataSpec | None = None,
-    contrast: ContrastSpec | None = None,
+    contrast_data: PairSet | None = None,
     pick: bool = False,
     save_merged: bool = False,
     overwrite: bool = False,
@@ -133,13 +134,12 @@ def frontier_to_disk(
         raise AntidoteError("--controls draw evaluated points; give --probe-prompts, --task and --validation-data")
     out = check_output_dir(out, overwrite=overwrite, inputs=local_inputs(
         source, data.source, probe and probe.prompts.source, probe and probe.validation, benign and benign.source,
-        protect_data and protect_data.source, contrast and contrast.source))
+        protect_data and protect_data.source, contrast_data and contrast_data.source))
     config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False,
-                        has_contrast=contrast is not None)
+                        has_contrast=contrast_data is not None)
     pairs = data.load("unsafe")
     benign_rows = benign.load("all", require_response=False) if benign is not None else None
     protect_rows = protect_data.load("all", require_response=False) if protect_data is not None else None
-    contrast_rows = contrast.load() if contrast is not None else None
     loaded_probe = probe.load(config.template) if probe is not None else None
     with MemoryMonitor() as memory:
         with timings.measure("load_s"):
@@ -147,11 +147,11 @@ def frontier_to_disk(
         with timings.measure("frontier_s"):
             if loaded_probe is None:
                 selection = select_nested(loaded.model, loaded.tokenizer, config, pairs, ratios=frontier.ratios,
-                                          protect_data=protect_rows, contrast_data=contrast_rows, progress=progress)
+                                          protect_data=protect_rows, contrast_data=contrast_data, progress=progress)
                 points, picked = [], None
             else:
                 result = run_frontier(loaded.model, loaded.tokenizer, config, frontier, pairs, loaded_probe,
-                                      benign=benign_rows, protect_data=protect_rows, contrast_data=contrast_rows,
+                                      benign=benign_rows, protect_data=protect_rows, contrast_data=contrast_data,
                                       pick=pick, progress=progress)
                 selection, points, picked = result.selection, result.points, result.picked
         with atomic_dir(out) as tmp:
