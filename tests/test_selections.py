@@ -162,6 +162,9 @@ def test_the_refusal_defense_scores_the_safe_rows_against_the_user_rows():
         if name in expected.masks:
             assert bool((parameter[expected.masks[name]] == 0).all())
     assert not any(name.startswith("antidote") for name in PEER_METHODS)  # `antidote realign --score refusal` runs it
+    auto = defense("antidote-auto").configure({"score": "refusal"})
+    with pytest.raises(AntidoteError, match="use the defense antidote-refusal"):  # it would score harmful answers
+        defense("antidote-auto").apply(add_lora(make_model()), auto, context)
     for name in ("antidote-auto", "antidote-refusal-auto"):  # targets as a comma-separated string, as RealignConfig
         assert defense(name).configure({"targets": "adapter-a,qkv"}).targets == ("adapter-a", "qkv")
 

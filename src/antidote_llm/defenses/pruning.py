@@ -14,6 +14,9 @@ from antidote_llm.frontier import FrontierConfig, pick_operating_point, prune_at
 def _rows(config: RealignConfig, context: DefenseContext, calibration: str) -> dict:
     """The rows a pruning defense scores on: its calibration rows (harmful, benign, or the safe rows: harmful
     prompt, refusal), the benign rows it protects, the user's own rows it weighs against."""
+    if config.score == "refusal" and calibration != "safe":
+        raise AntidoteError("the refusal score needs refusals to score, not harmful answers: use the defense "
+                            "antidote-refusal or antidote-refusal-auto (they read safe_data)")
     return {
         "data": {"harmful": context.harmful, "benign": context.benign, "safe": context.safe}[calibration],
         "protect_data": context.benign if config.protect_ratio is not None else None,
