@@ -176,14 +176,15 @@ def run_realign(args: argparse.Namespace) -> int:
         benign = DataSpec(source=args.benign_data, samples=args.benign_samples) if args.benign_data else None
         report = frontier_to_disk(
             model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign, protect_data=protect,
-            contrast_data=_contrast(args), pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
+            contrast_data=_contrast(args), pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite,
+            progress=not args.quiet,
         )
         print(_frontier_summary(report, args.out))
         return 0
     result = realign_to_disk(
         model_source(args), config, args.out, data=data, protect_data=protect, contrast_data=_contrast(args),
-        aligned_model=args.aligned_model,
-        save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet, offload=args.offload,
+        aligned_model=args.aligned_model, save_merged=args.save_merged, overwrite=args.overwrite,
+        progress=not args.quiet, offload=args.offload,
     )
     print(_summary(result.report, args.out))
     return 0
