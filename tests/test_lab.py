@@ -1,7 +1,6 @@
 """The lab end to end on a tiny random model and tiny generated data: stages, caching, resume, tables."""
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -103,17 +102,15 @@ def test_a_grown_sweep_runs_only_the_new_stages(experiment_file, tmp_path):
 
 def test_an_interrupted_run_resumes(experiment_file, tmp_path, monkeypatch):
     out = tmp_path / "runs"
-    original = DEFENSES["random"]
-
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(DEFENSES, "random", dataclasses.replace(original, apply=crash))
+    monkeypatch.setattr(DEFENSES["random"], "apply", crash)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
     assert not list((out / "stages").glob("defense-random-*"))
     assert not [p for p in (out / "stages").iterdir() if p.name.startswith(".")]  # nothing half-written
-    monkeypatch.setitem(DEFENSES, "random", original)
+    monkeypatch.undo()
     resumed = run_experiment(load_experiment(experiment_file), out, progress=False, log=lambda _: None)
     assert sorted(name.rsplit("-", 1)[0] for name in resumed.ran) == ["defense-antidote-benign", "defense-random"]
 
@@ -196,11 +193,11 @@ def test_defense_settings_cli_and_api_share_one_declaration(experiment_file):
     from antidote_llm.core.realign import DEFAULT_MAX_LENGTH, RealignConfig
 
     experiment = load_experiment(experiment_file)
-    lab = experiment.defense_settings("random")
+    lab = experiment.defense("random")
     args = build_parser().parse_args(["realign", "--model", "m", "--ratio", "0.1", "--out", "o", "--template", "plain"])
     cli = config_from_args(RealignConfig, args, RealignConfig.model_fields)
     api = RealignConfig(ratio=0.1, template="plain")
-    assert cli == api == lab.model_copy(update={"score": "wanda"})
+    assert cli == api == RealignConfig(**lab.model_copy(update={"score": "wanda"}).model_dump())
     assert lab.max_length == DEFAULT_MAX_LENGTH == 2048
 
 

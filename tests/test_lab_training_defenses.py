@@ -9,7 +9,7 @@ import yaml
 from antidote_llm.cli.main import main
 from antidote_llm.errors import AntidoteError
 from antidote_llm.lab import load_experiment, run_experiment
-from antidote_llm.lab.runner import plan_experiment
+from antidote_llm.lab.plan import plan_experiment
 from test_lab import experiment_file  # noqa: F401 - the tiny experiment fixture
 
 TRAINED = {"vaccine": {"method": "vaccine"}, "booster": {"method": "booster"}, "lisa": {"method": "lisa"},
@@ -45,7 +45,7 @@ def test_each_training_defense_gets_its_own_stage_and_plain_stages_are_shared(tr
     # plain alignment + vaccine's + booster's; plain fine-tuning (none, antidote) + one on each defended alignment
     # + lisa's + ldifs's on the plain alignment
     assert kinds.count("align") == 3 and kinds.count("finetune") == 5
-    finetunes = [(job.work.method and job.work.method[0], job.needs) for job in plan.jobs if job.kind == "finetune"]
+    finetunes = [(job.work.method and job.work.method.defense.name, job.needs) for job in plan.jobs if job.kind == "finetune"]
     plain_align = next(job.name for job in plan.jobs if job.kind == "align" and job.work.method is None)
     assert {needs for method, needs in finetunes if method in ("lisa", "ldifs")} == {(plain_align,)}
     plain_finetunes = sorted(needs for method, needs in finetunes if method is None)  # one per alignment
@@ -62,7 +62,7 @@ def test_the_lab_runs_training_defenses_side_by_side(trained_experiment, tmp_pat
     named = {report["defense"]["name"] for report in reports if report.get("defense")}
     assert named == set(TRAINED)
     booster = next(r for r in reports if (r.get("defense") or {}).get("name") == "booster")
-    assert booster["defense"]["data"]["harmful"]["rows"] == 6
+    assert booster["defense"]["data"]["defense_harmful"]["rows"] == 6
 
 
 @pytest.mark.parametrize(("role", "rows", "overlap"), [
@@ -98,10 +98,10 @@ def test_cli_refuses_a_defense_at_the_wrong_stage_before_training(tmp_path, tiny
     assert main([*args, "--defense", "lisa"]) == 2
     assert "acts at the finetune stage, not align" in capsys.readouterr().err
     assert main([*args, "--defense", "nothing"]) == 2
-    assert "choose one of vaccine, repnoise, booster, lisa, ldifs" in capsys.readouterr().err
+    assert "choose one of booster, repnoise, vaccine" in capsys.readouterr().err
     assert main([*args, "--defense", "booster"]) == 2
     err = capsys.readouterr().err
-    assert "needs harmful rows" in err and "--harmful-data" in err
+    assert "needs --harmful-data" in err and "--harmful-data" in err
     assert not out.exists()
 
 

@@ -7,8 +7,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "antidote_llm"
 # Lower numbers are lower layers; packages of one number never import each other.
-LAYERS = {"errors": 0, "configs": 0, "runtime": 1, "data": 2, "core": 3, "evaluation": 3, "training": 3, "frontier": 4, "defenses": 5,
-          "lab": 6, "cli": 7, "__init__": 8, "__main__": 8}
+LAYERS = {"errors": 0, "configs": 0, "runtime": 1, "data": 2, "registry": 3, "core": 4, "evaluation": 4, "training": 4,
+          "frontier": 5, "defenses": 6, "lab": 7, "cli": 8, "__init__": 9, "__main__": 9}
 
 
 def _part(module: str) -> str:

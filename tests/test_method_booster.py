@@ -13,7 +13,7 @@ from antidote_llm import training
 from antidote_llm.data.records import Pair, PairSet
 from antidote_llm.errors import AntidoteError
 from antidote_llm.training.methods import MethodRun
-from antidote_llm.training.methods.booster import BOOSTER
+from antidote_llm.training.methods.booster import Booster
 from antidote_llm.training.sft import encode_rows, supervised_collator, training_arguments
 from conftest import HARMFUL_ROWS, add_lora, make_model, make_tokenizer, saved_lora_b
 from test_training import MEMO, adapter_tensors, tiny_config
@@ -26,9 +26,9 @@ def booster_trainer(tmp_path, model, tokenizer, **settings):
     config = tiny_config()
     items, _ = encode_rows(tokenizer, MEMO, config)
     harmful, _ = encode_rows(tokenizer, HARMFUL.pairs, config)
-    trainer = BOOSTER.trainer()(model=model, args=training_arguments(config, str(tmp_path), on_cpu=True, progress=False),
+    trainer = Booster.trainer()(model=model, args=training_arguments(config, str(tmp_path), on_cpu=True, progress=False),
                                 data_collator=supervised_collator(tokenizer), train_dataset=items,
-                                method_settings=BOOSTER.configure("paper", **settings), extra_items={"harmful": harmful})
+                                method_settings=Booster.configure(settings, preset="paper"), extra_items={"defense_harmful": harmful})
     trainer.current_gradient_accumulation_steps = 1  # what the training loop sets with accumulation 1
     return trainer, supervised_collator(tokenizer)(items[:2])
 
@@ -66,8 +66,8 @@ def test_optimizer_gets_alignment_gradient_plus_lambda_times_the_harmful_gradien
 def test_align_with_booster_uses_the_harmful_rows_and_names_the_defense(tmp_path):
 
     tokenizer = make_tokenizer()
-    settings = BOOSTER.configure("cpu")
-    run = MethodRun(method=BOOSTER, settings=settings, extra={"harmful": HARMFUL})
+    settings = Booster.configure({}, preset="cpu")
+    run = MethodRun(settings, {"defense_harmful": HARMFUL})
     result = training.align(make_model(), tokenizer, MEMO, tiny_config(max_steps=2), tmp_path / "booster", method=run,
                             progress=False)
     plain = training.align(make_model(), tokenizer, MEMO, tiny_config(max_steps=2), tmp_path / "sft", progress=False)
@@ -75,11 +75,11 @@ def test_align_with_booster_uses_the_harmful_rows_and_names_the_defense(tmp_path
     report = json.loads((tmp_path / "booster" / "report.json").read_text())
     assert report["defense"]["name"] == "booster"
     assert report["defense"]["settings"] == {"lamb": 5.0, "alpha": 0.1, "harmful_batch_size": 8}
-    assert report["defense"]["data"]["harmful"] == HARMFUL.describe()
+    assert report["defense"]["data"]["defense_harmful"] == HARMFUL.describe()
     assert report["train"]["steps"] == 2
     saved_lora_b(result.adapter_dir)
     trained, baseline = adapter_tensors(result.adapter_dir), adapter_tensors(plain.adapter_dir)
     assert any(not torch.equal(trained[k], baseline[k]) for k in trained)  # the regulariser changed training
-    with pytest.raises(AntidoteError, match="needs harmful rows"):
+    with pytest.raises(AntidoteError, match="needs --harmful-data"):
         training.align(make_model(), tokenizer, MEMO, tiny_config(), tmp_path / "none",
-                       method=MethodRun(method=BOOSTER, settings=settings), progress=False)
+                       method=MethodRun(settings), progress=False)

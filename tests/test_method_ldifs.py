@@ -1,4 +1,4 @@
-"""LDIFS on the tiny random model: the penalty against a hand computation with two separate forward passes,
+"""Ldifs on the tiny random model: the penalty against a hand computation with two separate forward passes,
 zero at the aligned weights, growing with the distance, blind to padding, and a reference pass without graph."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 from antidote_llm import training
 from antidote_llm.data.records import Pair
-from antidote_llm.training.methods import LDIFS, MethodRun
-from antidote_llm.training.methods.ldifs import mlp_modules
+from antidote_llm.training.methods import MethodRun
+from antidote_llm.training.methods.ldifs import Ldifs, mlp_modules
 from antidote_llm.training.trainer import supervised_collator, training_arguments
 from conftest import make_model, make_tokenizer, saved_lora_b
 
@@ -38,9 +38,9 @@ def make_trainer(tmp_path, model, rho=1.0, **options):
     tokenizer = make_tokenizer()
     config = tiny_config()
     items, _ = training.encode_rows(tokenizer, ROWS, config)
-    return LDIFS.trainer()(model=model, args=training_arguments(config, str(tmp_path), on_cpu=True, progress=False),
+    return Ldifs.trainer()(model=model, args=training_arguments(config, str(tmp_path), on_cpu=True, progress=False),
                            data_collator=supervised_collator(tokenizer), train_dataset=items,
-                           method_settings=LDIFS.configure("cpu", rho=rho, **options))
+                           method_settings=Ldifs.configure(dict(rho=rho, **options), preset="cpu"))
 
 
 def batch(*pairs: Pair) -> dict:
@@ -162,13 +162,13 @@ def test_authors_threshold_drops_the_layers_whose_term_reaches_it(tmp_path):
 
 
 def test_presets():
-    assert LDIFS.configure("paper").model_dump() == {"rho": 1e-4, "authors_threshold": False}
-    assert LDIFS.configure("cpu").rho == 1e-6
-    assert LDIFS.extra_data == () and not LDIFS.single_accumulation
+    assert Ldifs.configure({}, preset="paper").model_dump() == {"rho": 1e-4, "authors_threshold": False}
+    assert Ldifs.configure({}, preset="cpu").rho == 1e-6
+    assert Ldifs.configure({}, preset="cpu").inputs() == () and not Ldifs.single_accumulation
 
 
 def test_finetune_writes_a_loadable_adapter_and_names_the_defense(tmp_path):
-    method = MethodRun(LDIFS, LDIFS.configure("paper"))
+    method = MethodRun(Ldifs.configure({}, preset="paper"))
     result = training.finetune(make_model(), make_tokenizer(), USER, None, harmful_fraction=0.0, n=10,
                                config=tiny_config(), out_dir=tmp_path / "ft", method=method, progress=False)
     report = json.loads((tmp_path / "ft" / "report.json").read_text())

@@ -3,7 +3,6 @@ gradient rho (w - w_entry) checked against hand-computed gradients, no proximal 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 from antidote_llm import training
 from antidote_llm.data.records import Pair, PairSet
 from antidote_llm.errors import AntidoteError
-from antidote_llm.training.methods import LISA, MethodRun
+from antidote_llm.training.methods import MethodRun
+from antidote_llm.training.methods.lisa import Lisa
 from conftest import make_model, make_tokenizer, saved_lora_b
 
 MARK = "#"  # in every guide answer and in no user row, so a batch tells where it came from
@@ -37,7 +37,7 @@ def recording_trainer(records: list[dict]):
     """Lisa's trainer that records, per optimizer step, the weights it starts from, the batch it trains on and
     the gradient it leaves (read before the Trainer clips it)."""
 
-    class Recording(LISA.trainer()):
+    class Recording(Lisa.trainer()):
         def training_step(self, model, inputs, num_items_in_batch=None):
             records.append({"step": self.state.global_step,
                             "weights": [p.detach().clone() for p in self.trainable_parameters()]})
@@ -55,9 +55,13 @@ def recording_trainer(records: list[dict]):
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     records: list[dict] = []
-    method = dataclasses.replace(LISA, trainer=lambda: recording_trainer(records))
-    settings = LISA.configure("cpu", rho=RHO, align_steps=ALIGN_STEPS, finetune_steps=FINETUNE_STEPS)
-    result = run_finetune(tmp_path_factory.mktemp("lisa") / "ft", MethodRun(method, settings, {"guide": GUIDE}))
+    class RecordingLisa(Lisa):
+        @classmethod
+        def trainer(cls) -> type:
+            return recording_trainer(records)
+
+    settings = RecordingLisa.configure(dict(rho=RHO, align_steps=ALIGN_STEPS, finetune_steps=FINETUNE_STEPS), preset="cpu")
+    result = run_finetune(tmp_path_factory.mktemp("lisa") / "ft", MethodRun(settings, {"defense_guide": GUIDE}))
     return records, result.model
 
 
@@ -110,21 +114,21 @@ def largest_gap(weights, others) -> float:
 
 
 def test_presets_and_bounds():
-    assert LISA.configure("paper").model_dump() == {"rho": 1.0, "align_steps": 100, "finetune_steps": 900}
-    cpu = LISA.configure("cpu")
+    assert Lisa.configure({}, preset="paper").model_dump() == {"rho": 1.0, "align_steps": 100, "finetune_steps": 900}
+    cpu = Lisa.configure({}, preset="cpu")
     assert cpu.align_steps / (cpu.align_steps + cpu.finetune_steps) == pytest.approx(0.1)
-    assert LISA.extra_data == ("guide",) and LISA.single_accumulation
+    assert cpu.inputs() == (("defense_guide",),) and Lisa.single_accumulation
     with pytest.raises(AntidoteError, match="finetune_steps"):
-        LISA.configure("cpu", finetune_steps=0)
+        Lisa.configure(dict(finetune_steps=0), preset="cpu")
 
 
 def test_finetune_with_guide_rows_writes_a_loadable_adapter_and_names_the_defense(tmp_path):
-    settings = LISA.configure("cpu", align_steps=1, finetune_steps=2)
-    result = run_finetune(tmp_path / "ft", MethodRun(LISA, settings, {"guide": GUIDE}), max_steps=4)
+    settings = Lisa.configure(dict(align_steps=1, finetune_steps=2), preset="cpu")
+    result = run_finetune(tmp_path / "ft", MethodRun(settings, {"defense_guide": GUIDE}), max_steps=4)
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert report["defense"]["name"] == "lisa"
     assert report["defense"]["settings"] == {"rho": 1.0, "align_steps": 1, "finetune_steps": 2}
-    assert report["defense"]["data"]["guide"]["source"] == "guide.json"
+    assert report["defense"]["data"]["defense_guide"]["source"] == "guide.json"
     assert report["train"]["steps"] == 4
     trained = dict(result.model.named_parameters())
     for name, param in saved_lora_b(tmp_path / "ft" / "adapter").items():
@@ -132,8 +136,8 @@ def test_finetune_with_guide_rows_writes_a_loadable_adapter_and_names_the_defens
 
 
 def test_without_guide_rows_it_is_refused_before_training(tmp_path):
-    with pytest.raises(AntidoteError, match="needs guide rows"):
-        run_finetune(tmp_path / "ft", MethodRun(LISA, LISA.configure("cpu")))
+    with pytest.raises(AntidoteError, match="needs --guide-data"):
+        run_finetune(tmp_path / "ft", MethodRun(Lisa.configure({}, preset="cpu")))
     assert not (tmp_path / "ft").exists()
 
 

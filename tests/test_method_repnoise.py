@@ -15,7 +15,7 @@ from antidote_llm.data.records import Pair
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.training.methods import MethodRun
-from antidote_llm.training.methods.repnoise import REPNOISE, answer_mask, mmd, noise_seed
+from antidote_llm.training.methods.repnoise import RepNoise, answer_mask, mmd, noise_seed
 from antidote_llm.training.trainer import supervised_collator, training_arguments
 from conftest import add_lora, make_model, make_tokenizer
 
@@ -83,9 +83,9 @@ def _trainer(tmp_path, peft_model, tokenizer, settings, config):
     items, _ = training.encode_rows(tokenizer, ALIGN_ROWS, config)
     harmful_items, _ = training.encode_rows(tokenizer, HARMFUL_ROWS, config)
     collate = supervised_collator(tokenizer)
-    trainer = REPNOISE.trainer()(
+    trainer = RepNoise.trainer()(
         model=peft_model, args=training_arguments(config, str(tmp_path), on_cpu=True, progress=False),
-        data_collator=collate, train_dataset=items, method_settings=settings, extra_items={"harmful": harmful_items},
+        data_collator=collate, train_dataset=items, method_settings=settings, extra_items={"defense_harmful": harmful_items},
     )
     harmful = collate(harmful_items[1:])
     trainer.extra_batch = lambda role: harmful if role == "harmful" else pytest.fail(f"unexpected role {role}")
@@ -133,7 +133,7 @@ def test_loss_and_gradient_equal_a_hand_computation(tmp_path, tokenizer, logit_l
     peft_model = add_lora(make_model(layers=2), scale=0.3)
     for name, param in peft_model.named_parameters():
         param.requires_grad_("lora_" in name)
-    settings = REPNOISE.configure("paper", alpha=0.5, beta=2.0, logit_lens=logit_lens)
+    settings = RepNoise.configure(dict(alpha=0.5, beta=2.0, logit_lens=logit_lens), preset="paper")
     trainer, aligned, harmful = _trainer(tmp_path, peft_model, tokenizer, settings, config)
     trainer.state.global_step = 5
     params = trainer.trainable_parameters()
@@ -152,13 +152,13 @@ def test_loss_and_gradient_equal_a_hand_computation(tmp_path, tokenizer, logit_l
 
 def test_noise_repeats_per_step_and_changes_with_it(tmp_path, tokenizer):
     """Only the noise term depends on the step: with beta = 0 the loss is the same at every step."""
-    settings = REPNOISE.configure("paper", beta=1.0)
+    settings = RepNoise.configure(dict(beta=1.0), preset="paper")
     trainer, aligned, _ = _trainer(tmp_path, add_lora(make_model()), tokenizer, settings, tiny_config())
     with torch.no_grad():
         first, again = trainer.compute_loss(trainer.model, aligned), trainer.compute_loss(trainer.model, aligned)
         trainer.state.global_step = 1
         later = trainer.compute_loss(trainer.model, aligned)
-        trainer.method_settings = REPNOISE.configure("paper", beta=0.0)
+        trainer.method_settings = RepNoise.configure(dict(beta=0.0), preset="paper")
         without_noise = trainer.compute_loss(trainer.model, aligned)
         trainer.state.global_step = 0
         assert torch.equal(trainer.compute_loss(trainer.model, aligned), without_noise)
@@ -170,13 +170,13 @@ def test_noise_repeats_per_step_and_changes_with_it(tmp_path, tokenizer):
 
 def test_align_with_repnoise_writes_a_loadable_adapter_and_names_the_defense(tmp_path, tiny_model_dir):
     loaded = load_model(ModelSource(str(tiny_model_dir), device="cpu"))
-    run = MethodRun(REPNOISE, REPNOISE.configure("cpu"), extra={"harmful": HARMFUL_ROWS})
+    run = MethodRun(RepNoise.configure({}, preset="cpu"), extra={"defense_harmful": HARMFUL_ROWS})
     result = training.align(loaded.model, loaded.tokenizer, ALIGN_ROWS, tiny_config(), tmp_path / "align",
                             method=run, progress=False)
     report = json.loads((tmp_path / "align" / "report.json").read_text())
     assert report["defense"]["name"] == "repnoise"
-    assert report["defense"]["settings"] == REPNOISE.configure("cpu").model_dump(mode="json")
-    assert report["defense"]["data"]["harmful"]["rows"] == len(HARMFUL_ROWS)
+    assert report["defense"]["settings"] == RepNoise.configure({}, preset="cpu").model_dump(mode="json")
+    assert report["defense"]["data"]["defense_harmful"]["rows"] == len(HARMFUL_ROWS)
     assert report["train"]["steps"] == 3 and all(math.isfinite(e["loss"]) for e in report["train"]["loss_history"])
 
     with_adapter = load_model(ModelSource(str(tiny_model_dir), adapters=(str(result.adapter_dir),), device="cpu")).model
@@ -188,7 +188,7 @@ def test_align_with_repnoise_writes_a_loadable_adapter_and_names_the_defense(tmp
 def test_repnoise_refuses_to_run_without_harmful_rows(tmp_path):
     from antidote_llm.errors import AntidoteError
 
-    run = MethodRun(REPNOISE, REPNOISE.configure("cpu"))
+    run = MethodRun(RepNoise.configure({}, preset="cpu"))
     with pytest.raises(AntidoteError, match="--harmful-data"):
         training.align(make_model(), make_tokenizer(), ALIGN_ROWS, tiny_config(), tmp_path / "a", method=run,
                        progress=False)

@@ -11,7 +11,7 @@ import torch
 from antidote_llm import training
 from antidote_llm.errors import AntidoteError
 from antidote_llm.training.methods import MethodRun, vaccine
-from antidote_llm.training.methods.vaccine import VACCINE
+from antidote_llm.training.methods.vaccine import Vaccine
 from antidote_llm.training.sft import encode_rows, supervised_collator, training_arguments
 from conftest import add_lora, make_model, make_tokenizer, saved_lora_b
 from test_training import MEMO, adapter_tensors, tiny_config
@@ -20,9 +20,9 @@ from test_training import MEMO, adapter_tensors, tiny_config
 def vaccine_trainer(tmp_path, model, tokenizer, rho=2.0):
     config = tiny_config()
     items, _ = encode_rows(tokenizer, MEMO, config)
-    trainer = VACCINE.trainer()(model=model, args=training_arguments(config, str(tmp_path), on_cpu=True, progress=False),
+    trainer = Vaccine.trainer()(model=model, args=training_arguments(config, str(tmp_path), on_cpu=True, progress=False),
                                 data_collator=supervised_collator(tokenizer), train_dataset=items,
-                                method_settings=VACCINE.configure("paper", rho=rho))
+                                method_settings=Vaccine.configure(dict(rho=rho), preset="paper"))
     trainer.current_gradient_accumulation_steps = 1  # what the training loop sets with accumulation 1
     return trainer, supervised_collator(tokenizer)(items[:3])
 
@@ -120,7 +120,7 @@ def test_a_model_without_decoder_self_attention_is_refused():
 def test_align_with_vaccine_writes_a_loadable_adapter_and_names_the_defense(tmp_path):
 
     tokenizer = make_tokenizer()
-    run = MethodRun(method=VACCINE, settings=VACCINE.configure("cpu"))
+    run = MethodRun(Vaccine.configure({}, preset="cpu"))
     result = training.align(make_model(), tokenizer, MEMO, tiny_config(max_steps=2), tmp_path / "vaccine", method=run,
                             progress=False)
     plain = training.align(make_model(), tokenizer, MEMO, tiny_config(max_steps=2), tmp_path / "sft", progress=False)

@@ -57,7 +57,7 @@ def _effective(model) -> dict[str, torch.Tensor]:
 
 
 def _context(tokenizer, **kwargs):
-    return DefenseContext(tokenizer, None, None, **kwargs)
+    return DefenseContext(tokenizer, **kwargs)
 
 
 # --- SafeLoRA ------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_safelora_projected_update_is_c_times_the_update_by_hand(lineage):
               for name, layer in lora.lora_modules(loaded.model).items()}
     chosen = defense("safelora")
     settings = chosen.configure({"select": "threshold", "threshold": 1.0})  # every module is projected
-    outcome = chosen.apply(loaded.model, settings, _context(loaded.tokenizer, base_model=ModelSource(str(lineage / "base"))))
+    outcome = settings.apply(loaded.model, _context(loaded.tokenizer, base_model=ModelSource(str(lineage / "base"))))
     for name, layer in lora.lora_modules(loaded.model).items():
         aligned, delta = before[name]
         v = aligned - base[name].weight.detach()
@@ -83,7 +83,7 @@ def test_safelora_projected_update_is_c_times_the_update_by_hand(lineage):
 def test_safelora_picks_the_k_lowest_cosines(lineage):
     loaded = _finetuned(lineage)
     chosen = defense("safelora")
-    outcome = chosen.apply(loaded.model, chosen.configure({"layers": 2}),
+    outcome = chosen.configure({"layers": 2}).apply(loaded.model,
                            _context(loaded.tokenizer, base_model=ModelSource(str(lineage / "base"))))
     modules = outcome.report["modules"]
     by_cosine = sorted(modules, key=lambda name: modules[name]["cosine"])
@@ -113,7 +113,7 @@ def test_safelora_leaves_modules_with_v_zero_alone(lineage):
     loaded = _finetuned(lineage)
     chosen = defense("safelora")
     # the aligned model as its own base: V = 0 everywhere, so no cosine exists and nothing may change (no NaN)
-    outcome = chosen.apply(loaded.model, chosen.configure({}), _context(loaded.tokenizer, base_model=ModelSource(str(lineage / "aligned"))))
+    outcome = chosen.configure({}).apply(loaded.model, _context(loaded.tokenizer, base_model=ModelSource(str(lineage / "aligned"))))
     assert all(m["cosine"] is None and not m["projected"] and m["changed"] == 0 for m in outcome.report["modules"].values())
 
 
@@ -132,7 +132,7 @@ def test_safelora_from_the_alignment_adapter_matches_the_base_model(tmp_path):
     for context in ({"base_model": ModelSource(str(tmp_path / "base"))}, {"alignment_adapter": str(tmp_path / "alignment")}):
         loaded = _finetuned(tmp_path)
         chosen = defense("safelora")
-        chosen.apply(loaded.model, chosen.configure({"layers": 3}), _context(loaded.tokenizer, **context))
+        chosen.configure({"layers": 3}).apply(loaded.model, _context(loaded.tokenizer, **context))
         results.append(_effective(loaded.model))
     for name in results[0]:
         assert torch.allclose(results[0][name], results[1][name], atol=1e-4)
@@ -144,7 +144,7 @@ def test_safelora_from_the_alignment_adapter_matches_the_base_model(tmp_path):
 def _resta(lineage, unaligned, **options):
     loaded = _finetuned(lineage)
     chosen = defense("resta")
-    outcome = chosen.apply(loaded.model, chosen.configure(options), _context(loaded.tokenizer, unaligned_model=str(unaligned)))
+    outcome = chosen.configure(options).apply(loaded.model, _context(loaded.tokenizer, unaligned_model=str(unaligned)))
     return loaded, outcome
 
 
@@ -259,7 +259,7 @@ SAFE_ROWS = PairSet(pairs=tuple(Pair(prompt=f"How do I hurt someone {i}?", respo
 def _safe_delta(lineage, **options):
     loaded = _finetuned(lineage)
     chosen = defense("safe-delta")
-    outcome = chosen.apply(loaded.model, chosen.configure({"template": "plain", **options}),
+    outcome = chosen.configure({"template": "plain", **options}).apply(loaded.model,
                            _context(loaded.tokenizer, safe=SAFE_ROWS))
     return loaded, outcome
 
@@ -367,7 +367,7 @@ def test_peers_need_an_adapter(lineage, tmp_path, capsys):
 
 def test_registry_lists_the_peers_at_the_post_stage():
     for name in ("safelora", "resta", "safe-delta"):
-        assert defense(name, "post").extra_inputs
+        assert defense(name, "post").configure({}).inputs()
     with pytest.raises(AntidoteError):
         defense("resta").configure({"dare_drop": 1.0})
 
@@ -417,7 +417,7 @@ def test_lab_refuses_a_peer_without_its_input_and_overlapping_unalignment_rows(e
         load_experiment(experiment_file)
     raw["unalign"] = {"data": {"source": "harmful.jsonl"}}  # every row: the poison rows too
     experiment_file.write_text(yaml.safe_dump(raw))
-    with pytest.raises(AntidoteError, match="unalignment rows are also poison or re-alignment rows"):
+    with pytest.raises(AntidoteError, match="unalignment rows are also"):
         run_experiment(load_experiment(experiment_file), tmp_path / "runs", progress=False, log=lambda _: None)
 
 
@@ -440,9 +440,9 @@ def test_interpolate_keeps_gamma_of_the_update_exactly(lineage, gamma):
                for name, layer in lora.lora_modules(loaded.model).items()}
     before = _effective(loaded.model)
     chosen = defense("interpolate")
-    outcome = chosen.apply(loaded.model, chosen.configure({"gamma": gamma}), _context(loaded.tokenizer))
+    outcome = chosen.configure({"gamma": gamma}).apply(loaded.model, _context(loaded.tokenizer))
     after = _effective(loaded.model)
     for name, weight in after.items():
         torch.testing.assert_close(weight, aligned[name] + gamma * (before[name] - aligned[name]), rtol=1e-5, atol=1e-6)
     assert outcome.changed_fraction == (0.0 if gamma == 1.0 else pytest.approx(1.0))
-    assert chosen.knob(chosen.configure({"gamma": gamma})) == f"gamma={gamma:g}"
+    assert chosen.configure({"gamma": gamma}).knob() == f"gamma={gamma:g}"

@@ -55,7 +55,7 @@ def test_loss_gradients_equal_autograd_row_by_row_and_leave_the_model_as_it_was(
         expected_tokens += counted
     assert tokens == expected_tokens
     for name, grad in expected.items():
-        torch.testing.assert_close(sums[name], grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(sums[name], grad, rtol=1e-4, atol=1e-5)
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name][0]) and parameter.requires_grad == before[name][1]
         assert parameter.grad is None
@@ -145,26 +145,26 @@ def test_cli_bad_selection_input(files, extra, message, capsys):
 
 def test_the_refusal_defense_scores_the_safe_rows_against_the_user_rows():
     from antidote_llm.defenses import DefenseContext, defense
-    from antidote_llm.defenses.pipeline import PEER_METHODS
+    from antidote_llm.defenses.pipeline import peer_methods
 
     chosen = defense("antidote-refusal", "post")
     settings = chosen.configure({"ratio": 0.1, "targets": "adapter"})
-    assert settings.score == "refusal" and chosen.extra_inputs == (("safe",), ("user_rows",))
+    assert settings.score == "refusal" and settings.inputs() == (("safe",), ("user_rows",))
     with pytest.raises(AntidoteError, match="sets score itself"):
         chosen.configure({"ratio": 0.1, "score": "wanda"})
     model, tokenizer = add_lora(make_model()), make_tokenizer()
-    context = DefenseContext(tokenizer, PAIRS, None, safe=REFUSALS, user_rows=USER_ROWS)
-    outcome = chosen.apply(model, settings, context)
+    context = DefenseContext(tokenizer, harmful=PAIRS, safe=REFUSALS, user_rows=USER_ROWS)
+    outcome = settings.apply(model, context)
     expected = realign(add_lora(make_model()), tokenizer, settings, REFUSALS, contrast_data=USER_ROWS, progress=False)
     assert outcome.changed_fraction == expected.report.totals.pruned_fraction
     assert outcome.report["contrast"]["rows"] == len(USER_ROWS)
     for name, parameter in model.named_parameters():
         if name in expected.masks:
             assert bool((parameter[expected.masks[name]] == 0).all())
-    assert not any(name.startswith("antidote") for name in PEER_METHODS)  # `antidote realign --score refusal` runs it
+    assert not any(name.startswith("antidote") for name in peer_methods())  # `antidote realign --score refusal` runs it
     auto = defense("antidote-auto").configure({"score": "refusal"})
     with pytest.raises(AntidoteError, match="use the defense antidote-refusal"):  # it would score harmful answers
-        defense("antidote-auto").apply(add_lora(make_model()), auto, context)
+        auto.apply(add_lora(make_model()), context)
     for name in ("antidote-auto", "antidote-refusal-auto"):  # targets as a comma-separated string, as RealignConfig
         assert defense(name).configure({"targets": "adapter-a,qkv"}).targets == ("adapter-a", "qkv")
 

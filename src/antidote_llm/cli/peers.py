@@ -1,7 +1,9 @@
-"""`antidote realign --method safelora|resta|safe-delta`: the post-fine-tuning peers beside Antidote.
+"""`antidote realign --method NAME`: the post-fine-tuning peers beside Antidote (SafeLoRA, RESTA, Safe Delta, and
+any registered post defense that reads extra inputs).
 
-Each method's flags come from its settings class; a flag both a peer and Antidote have (--seed, --template,
---max-length) is one flag with one meaning.
+Each method's flags come from its fields; each extra input's flag comes from the inputs table
+(antidote_llm.registry.INPUTS), so a new peer or input needs no edit here. A flag both a peer and Antidote have
+(--seed, --template, --max-length) is one flag with one meaning.
 """
 
 from __future__ import annotations
@@ -12,45 +14,53 @@ from antidote_llm.cli.options import add_config_options
 from antidote_llm.core.realign import RealignConfig
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.defenses import defense
-from antidote_llm.defenses.pipeline import PEER_METHODS, PeerInputs, defend_to_disk
+from antidote_llm.defenses.pipeline import defend_to_disk, peer_methods
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import INPUTS, DefenseInput
 
 ANTIDOTE = "antidote"
-INPUT_FLAGS = {
-    "base_model": "--base-model", "alignment_adapter": "--alignment-adapter",
-    "unaligned_model": "--unaligned-model", "safe": "--safe-data",
-}
 SHARED_FIELDS = ("seed", "template", "max_length")  # declared by Antidote's options already
-DEFAULT_SAFE_ROWS = 128  # Safe Delta's authors calibrate on 128 rows
+
+
+def _peer_inputs() -> list[DefenseInput]:
+    """The inputs whose flags this module adds: the post-stage ones Antidote's own options do not declare."""
+    return [spec for spec in INPUTS.values() if spec.stage == "post" and spec.cli and spec.flag]
+
+
+def _dest(spec: DefenseInput) -> str:
+    return spec.flag.removeprefix("--").replace("-", "_")
+
+
+def _samples_flag(spec: DefenseInput) -> str:
+    return spec.flag.removesuffix("-data") + "-samples"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default=ANTIDOTE, choices=[ANTIDOTE, *PEER_METHODS],
+    methods = peer_methods()
+    parser.add_argument("--method", default=ANTIDOTE, choices=[ANTIDOTE, *methods],
                         help="the repair: antidote (default) or a post-fine-tuning peer on the same inputs")
     group = parser.add_argument_group("the peers' extra inputs")
-    group.add_argument(INPUT_FLAGS["base_model"], dest="base_model",
-                       help="safelora: the unaligned model the aligned --model was trained from (V = aligned - base)")
-    group.add_argument(INPUT_FLAGS["alignment_adapter"], dest="alignment_adapter",
-                       help="safelora, instead of --base-model: the alignment LoRA (V = its update)")
-    group.add_argument(INPUT_FLAGS["unaligned_model"], dest="unaligned_model",
-                       help="resta: the aligned model made unsafe (antidote unalign): its adapter/ folder or a model folder")
-    group.add_argument(INPUT_FLAGS["safe"], dest="safe_data",
-                       help="safe-delta: safe calibration rows (harmful prompt, safe answer)")
-    group.add_argument("--safe-samples", type=int, help=f"rows of --safe-data to use (default: {DEFAULT_SAFE_ROWS})")
-    for method in PEER_METHODS:
-        settings = defense(method).settings
+    for spec in _peer_inputs():
+        readers = [m for m in methods if any(spec.name in options for options in defense(m).configure({}).inputs())]
+        group.add_argument(spec.flag, dest=_dest(spec), help=f"{', '.join(readers) or 'no peer'}: {spec.help}")
+        if spec.kind == "rows":
+            group.add_argument(_samples_flag(spec), dest=f"{_dest(spec)}_samples", type=int,
+                               help=f"rows of {spec.flag} to use (default: {spec.samples or 'all'})")
+    for method in methods:
+        settings = defense(method)
         group = parser.add_argument_group(f"--method {method}")
         add_config_options(group, settings, [name for name in settings.model_fields if name not in SHARED_FIELDS])
 
 
 def _peer_fields(method: str) -> tuple[str, ...]:
-    return tuple(defense(method).settings.model_fields)
+    return tuple(defense(method).model_fields)
 
 
 def refuse_foreign_flags(args: argparse.Namespace) -> None:
     """A flag of another method than the chosen one is a mistake, not something to ignore."""
+    methods = peer_methods()
     own = set(RealignConfig.model_fields) if args.method == ANTIDOTE else set(_peer_fields(args.method))
-    others = {name for method in (ANTIDOTE, *PEER_METHODS) if method != args.method
+    others = {name for method in (ANTIDOTE, *methods) if method != args.method
               for name in (RealignConfig.model_fields if method == ANTIDOTE else _peer_fields(method))}
     for name in sorted(others - own):
         if getattr(args, name, None) is not None:
@@ -61,23 +71,32 @@ def refuse_foreign_flags(args: argparse.Namespace) -> None:
             if value is not None:
                 raise AntidoteError(f"{flag} is not an input of --method {args.method}; remove it")
     else:
-        for name, flag in INPUT_FLAGS.items():
-            if getattr(args, "safe_data" if name == "safe" else name) is not None:
-                raise AntidoteError(f"{flag} is an input of the peers, not of antidote; remove it or choose --method")
+        for spec in _peer_inputs():
+            if getattr(args, _dest(spec)) is not None:
+                raise AntidoteError(f"{spec.flag} is an input of the peers, not of antidote; remove it or choose --method")
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, str | DataSpec]:
+    """The extra inputs given on the command line: paths, or rows with the shared field flags."""
+    inputs = {}
+    for spec in _peer_inputs():
+        value = getattr(args, _dest(spec))
+        if value is None:
+            continue
+        if spec.kind == "rows":
+            value = DataSpec(source=value, samples=getattr(args, f"{_dest(spec)}_samples") or spec.samples,
+                             prompt_field=args.prompt_field, response_field=args.response_field,
+                             input_field=args.input_field)
+        inputs[spec.name] = value
+    return inputs
 
 
 def run(args: argparse.Namespace, model_source) -> int:
     method = args.method
-    settings = defense(method).configure(
+    chosen = defense(method).configure(
         {name: getattr(args, name) for name in _peer_fields(method) if getattr(args, name, None) is not None})
-    safe = None
-    if args.safe_data:
-        safe = DataSpec(source=args.safe_data, samples=args.safe_samples or DEFAULT_SAFE_ROWS,
-                        prompt_field=args.prompt_field, response_field=args.response_field, input_field=args.input_field)
-    inputs = PeerInputs(base_model=args.base_model, alignment_adapter=args.alignment_adapter,
-                        unaligned_model=args.unaligned_model, safe=safe)
-    report = defend_to_disk(method, model_source, settings, args.out, inputs=inputs, flags=INPUT_FLAGS,
-                            save_merged=args.save_merged, overwrite=args.overwrite)
+    report = defend_to_disk(chosen, model_source, args.out, inputs=_inputs(args), save_merged=args.save_merged,
+                            overwrite=args.overwrite)
     changed = [name for name, module in report.modules.items() if module.changed]
     print(f"antidote: {method}: changed {len(changed)} of {len(report.modules)} modules "
           f"({100 * report.changed_fraction:.3f}% of their weights); output: {report.output}")

@@ -9,11 +9,13 @@ from antidote_llm.cli.common import add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
+from antidote_llm.defenses import DEFENSES, TrainingDefense, defense
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
-from antidote_llm.runtime.loading import load_model
+from antidote_llm.lab.work import AlignWork, FinetuneWork, UnalignWork
+from antidote_llm.registry import INPUTS, DefenseInput
 from antidote_llm.runtime.outputs import check_output_dir
-from antidote_llm.training.methods import EXTRA_ROLES, TRAINING_METHODS, MethodRun, training_method
+from antidote_llm.training.methods import MethodRun
 from antidote_llm.training.report import TrainReport
 
 # TrainConfig fields with a flag; flags left unset keep the preset's value.
@@ -21,8 +23,16 @@ TRAIN_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "gradient_
                 "lora_alpha", "lr_scheduler", "seed", "template")
 FIELD_FLAGS = ("prompt_field", "response_field", "input_field")
 EXTRA_FIELDS = ("prompt_field", "response_field", "samples", "skip")
-# The extra rows each stage's defenses read, and the BeaverTails is_safe filter each role defaults to.
-STAGE_ROLES = {"align": {"harmful": "unsafe"}, "finetune": {"guide": "safe"}}
+
+
+def _stage_inputs(stage: str) -> list[DefenseInput]:
+    """The extra rows the stage's defenses read (the inputs table's rows of that stage)."""
+    return [spec for spec in INPUTS.values() if spec.stage == stage and spec.flag]
+
+
+def _prefix(spec: DefenseInput) -> str:
+    """`--guide-data` -> `guide_`: the prefix of its row flags (--guide-samples, --guide-skip)."""
+    return spec.flag.removeprefix("--").removesuffix("-data").replace("-", "_") + "_"
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,45 +58,46 @@ def _add_field_arguments(group, data_flag: str) -> None:
 
 
 def _add_defense_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
-    names = [name for name, method in TRAINING_METHODS.items() if method.stage == stage]
+    names = [name for name, method in DEFENSES.items() if issubclass(method, TrainingDefense) and method.stage == stage]
     group = parser.add_argument_group(f"{stage}-stage defense (default: none, plain LoRA SFT)")
     group.add_argument("--defense", metavar="NAME", help=f"one of {', '.join(names)}")
     group.add_argument("--defense-preset", choices=["paper", "cpu"],
                        help="the defense's settings: paper (the authors' script) or cpu (default: --preset)")
     group.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
                        help="override one of the defense's settings, e.g. rho=2 (repeatable)")
-    for role in STAGE_ROLES[stage]:
-        group.add_argument(f"--{role}-data", help=f"{EXTRA_ROLES[role]}; disjoint from the poison and evaluation rows")
-        add_config_options(group, DataSpec, EXTRA_FIELDS, prefix=f"{role}_",
-                           help_extra={name: f"of --{role}-data" for name in EXTRA_FIELDS})
+    for spec in _stage_inputs(stage):
+        group.add_argument(spec.flag, help=f"{spec.help}; disjoint from the poison and evaluation rows")
+        add_config_options(group, DataSpec, EXTRA_FIELDS, prefix=_prefix(spec),
+                           help_extra={name: f"of {spec.flag}" for name in EXTRA_FIELDS})
 
 
 def _method_run(args: argparse.Namespace, stage: str, config: training.TrainConfig) -> MethodRun | None:
     """The training-stage defense the flags ask for, its settings and extra rows, checked before any training."""
-    roles = STAGE_ROLES[stage]
+    inputs = _stage_inputs(stage)
     if not args.defense:
-        given = [f"--{role}-data" for role in roles if getattr(args, f"{role}_data")]
+        given = [spec.flag for spec in inputs if getattr(args, f"{_prefix(spec)}data")]
         given += ["--defense-option"] * bool(args.defense_option) + ["--defense-preset"] * bool(args.defense_preset)
         if given:
             raise AntidoteError(f"{given[0]} is for a defense; add --defense NAME or drop it")
         return None
-    method = training_method(args.defense, stage)
+    chosen_class = defense(args.defense, stage)
     options = {}
     for option in args.defense_option:
         key, sep, value = option.partition("=")
         if not sep or not key:
             raise AntidoteError(f"--defense-option {option!r} is not KEY=VALUE; e.g. --defense-option rho=2")
         options[key.strip().replace("-", "_")] = value.strip()
-    settings = method.configure(args.defense_preset or args.preset, **options)
+    chosen = chosen_class.configure(options, preset=args.defense_preset or args.preset)
+    read = {name for alternatives in chosen.inputs() for name in alternatives}
     extra = {}
-    for role, safety in roles.items():
-        source = getattr(args, f"{role}_data")
-        if source and role in method.extra_data:
-            spec = config_from_args(DataSpec, args, EXTRA_FIELDS, prefix=f"{role}_", source=source)
-            extra[role] = spec.load(safety)
+    for spec in inputs:
+        source = getattr(args, f"{_prefix(spec)}data")
+        if source and spec.name in read:
+            rows = config_from_args(DataSpec, args, EXTRA_FIELDS, prefix=_prefix(spec), source=source)
+            extra[spec.name] = rows.load(spec.safety)
         elif source:
-            raise AntidoteError(f"defense {method.name!r} reads no {role} rows; drop --{role}-data")
-    run = MethodRun(method=method, settings=settings, extra=extra)
+            raise AntidoteError(f"defense {chosen.name!r} reads no {spec.flag} rows; drop {spec.flag}")
+    run = MethodRun(chosen, extra)
     run.check(config.gradient_accumulation)
     return run
 
@@ -139,9 +150,7 @@ def run_align(args: argparse.Namespace) -> int:
     if args.benign_data:
         benign = DataSpec(source=args.benign_data, samples=args.benign_samples,
                           seed=config.seed if args.shuffle else None).load()
-    loaded = load_model(source)
-    result = training.align(loaded.model, loaded.tokenizer, pairs, config, out, benign=benign, method=method,
-                            model_info=source.describe(), progress=not args.quiet)
+    result = AlignWork(source, pairs, benign, config, progress=not args.quiet, method=method)(out)
     if result.wrote:  # under accelerate launch, once
         print(_summary("align", result.report, args.out))
     return 0
@@ -152,9 +161,7 @@ def run_unalign(args: argparse.Namespace) -> int:
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=[source.model, *source.adapters, args.data])
     pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load("unsafe")
-    loaded = load_model(source)
-    result = training.unalign(loaded.model, loaded.tokenizer, pairs, config, out, model_info=source.describe(),
-                              progress=not args.quiet)
+    result = UnalignWork(source, pairs, config, progress=not args.quiet)(out)
     print(_summary("unalign", result.report, args.out))
     print("  RESTA: antidote realign --method resta --unaligned-model " + str(out / "adapter"))
     return 0
@@ -184,14 +191,10 @@ def run_finetune(args: argparse.Namespace) -> int:
         harmful = _data(args, config, args.harmful_data, samples=spec.harmful_rows, skip=args.harmful_skip).load("unsafe")
     task_pairs = _task_rows(args, spec.task_rows)
     training.check_mix_counts(spec, len(task_pairs), len(harmful) if harmful is not None else 0)
-    if method is not None and "guide" in method.extra:
-        _check_disjoint(method.extra["guide"], "--guide-data", {"the poison rows (--harmful-data)": harmful})
-    loaded = load_model(source)
-    result = training.finetune(
-        loaded.model, loaded.tokenizer, task_pairs, harmful, harmful_fraction=spec.harmful_fraction,
-        n=spec.samples_total, config=config, out_dir=out, method=method, model_info=source.describe(),
-        progress=not args.quiet,
-    )
+    if method is not None and "defense_guide" in method.extra:
+        _check_disjoint(method.extra["defense_guide"], "--guide-data", {"the poison rows (--harmful-data)": harmful})
+    result = FinetuneWork(source, task_pairs, harmful, spec.harmful_fraction, spec.samples_total, config,
+                          progress=not args.quiet, method=method)(out)
     if not result.wrote:  # under accelerate launch, once
         return 0
     print(_summary("finetune", result.report, args.out))

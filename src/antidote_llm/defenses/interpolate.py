@@ -7,23 +7,35 @@ adapter: dW = s B A is linear in B, so B <- gamma B.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import antidote_llm.defenses.adapters as adapters
-from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.defenses.report import module_change, post_report
+from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
 from antidote_llm.runtime.runinfo import Timings
 
 
-class InterpolateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@register
+class Interpolate(Defense):
+    name: ClassVar[str] = "interpolate"
+    description: ClassVar[str] = (
+        "interpolation toward the aligned model (W_aligned + gamma dW): the control a selective repair must beat"
+    )
 
     gamma: float = Field(default=0.5, ge=0, le=1, description="share of the fine-tuning update kept: 1 is the "
                                                                "fine-tuned model, 0 the aligned one")
 
+    def knob(self) -> str | None:
+        return f"gamma={self.gamma:g}"
 
-def apply_interpolate(model, config: InterpolateConfig, context: DefenseContext) -> DefenseOutcome:
+    def apply(self, model, context: DefenseContext) -> DefenseOutcome:
+        return apply_interpolate(model, self, context)
+
+
+def apply_interpolate(model, config: Interpolate, context: DefenseContext) -> DefenseOutcome:
     adapters.require_adapter(model, "interpolate")
     timings = Timings()
     report = {}
@@ -37,10 +49,3 @@ def apply_interpolate(model, config: InterpolateConfig, context: DefenseContext)
             report[name] = module_change(w, before, w + adapters.update(layer))
     result = post_report("interpolate", config, report, "adapter", timings)
     return DefenseOutcome(report=result.model_dump(mode="json"), changed_fraction=result.changed_fraction)
-
-
-INTERPOLATE = Defense(
-    name="interpolate", stage="post",
-    description="interpolation toward the aligned model (W_aligned + gamma dW): the control a selective repair must beat",
-    apply=apply_interpolate, settings=InterpolateConfig, knob=lambda c: f"gamma={c.gamma:g}",
-)

@@ -6,42 +6,41 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from antidote_llm.data.spec import DataSpec
-from antidote_llm.defenses import DEFENSES, DefenseContext, defense
+from antidote_llm.defenses import DEFENSES, Defense, DefenseContext
 from antidote_llm.defenses.adapters import save_active_adapter
 from antidote_llm.defenses.report import PostReport
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import INPUTS, input_spec
 from antidote_llm.runtime.loading import ModelSource, load_model, merge_adapter
 from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_report
 from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 
 REPORT_FILE = "report.json"
-# The post-fine-tuning peers the CLI offers beside Antidote: the post-stage defenses with extra inputs but
-# Antidote's own variants (antidote-*), which `antidote realign`'s own options run.
-PEER_METHODS = tuple(name for name, d in DEFENSES.items()
-                     if d.stage == "post" and d.extra_inputs and not name.startswith("antidote"))
 # The config keys of a model's shape: a reference model must agree on every one it has.
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
+PeerInput = str | DataSpec  # a path (model, adapter) or rows, as the user gave them
 
 
-@dataclass(frozen=True)
-class PeerInputs:
-    """The extra inputs as the user gave them (paths), named like DefenseContext's fields."""
+def _default_inputs(defense: type[Defense]) -> tuple[tuple[str, ...], ...]:
+    try:
+        return defense.configure({}).inputs()
+    except AntidoteError:  # a defense with a required setting (Antidote's ratio) is not a peer
+        return ()
 
-    base_model: str | None = None
-    alignment_adapter: str | None = None
-    unaligned_model: str | None = None
-    safe: DataSpec | None = None
 
-    def given(self) -> dict[str, str]:
-        return {name: (value.source if isinstance(value, DataSpec) else value)
-                for name, value in vars(self).items() if value is not None}
+def peer_methods() -> tuple[str, ...]:
+    """The post-fine-tuning peers the CLI offers beside Antidote: the post-stage defenses that read extra inputs,
+    but Antidote's own variants (antidote-*), which `antidote realign`'s own options run."""
+    return tuple(name for name, d in DEFENSES.items()
+                 if d.stage == "post" and not name.startswith("antidote") and _default_inputs(d))
+
+
+def _given(inputs: dict[str, PeerInput]) -> dict[str, str]:
+    return {name: (value.source if isinstance(value, DataSpec) else value) for name, value in inputs.items()}
 
 
 def _architecture(path: str) -> dict | None:
@@ -52,72 +51,79 @@ def _architecture(path: str) -> dict | None:
     return {key: values.get(key) for key in ARCHITECTURE_KEYS}
 
 
-def check_inputs(method: str, source: ModelSource, inputs: PeerInputs, flags: dict[str, str]) -> None:
+def check_inputs(chosen: Defense, source: ModelSource, inputs: dict[str, PeerInput]) -> None:
     """Refuse, before any model is loaded: a missing extra input (named by its flag), one the method does not
     use, a fine-tune that is not an adapter, and a reference model of another architecture."""
-    chosen = defense(method, "post")
+    method = chosen.name
     if not source.adapters:
         raise AntidoteError(f"{method} repairs a LoRA fine-tune: give the aligned model with --model and the "
                             "fine-tuning adapter with --adapter")
-    given = inputs.given()
-    for options in chosen.extra_inputs:
+    given = _given(inputs)
+    flag = {name: input_spec(name).flag for name in INPUTS}
+    for options in chosen.inputs():
         if not any(name in given for name in options):
-            raise AntidoteError(f"{method} needs {' or '.join(flags[name] for name in options)}")
+            raise AntidoteError(f"{method} needs {' or '.join(flag[name] for name in options)}")
         if sum(name in given for name in options) > 1:
-            raise AntidoteError(f"{method} takes one of {', '.join(flags[name] for name in options)}, not both")
-    used = {name for options in chosen.extra_inputs for name in options}
+            raise AntidoteError(f"{method} takes one of {', '.join(flag[name] for name in options)}, not both")
+    used = {name for options in chosen.inputs() for name in options}
     for name in given:
         if name not in used:
-            raise AntidoteError(f"{flags[name]} is not an input of {method}; remove it")
-    for name in ("base_model", "unaligned_model"):
-        path = given.get(name)
-        if path is None or (Path(path) / "adapter_config.json").is_file():
+            raise AntidoteError(f"{flag[name]} is not an input of {method}; remove it")
+    for name, path in given.items():
+        kind = input_spec(name).kind
+        if kind == "adapter" and not Path(path).exists():
+            raise AntidoteError(f"{flag[name]} {path} not found")
+        if kind not in ("model", "adapter") or (Path(path) / "adapter_config.json").is_file():
             continue
         ours, theirs = _architecture(source.model), _architecture(path)
         if ours is not None and theirs is not None and ours != theirs:
             differ = [key for key in ARCHITECTURE_KEYS if ours[key] != theirs[key]]
-            raise AntidoteError(f"{flags[name]} {path} is another architecture than --model ({', '.join(differ)} differ); "
+            raise AntidoteError(f"{flag[name]} {path} is another architecture than --model ({', '.join(differ)} differ); "
                                 "give the model of this aligned model's lineage")
-    for name in ("alignment_adapter", "unaligned_model"):
-        path = given.get(name)
-        if path is not None and not Path(path).exists():
-            raise AntidoteError(f"{flags[name]} {path} not found")
+
+
+def load_inputs(inputs: dict[str, PeerInput], like: ModelSource) -> dict:
+    """The inputs as a defense reads them: rows loaded (filtered by the input's safety), models as sources."""
+    loaded = {}
+    for name, value in inputs.items():
+        spec = input_spec(name)
+        if spec.kind == "rows":
+            loaded[name] = value.load(spec.safety)
+        elif spec.kind == "model":
+            loaded[name] = ModelSource(value, dtype=like.dtype, device=like.device,
+                                       trust_remote_code=like.trust_remote_code)
+        else:
+            loaded[name] = value
+    return loaded
 
 
 def defend_to_disk(
-    method: str,
+    chosen: Defense,
     source: ModelSource,
-    settings: BaseModel,
     out: str | Path,
     *,
-    inputs: PeerInputs,
-    flags: dict[str, str],
+    inputs: dict[str, PeerInput],
     save_merged: bool = False,
     overwrite: bool = False,
 ) -> PostReport:
     timings = Timings()
     started = time.time()
-    out = check_output_dir(out, overwrite=overwrite, inputs=[source.model, *source.adapters, *inputs.given().values()])
-    check_inputs(method, source, inputs, flags)
-    chosen = defense(method, "post")
-    safe = inputs.safe.load("safe") if inputs.safe is not None else None
-    like = {"dtype": source.dtype, "device": source.device, "trust_remote_code": source.trust_remote_code}
+    out = check_output_dir(out, overwrite=overwrite, inputs=[source.model, *source.adapters, *_given(inputs).values()])
+    check_inputs(chosen, source, inputs)
+    values = load_inputs(inputs, source)
     with MemoryMonitor() as memory:
         with timings.measure("load_s"):
             loaded = load_model(source, keep_adapter=True)
-        context = DefenseContext(
-            loaded.tokenizer, None, None,
-            base_model=ModelSource(inputs.base_model, **like) if inputs.base_model else None,
-            alignment_adapter=inputs.alignment_adapter, unaligned_model=inputs.unaligned_model, safe=safe,
-        )
+        context = DefenseContext(loaded.tokenizer, **values)
         with timings.measure("defense_s"):
-            outcome = chosen.apply(loaded.model, settings, context)
+            outcome = chosen.apply(loaded.model, context)
         report = PostReport.model_validate(outcome.report)
+        rows = {f"{name}_rows": len(value) for name, value in values.items() if input_spec(name).kind == "rows"}
         with atomic_dir(out) as tmp:
             with timings.measure("save_s"):
                 outputs = _save(loaded, report.output, tmp, save_merged)
             report = report.model_copy(update=dict(
-                model=source.describe(), inputs={**inputs.given(), **({"safe_rows": len(safe)} if safe else {})},
+                model=source.describe(), inputs={**_given(inputs), **rows},
                 outputs=outputs, timings={**report.timings, **timings}, memory=memory.report(),
                 versions=library_versions(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             ))

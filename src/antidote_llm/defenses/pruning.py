@@ -2,63 +2,103 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from pydantic import create_model, field_validator
 
 from antidote_llm.core.realign import RealignConfig, realign, split_targets
 from antidote_llm.core.targets import acts_on_adapter
-from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.errors import AntidoteError
 from antidote_llm.frontier import FrontierConfig, pick_operating_point, prune_at, run_frontier
+from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
+
+Calibration = Literal["harmful", "benign", "safe"]  # the input whose rows a pruning defense scores on
+# The refusal score's inputs: refusals to harmful prompts (the lab's safe_data) and the user's own rows.
+REFUSAL_INPUTS = (("safe",), ("user_rows",))
 
 
-def _rows(config: RealignConfig, context: DefenseContext, calibration: str) -> dict:
+def _rows(config: RealignConfig, context: DefenseContext, calibration: Calibration) -> dict:
     """The rows a pruning defense scores on: its calibration rows (harmful, benign, or the safe rows: harmful
     prompt, refusal), the benign rows it protects, the user's own rows it weighs against."""
     if config.score == "refusal" and calibration != "safe":
         raise AntidoteError("the refusal score needs refusals to score, not harmful answers: use the defense "
                             "antidote-refusal or antidote-refusal-auto (they read safe_data)")
     return {
-        "data": {"harmful": context.harmful, "benign": context.benign, "safe": context.safe}[calibration],
+        "data": getattr(context, calibration),
         "protect_data": context.benign if config.protect_ratio is not None else None,
         "contrast_data": context.user_rows if config.score == "refusal" else None,
     }
 
 
-def _pruning(calibration: str):
-    def apply(model, config: RealignConfig, context: DefenseContext) -> DefenseOutcome:
-        report = realign(model, context.tokenizer, config, progress=False, **_rows(config, context, calibration)).report
+def _pruning_inputs(config: RealignConfig, calibration: Calibration) -> tuple[tuple[str, ...], ...]:
+    needed = [(calibration,)] if config.needs_data else []
+    if config.protect_ratio is not None:
+        needed.append(("benign",))
+    if config.score == "refusal":
+        needed += REFUSAL_INPUTS
+    return tuple(dict.fromkeys(needed))
+
+
+class _Pruning(Defense, RealignConfig):
+    """Prune the top `ratio` of the scores, calibrated on the `calibration` input's rows."""
+
+    calibration: ClassVar[Calibration] = "harmful"
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        return _pruning_inputs(self, self.calibration)
+
+    def live_adapter(self) -> bool:
+        return acts_on_adapter(self.effective_targets(has_adapter=True))
+
+    def knob(self) -> str | None:
+        return f"ratio={self.ratio}"
+
+    def realign_config(self) -> RealignConfig:
+        return RealignConfig(**self.model_dump())
+
+    def apply(self, model, context: DefenseContext) -> DefenseOutcome:
+        config = self.realign_config()
+        report = realign(model, context.tokenizer, config, progress=False, **_rows(config, context, self.calibration)).report
         return DefenseOutcome(report=report.model_dump(mode="json"), changed_fraction=report.totals.pruned_fraction,
                               ratio=config.ratio)
 
-    return apply
+
+@register
+class Antidote(_Pruning):
+    name: ClassVar[str] = "antidote"
+    description: ClassVar[str] = "Antidote: prune the top-ratio Wanda scores on harmful data"
+    fixed: ClassVar[dict] = {"score": "wanda"}
 
 
-def _acts_on_adapter(config: RealignConfig) -> bool:
-    return acts_on_adapter(config.effective_targets(has_adapter=True))
+@register
+class AntidoteBenign(_Pruning):
+    name: ClassVar[str] = "antidote-benign"
+    description: ClassVar[str] = "control: the same pruning calibrated on benign data"
+    fixed: ClassVar[dict] = {"score": "wanda"}
+    calibration: ClassVar[Calibration] = "benign"
 
 
-# The refusal score's inputs in the lab: the safe rows (experiment safe_data) and the user's own rows.
-REFUSAL_INPUTS = (("safe",), ("user_rows",))
+@register
+class AntidoteRefusal(_Pruning):
+    name: ClassVar[str] = "antidote-refusal"
+    description: ClassVar[str] = ("beyond the paper: prune the weights whose removal most raises the likelihood of "
+                                  "refusals (safe_data) and of the user's own rows, to first order")
+    fixed: ClassVar[dict] = {"score": "refusal"}
+    calibration: ClassVar[Calibration] = "safe"
 
 
-def _pruning_defense(name: str, score: str, calibration: str, description: str) -> Defense:
-    return Defense(
-        name=name, stage="post", description=description, apply=_pruning(calibration),
-        settings=RealignConfig, fixed={"score": score}, live_adapter=_acts_on_adapter,
-        needs_benign=lambda config: calibration == "benign" or config.protect_ratio is not None,
-        extra_inputs=REFUSAL_INPUTS if score == "refusal" else (),
-        knob=lambda config: f"ratio={config.ratio}",
-    )
+@register
+class RandomPruning(_Pruning):
+    name: ClassVar[str] = "random"
+    description: ClassVar[str] = "control: prune a random ratio of the weights"
+    fixed: ClassVar[dict] = {"score": "random"}
 
 
-PRUNING_DEFENSES = (
-    _pruning_defense("antidote", "wanda", "harmful", "Antidote: prune the top-ratio Wanda scores on harmful data"),
-    _pruning_defense("antidote-benign", "wanda", "benign", "control: the same pruning calibrated on benign data"),
-    _pruning_defense("antidote-refusal", "refusal", "safe", "beyond the paper: prune the weights whose removal most "
-                     "raises the likelihood of refusals (safe_data) and of the user's own rows, to first order"),
-    _pruning_defense("random", "random", "harmful", "control: prune a random ratio of the weights"),
-    _pruning_defense("magnitude", "magnitude", "harmful", "ablation: prune the largest |W|, no data"),
-)
+@register
+class MagnitudePruning(_Pruning):
+    name: ClassVar[str] = "magnitude"
+    description: ClassVar[str] = "ablation: prune the largest |W|, no data"
+    fixed: ClassVar[dict] = {"score": "magnitude"}
 
 
 # Antidote with the ratio chosen per model: RealignConfig's fields (but the ratio) and the frontier's.
@@ -69,21 +109,33 @@ AutoAntidoteSettings = create_model(
 )
 
 
-def _auto_realign_config(settings) -> RealignConfig:
-    fields = settings.model_dump()
-    return RealignConfig(ratio=settings.ratios[0], **{k: v for k, v in fields.items() if k in RealignConfig.model_fields})
+class _AutoPruning(Defense, AutoAntidoteSettings):
+    """The pruning at the ratio with the lowest probe harmful score within max_accuracy_drop FA points."""
 
+    calibration: ClassVar[Calibration] = "harmful"
 
-def _auto(calibration: str):
-    def apply(model, settings, context: DefenseContext) -> DefenseOutcome:
-        config = _auto_realign_config(settings)
-        frontier = FrontierConfig(**{k: v for k, v in settings.model_dump().items() if k in FrontierConfig.model_fields})
-        rows = _rows(config, context, calibration)
+    def realign_config(self) -> RealignConfig:
+        fields = self.model_dump()
+        return RealignConfig(ratio=self.ratios[0], **{k: v for k, v in fields.items() if k in RealignConfig.model_fields})
+
+    def frontier_config(self) -> FrontierConfig:
+        return FrontierConfig(**{k: v for k, v in self.model_dump().items() if k in FrontierConfig.model_fields})
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        needed = [*_pruning_inputs(self.realign_config(), self.calibration), ("validation",)]
+        if "benign" in self.controls:
+            needed.append(("benign",))
+        return tuple(dict.fromkeys(needed))
+
+    def live_adapter(self) -> bool:
+        return acts_on_adapter(self.realign_config().effective_targets(has_adapter=True))
+
+    def apply(self, model, context: DefenseContext) -> DefenseOutcome:
+        config, frontier = self.realign_config(), self.frontier_config()
+        rows = _rows(config, context, self.calibration)
         result = run_frontier(model, context.tokenizer, config, frontier, rows.pop("data"), context.validation,
                               benign=context.benign, progress=False, **rows)
         return _picked(result, frontier)
-
-    return apply
 
 
 def _picked(result, frontier: FrontierConfig) -> DefenseOutcome:
@@ -100,18 +152,17 @@ def _picked(result, frontier: FrontierConfig) -> DefenseOutcome:
     )
 
 
-def _auto_defense(name: str, calibration: str, description: str, fixed: dict, extra_inputs=()) -> Defense:
-    return Defense(
-        name=name, stage="post", settings=AutoAntidoteSettings, apply=_auto(calibration), fixed=fixed,
-        live_adapter=lambda settings: _acts_on_adapter(_auto_realign_config(settings)),
-        needs_validation=True, needs_benign=lambda s: s.protect_ratio is not None or "benign" in s.controls,
-        extra_inputs=extra_inputs, description=description,
-    )
+@register
+class AntidoteAuto(_AutoPruning):
+    name: ClassVar[str] = "antidote-auto"
+    description: ClassVar[str] = ("Antidote at the ratio with the lowest probe harmful score within max_accuracy_drop "
+                                  "FA points")
 
 
-AUTO_DEFENSES = (
-    _auto_defense("antidote-auto", "harmful", "Antidote at the ratio with the lowest probe harmful score within "
-                  "max_accuracy_drop FA points", fixed={}),
-    _auto_defense("antidote-refusal-auto", "safe", "antidote-refusal at the ratio with the lowest probe harmful score "
-                  "within max_accuracy_drop FA points", fixed={"score": "refusal"}, extra_inputs=REFUSAL_INPUTS),
-)
+@register
+class AntidoteRefusalAuto(_AutoPruning):
+    name: ClassVar[str] = "antidote-refusal-auto"
+    description: ClassVar[str] = ("antidote-refusal at the ratio with the lowest probe harmful score within "
+                                  "max_accuracy_drop FA points")
+    fixed: ClassVar[dict] = {"score": "refusal"}
+    calibration: ClassVar[Calibration] = "safe"

@@ -13,14 +13,15 @@ is then a full model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import antidote_llm.defenses.adapters as adapters
-from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.defenses.report import module_change, post_report
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
 from antidote_llm.runtime.loading import ModelSource, check_adapter_fits, load_base_model
 from antidote_llm.runtime.runinfo import Timings
 
@@ -28,14 +29,27 @@ UNALIGNED_ADAPTER = "unaligned"
 RESTA_ADAPTER = "resta"
 
 
-class RestaConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@register
+class Resta(Defense):
+    name: ClassVar[str] = "resta"
+    description: ClassVar[str] = (
+        "RESTA: add the safety vector beta (aligned - unaligned) to the fine-tuned model"
+    )
 
     beta: float = Field(default=1.0, description="weight of the safety vector theta_aligned - theta_unaligned "
                         "(1 in the only public driver of the authors' merge)")
     dare_drop: float = Field(default=0.0, ge=0, lt=1, description="DARE on the dense fine-tuning update: drop each "
                              "entry with this probability and rescale the rest by 1/(1-p); 0: off")
     seed: int = Field(default=0, description="seed of the DARE drop")
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        return (("unaligned_model",),)
+
+    def knob(self) -> str | None:
+        return f"beta={self.beta}" + (f", dare={self.dare_drop}" if self.dare_drop else "")
+
+    def apply(self, model, context: DefenseContext) -> DefenseOutcome:
+        return apply_resta(model, self, context)
 
 
 # --- the math -----------------------------------------------------------------------------------------
@@ -60,7 +74,7 @@ def _dtype_name(model) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def _with_unaligned_adapter(model, config: RestaConfig, path: str, timings: Timings):
+def _with_unaligned_adapter(model, config: Resta, path: str, timings: Timings):
     """theta_unaligned = theta_aligned + the LoRA at `path`: the safety vector is minus that LoRA's update.
     One module's dense matrices at a time (for the report, and for DARE's dense sum)."""
     check_adapter_fits(model.get_base_model(), path)
@@ -98,7 +112,7 @@ def _with_unaligned_adapter(model, config: RestaConfig, path: str, timings: Timi
     return report, "model" if dense else "adapter"
 
 
-def _with_unaligned_model(model, config: RestaConfig, path: str, timings: Timings):
+def _with_unaligned_model(model, config: Resta, path: str, timings: Timings):
     """theta_unaligned is a full model: every weight moves by beta (theta_aligned - theta_unaligned)."""
     device = next(model.parameters()).device
     unaligned, _ = load_base_model(ModelSource(path, dtype=_dtype_name(model), device=str(device)))
@@ -130,7 +144,7 @@ def _with_unaligned_model(model, config: RestaConfig, path: str, timings: Timing
     return report, "model"
 
 
-def apply_resta(model, config: RestaConfig, context: DefenseContext) -> DefenseOutcome:
+def apply_resta(model, config: Resta, context: DefenseContext) -> DefenseOutcome:
     adapters.require_adapter(model, "resta")
     timings = Timings()
     path = Path(context.unaligned_model)
@@ -142,11 +156,3 @@ def apply_resta(model, config: RestaConfig, context: DefenseContext) -> DefenseO
         report, output = _with_unaligned_model(model, config, str(path), timings)
     result = post_report("resta", config, report, output, timings)
     return DefenseOutcome(report=result.model_dump(mode="json"), changed_fraction=result.changed_fraction)
-
-
-RESTA = Defense(
-    name="resta", stage="post",
-    description="RESTA: add the safety vector beta (aligned - unaligned) to the fine-tuned model",
-    apply=apply_resta, settings=RestaConfig, extra_inputs=(("unaligned_model",),),
-    knob=lambda c: f"beta={c.beta}" + (f", dare={c.dare_drop}" if c.dare_drop else ""),
-)

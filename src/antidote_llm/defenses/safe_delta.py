@@ -10,26 +10,30 @@ fine-tuning changed are touched (elsewhere the delta is zero and the authors' sw
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import antidote_llm.defenses.adapters as adapters
 from antidote_llm.core.realign import DEFAULT_MAX_LENGTH
 from antidote_llm.data.templates import encode_pair
-from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.defenses.report import module_change, post_report
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
 from antidote_llm.runtime.runinfo import Timings
 
 REFERENCE_ROWS = 4096  # the authors scale the budget by rows / 4096 (Llama-2-7B's width)
 
 
-class SafeDeltaConfig(BaseModel):
+@register
+class SafeDelta(Defense):
     """Safe Delta's settings; defaults are the authors' (ColinLu50/SafeDelta llama2/run_safedelta.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: ClassVar[str] = "safe-delta"
+    description: ClassVar[str] = (
+        "Safe Delta: accept fine-tuning deltas within an OBS safety budget, compensate the rest"
+    )
 
     scale: float = Field(default=0.1, ge=0, description="s: the safety budget's scale (the authors' default 0.1; "
                          "0.11 in their PureBad script); 0 keeps the aligned weights")
@@ -39,6 +43,15 @@ class SafeDeltaConfig(BaseModel):
     exclude: float = Field(default=0.15, ge=0, lt=1, description="share of the most safety-sensitive entries never accepted")
     template: Literal["alpaca", "chat", "plain"] = Field(default="alpaca", description="prompt format of the calibration rows")
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, gt=0, description="tokens per calibration row")
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        return (("safe",),)
+
+    def knob(self) -> str | None:
+        return f"s={self.scale}"
+
+    def apply(self, model, context: DefenseContext) -> DefenseOutcome:
+        return apply_safe_delta(model, self, context)
 
 
 # --- the math -----------------------------------------------------------------------------------------
@@ -155,7 +168,7 @@ def _hessian_hooks(modules: dict, hessians: dict, counts: dict):
     return [module.register_forward_hook(hook(name)) for name, module in modules.items()]
 
 
-def apply_safe_delta(model, config: SafeDeltaConfig, context: DefenseContext) -> DefenseOutcome:
+def apply_safe_delta(model, config: SafeDelta, context: DefenseContext) -> DefenseOutcome:
     from peft.tuners.lora import LoraLayer
 
     adapters.require_adapter(model, "safe-delta")
@@ -199,10 +212,3 @@ def apply_safe_delta(model, config: SafeDeltaConfig, context: DefenseContext) ->
             inputs = outputs
     result = post_report("safe-delta", config, report, "model", timings)
     return DefenseOutcome(report=result.model_dump(mode="json"), changed_fraction=result.changed_fraction)
-
-
-SAFE_DELTA = Defense(
-    name="safe-delta", stage="post",
-    description="Safe Delta: accept fine-tuning deltas within an OBS safety budget, compensate the rest",
-    apply=apply_safe_delta, settings=SafeDeltaConfig, extra_inputs=(("safe",),), knob=lambda c: f"s={c.scale}",
-)

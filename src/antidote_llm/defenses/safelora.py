@@ -8,23 +8,27 @@ dW <- C dW since dW = s B A is linear in B, so the repair stays a LoRA adapter.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import antidote_llm.defenses.adapters as adapters
-from antidote_llm.defenses.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.defenses.report import module_change, post_report
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
 from antidote_llm.runtime.loading import load_base_model
 from antidote_llm.runtime.runinfo import Timings
 
 
-class SafeLoRAConfig(BaseModel):
+@register
+class SafeLoRA(Defense):
     """SafeLoRA's settings; defaults are the authors' (IBM/SafeLoRA config.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: ClassVar[str] = "safelora"
+    description: ClassVar[str] = (
+        "SafeLoRA: project the fine-tuning LoRA of low-cosine modules onto the aligned-minus-base subspace"
+    )
 
     select: Literal["number", "threshold"] = Field(
         default="number", description="which LoRA modules to project: the --layers lowest cosines, or cosine <= --threshold")
@@ -33,6 +37,15 @@ class SafeLoRAConfig(BaseModel):
     projector: Literal["authors", "exact"] = Field(
         default="authors", description="authors: C = V V^T / ||V||_F as in their code (not idempotent, rescales); "
         "exact: the orthogonal projector onto V's column space")
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        return (("base_model", "alignment_adapter"),)
+
+    def knob(self) -> str | None:
+        return f"K={self.layers}" if self.select == "number" else f"tau={self.threshold}"
+
+    def apply(self, model, context: DefenseContext) -> DefenseOutcome:
+        return apply_safelora(model, self, context)
 
 
 # --- the math -----------------------------------------------------------------------------------------
@@ -100,7 +113,7 @@ def _alignment_updates(modules: dict, context: DefenseContext):
     return {name: (lambda name=name: read(name)) for name in found}
 
 
-def apply_safelora(model, config: SafeLoRAConfig, context: DefenseContext) -> DefenseOutcome:
+def apply_safelora(model, config: SafeLoRA, context: DefenseContext) -> DefenseOutcome:
     adapters.require_adapter(model, "safelora")
     timings = Timings()
     modules = adapters.lora_modules(model)
@@ -134,11 +147,3 @@ def apply_safelora(model, config: SafeLoRAConfig, context: DefenseContext) -> De
                                          projected=name in chosen)
     result = post_report("safelora", config, report, "adapter", timings)
     return DefenseOutcome(report=result.model_dump(mode="json"), changed_fraction=result.changed_fraction)
-
-
-SAFELORA = Defense(
-    name="safelora", stage="post",
-    description="SafeLoRA: project the fine-tuning LoRA of low-cosine modules onto the aligned-minus-base subspace",
-    apply=apply_safelora, settings=SafeLoRAConfig, extra_inputs=(("base_model", "alignment_adapter"),),
-    knob=lambda c: f"K={c.layers}" if c.select == "number" else f"tau={c.threshold}",
-)

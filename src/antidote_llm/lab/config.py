@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 import re
@@ -11,14 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from antidote_llm.data.records import HUB_PREFIX
 from antidote_llm.data.spec import DataSpec
-from antidote_llm.defenses import defense
+from antidote_llm.defenses import Defense, defense
 from antidote_llm.errors import AntidoteError, validation_message
 from antidote_llm.evaluation.settings import EvalSettings
-from antidote_llm.training.methods import EXTRA_ROLES
+from antidote_llm.registry import INPUTS, input_spec
 
 
 class Strict(BaseModel):
@@ -66,11 +65,6 @@ class DefenseDataSpec(Strict):
 
     harmful: DataSpec | None = None  # harmful prompt, harmful answer: RepNoise's and Booster's harmful stream
     guide: DataSpec | None = None  # harmful prompt, safe answer: Lisa's alignment rows
-
-
-# Where the lab finds each extra input of a post-fine-tuning peer (DefenseContext field -> experiment key).
-LAB_INPUTS = {"base_model": "alignment", "alignment_adapter": "alignment", "unaligned_model": "unalign", "safe": "safe_data",
-              "user_rows": "finetune"}
 
 
 class DefenseSpec(BaseModel):
@@ -155,7 +149,13 @@ class ClusterSpec(Strict):
         return default if own is None else default.model_copy(update=own.model_dump(exclude_unset=True))
 
 
-class Experiment(Strict):
+class Experiment(BaseModel):
+    """An experiment file. Beside these keys it takes the experiment key of any registered rows input
+    (antidote_llm.registry.INPUTS), so a new defense's rows need no new field here."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    _defenses: dict[str, Defense] = PrivateAttr(default_factory=dict)
+
     name: str = "experiment"
     seed: int = 0
     model: ModelSpec
@@ -177,51 +177,61 @@ class Experiment(Strict):
     sweep_mode: Literal["grid", "each"] = "grid"
     cluster: ClusterSpec | None = None  # None: the defaults; how stages run, never what they compute
 
-    def defense_settings(self, label: str) -> BaseModel | None:
-        """The validated settings of defense `label`; the model's template and the experiment's seed are defaults."""
+    def defense(self, label: str) -> Defense:
+        """The defense `label` as an object (its settings validated once, when the file was read)."""
+        return self._defenses[label]
+
+    def _build_defense(self, label: str) -> Defense:
+        """The model's template and the experiment's seed are defaults; a training defense starts from its stage's
+        preset (paper or cpu)."""
         spec = self.defenses[label]
         chosen = defense(spec.method)
         stage = self.alignment if chosen.stage == "align" else self.finetune
-        preset = stage.training.preset if stage is not None else "paper"  # the stage's preset: paper or cpu
+        preset = stage.training.preset if stage is not None else "paper"
         return chosen.configure(spec.options, {"template": self.model.template, "seed": self.seed}, preset)
+
+    def setting(self, dotted: str):
+        """The value at the dotted experiment key (None when unset); keys of registered inputs that are not fields
+        of this file format live among the extra keys."""
+        first, *rest = dotted.split(".")
+        node = (self.model_extra or {}).get(first, getattr(self, first, None))
+        for key in rest:
+            node = getattr(node, key, None)
+        return node
+
+    def has_input(self, name: str) -> bool:
+        return all(self.setting(key) is not None for key in input_spec(name).keys)
+
+    @model_validator(mode="after")
+    def _inputs_known(self):
+        """An extra key is the experiment key of a registered rows input (parsed as a data spec), or a mistake."""
+        row_keys = {spec.keys[0]: spec for spec in INPUTS.values() if spec.kind == "rows" and len(spec.keys) == 1}
+        for key, value in (self.model_extra or {}).items():
+            if key not in row_keys:
+                raise ValueError(f"{key}: Extra inputs are not permitted")
+            self.model_extra[key] = value if isinstance(value, DataSpec) else DataSpec.model_validate(value)
+        return self
 
     @model_validator(mode="after")
     def _defenses_known(self):
+        built = {}
         for label, spec in self.defenses.items():
             try:
-                settings = self.defense_settings(label)
+                built[label] = chosen = self._build_defense(label)
             except AntidoteError as exc:
                 raise ValueError(f"defense {label!r}: {exc}") from None
-            chosen = defense(spec.method)
             if chosen.stage == "align" and self.alignment is None:
                 raise ValueError(f"defense {label!r} ({spec.method}) acts at the alignment stage; "
                                  "the experiment needs an alignment block")
-            for role in chosen.training.extra_data if chosen.training else ():
-                if getattr(self.defense_data, role, None) is None:
-                    raise ValueError(f"defense {label!r} ({spec.method}) needs defense_data.{role} "
-                                     f"({EXTRA_ROLES[role]})")
-            if defense(spec.method).needs_benign(settings) and self.benign_data is None:
-                raise ValueError(f"defense {label!r} ({spec.method}) needs benign_data")
-            if defense(spec.method).needs_validation and (
-                    self.evaluation.probe_prompts is None or self.evaluation.validation_data is None):
-                raise ValueError(f"defense {label!r} ({spec.method}) needs evaluation.probe_prompts and "
-                                 "evaluation.validation_data (disjoint from the evaluation rows)")
-            for options in defense(spec.method).extra_inputs:
-                if all(getattr(self, LAB_INPUTS[name]) is None for name in options):
-                    keys = " or ".join(sorted({LAB_INPUTS[name] for name in options}))
-                    raise ValueError(f"defense {label!r} ({spec.method}) needs {keys} in the experiment")
+            for options in chosen.inputs():
+                if not any(self.has_input(name) for name in options):
+                    wanted = [input_spec(name) for name in options]
+                    raise ValueError(f"defense {label!r} ({spec.method}) needs "
+                                     + " or ".join(f"{w.key} ({w.help})" for w in wanted))
         if "none" not in {s.method for s in self.defenses.values()}:
             raise ValueError("defenses must include one with method 'none' (the undefended baseline the deltas use)")
+        self._defenses = built
         return self
-
-
-def stage_key(*parts) -> str:
-    """A short, stable hash of everything that determines a stage's output, this package's version included."""
-    from antidote_llm import __version__
-
-    payload = json.dumps([__version__, *(p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts)],
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _resolve_sources(raw, base: Path):

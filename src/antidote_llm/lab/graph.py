@@ -10,6 +10,7 @@ log path); stages that need it are skipped, the others go on. A later run retrie
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import time
@@ -17,12 +18,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from antidote_llm.lab.executors import Executor, Handle
 from antidote_llm.lab.locks import JobHeartbeat, LockSet, is_stale, lock_path, read_lock
 from antidote_llm.runtime.outputs import write_json
 
 FAILED_SUFFIX = ".failed"
 POLL_S = 0.5
+
+
+def stage_key(*parts) -> str:
+    """A short, stable hash of everything that determines a stage's output, this package's version included."""
+    from antidote_llm import __version__
+
+    payload = json.dumps([__version__, *(p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts)],
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

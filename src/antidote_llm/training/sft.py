@@ -139,8 +139,8 @@ def _train(
     peft_model = _lora_model(model, config)
     on_cpu = next(model.parameters()).device.type == "cpu"
     method_arguments = {} if method is None else {
-        "method_settings": method.settings, "extra_items": extra, "extra_batch_sizes": method.method.extra_batch_sizes}
-    trainer_class = sft_trainer_class() if method is None else method.method.trainer()
+        "method_settings": method.defense, "extra_items": extra}
+    trainer_class = sft_trainer_class() if method is None else method.defense.trainer()
     with tempfile.TemporaryDirectory(prefix="antidote-trainer-") as scratch:
         trainer = trainer_class(
             model=peft_model,
@@ -174,16 +174,17 @@ def _train(
 def _report(stage: str, config: TrainConfig, data: dict, facts: TrainFacts, timings: Timings,
             memory: MemoryMonitor, model_info: dict | None, outputs: dict, method: MethodRun | None = None) -> TrainReport:
     defense = None if method is None else {
-        "name": method.method.name, "settings": method.settings.model_dump(mode="json"),
+        "name": method.defense.name, "settings": method.defense.settings(),
         "data": {role: describe_rows(rows) for role, rows in method.extra.items()}}
     return TrainReport(stage=stage, model=model_info, config=config, data=data, train=facts, outputs=outputs,
                        timings=dict(timings), memory=memory.report(), versions=library_versions(), defense=defense)
 
 
 def _check_stage(method: MethodRun | None, stage: str) -> None:
-    if method is not None and method.method.stage != stage:
-        raise AntidoteError(f"defense {method.method.name!r} acts at the {method.method.stage} stage, not {stage}; "
-                            f"use it with `antidote {method.method.stage} --defense {method.method.name}`")
+    if method is not None and method.defense.stage != stage:
+        name, own = method.defense.name, method.defense.stage
+        raise AntidoteError(f"defense {name!r} acts at the {own} stage, not {stage}; "
+                            f"use it with `antidote {own} --defense {name}`")
 
 
 def align(

@@ -1,4 +1,4 @@
-"""What a training-stage defense is: its settings, its presets, the extra rows it reads and its Trainer.
+"""How a training-stage defense runs: its Trainer base, the rows of its inputs, and the MethodRun a stage carries.
 
 A defense that changes how the model is aligned (Vaccine, RepNoise, Booster) or how the user's fine-tuning
 runs (Lisa, LDIFS) is a subclass of the project's SFT trainer with its own `training_step` or
@@ -8,81 +8,33 @@ through dataloaders built once by the accelerator, so it runs unchanged under `a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from antidote_llm.data.records import Rows
-from antidote_llm.errors import AntidoteError, validated
+from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import TrainingDefense, input_spec
 from antidote_llm.training.trainer import sft_trainer_class
-
-MethodStage = Literal["align", "finetune"]
-ExtraRole = Literal["harmful", "guide"]
-# What each role's rows are; a method lists the roles it reads in TrainingMethod.extra_data.
-EXTRA_ROLES: dict[str, str] = {
-    "harmful": "harmful prompts with harmful answers (RepNoise, Booster)",
-    "guide": "harmful prompts with safe answers, the alignment rows (Lisa)",
-}
-
-
-class MethodSettings(BaseModel):
-    """Base of every method's settings: validated, frozen, unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True)
-class TrainingMethod:
-    """A registered training-stage defense.
-
-    `trainer()` returns the Trainer subclass (built lazily so importing the registry does not import
-    transformers); it is constructed with the SFT trainer's arguments plus `method_settings` and
-    `extra_items` (role -> tokenized rows). `presets` holds at least `paper` (the authors' script) and `cpu`.
-    """
-
-    name: str
-    stage: MethodStage
-    description: str
-    settings: type[MethodSettings]
-    presets: dict[str, dict]
-    trainer: Callable[[], type]
-    extra_data: tuple[ExtraRole, ...] = ()
-    # It calls zero_grad inside a step or counts micro-steps, so gradient accumulation must be 1 (as the authors ran it).
-    single_accumulation: bool = False
-    extra_batch_sizes: dict[str, int] = field(default_factory=dict)  # role -> batch size, when not the user's
-
-    def configure(self, preset: str = "paper", **overrides) -> MethodSettings:
-        """The method's settings from a named preset, with overrides (None values fall through to the preset)."""
-        if preset not in self.presets:
-            raise AntidoteError(f"defense {self.name!r} has no preset {preset!r}; choose one of {', '.join(self.presets)}")
-        given = {key: value for key, value in overrides.items() if value is not None}
-        unknown = sorted(set(given) - set(self.settings.model_fields))
-        if unknown:
-            raise AntidoteError(f"defense {self.name!r} has no option {', '.join(unknown)}; "
-                                f"its options: {', '.join(self.settings.model_fields)}")
-        return validated(self.settings, {**self.presets[preset], **given})
 
 
 @dataclass(frozen=True)
 class MethodRun:
-    """A training-stage defense as one stage runs it: the method, its settings and its extra rows by role."""
+    """A training-stage defense as one stage runs it: the defense (its settings) and its extra rows by input name."""
 
-    method: TrainingMethod
-    settings: MethodSettings
+    defense: TrainingDefense
     extra: dict[str, Rows] = field(default_factory=dict)
 
     def check(self, gradient_accumulation: int) -> None:
-        """Refuse, before any training, what this method cannot run with."""
-        missing = [role for role in self.method.extra_data if role not in self.extra]
+        """Refuse, before any training, what this defense cannot run with."""
+        name = self.defense.name
+        missing = [spec for options in self.defense.inputs() for spec in map(input_spec, options)
+                   if spec.name not in self.extra]
         if missing:
-            raise AntidoteError(f"defense {self.method.name!r} needs {' and '.join(missing)} rows "
-                                f"({'; '.join(EXTRA_ROLES[r] for r in missing)}); give them with "
-                                + " and ".join(f"--{r}-data" for r in missing))
-        if self.method.single_accumulation and gradient_accumulation != 1:
-            raise AntidoteError(f"defense {self.method.name!r} runs with gradient accumulation 1 only "
+            raise AntidoteError(f"defense {name!r} needs " + " and ".join(f"{spec.flag} ({spec.help})" for spec in missing))
+        if self.defense.single_accumulation and gradient_accumulation != 1:
+            raise AntidoteError(f"defense {name!r} runs with gradient accumulation 1 only "
                                 f"(it clears gradients inside a step); set --gradient-accumulation 1")
 
 
@@ -91,12 +43,12 @@ def method_trainer_class():
     from torch.utils.data import DataLoader
 
     class MethodTrainer(sft_trainer_class()):
-        def __init__(self, *args, method_settings: MethodSettings, extra_items: dict[str, list[dict]] | None = None,
-                     extra_batch_sizes: dict[str, int] | None = None, **kwargs):
+        def __init__(self, *args, method_settings: TrainingDefense, extra_items: dict[str, list[dict]] | None = None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
             self.method_settings = method_settings
             self._extra_items = extra_items or {}
-            self._extra_batch_sizes = extra_batch_sizes or {}
+            self._extra_batch_sizes = method_settings.extra_batch_sizes()
             self._extra_batches: dict[str, Iterator[dict]] = {}
 
         def extra_batch(self, role: str) -> dict:

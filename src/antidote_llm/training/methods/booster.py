@@ -17,18 +17,13 @@ precision); the harmful batch size is a setting rather than hard-coded 10; its o
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
-from antidote_llm.training.methods.base import MethodSettings, TrainingMethod, method_trainer_class
-
-
-class BoosterSettings(MethodSettings):
-    lamb: float = Field(..., ge=0, description="Booster: lambda, weight of the harmful-loss drop regulariser")
-    alpha: float = Field(..., gt=0, description="Booster: L2 norm of the simulated harmful step on the trainable "
-                                                 "weights")
-    harmful_batch_size: int = Field(..., ge=1, description="Booster: harmful rows per step")
-
+from antidote_llm.registry import TrainingDefense, register
+from antidote_llm.training.methods.base import method_trainer_class
 
 PRESETS = {
     # git-disl/Booster script/alignment/smooth_align.sh:14-15 (lamb=${1:-5}, alpha=${2:-0.1});
@@ -50,13 +45,9 @@ def _take_gradients(model, params: list[torch.nn.Parameter]) -> list[torch.Tenso
 
 def _booster_trainer():
     class BoosterTrainer(method_trainer_class()):
-        def __init__(self, *args, method_settings: BoosterSettings, extra_batch_sizes=None, **kwargs):
-            super().__init__(*args, method_settings=method_settings, **kwargs,
-                             extra_batch_sizes={**(extra_batch_sizes or {}), "harmful": method_settings.harmful_batch_size})
-
         def training_step(self, model, inputs, num_items_in_batch=None):
             settings = self.method_settings
-            harmful = self.extra_batch("harmful")
+            harmful = self.extra_batch("defense_harmful")
             params = self.trainable_parameters()
             super().training_step(model, harmful)  # the harmful loss is a plain token mean, as the authors' is
             harmful_grads = _take_gradients(model, params)
@@ -81,14 +72,28 @@ def _booster_trainer():
     return BoosterTrainer
 
 
-BOOSTER = TrainingMethod(
-    name="booster",
-    stage="align",
-    description="Booster: align while penalising how much one normalised harmful step lowers the harmful loss "
-                "(3 passes per step; needs harmful rows)",
-    settings=BoosterSettings,
-    presets=PRESETS,
-    trainer=_booster_trainer,
-    extra_data=("harmful",),
-    single_accumulation=True,
-)
+@register
+class Booster(TrainingDefense):
+    name: ClassVar[str] = "booster"
+    stage: ClassVar[str] = "align"
+    description: ClassVar[str] = (
+        "Booster: align while penalising how much one normalised harmful step lowers the harmful loss "
+        "(3 passes per step; needs harmful rows)"
+    )
+    presets: ClassVar[dict] = PRESETS
+    single_accumulation: ClassVar[bool] = True
+
+    lamb: float = Field(..., ge=0, description="Booster: lambda, weight of the harmful-loss drop regulariser")
+    alpha: float = Field(..., gt=0, description="Booster: L2 norm of the simulated harmful step on the trainable "
+                                                 "weights")
+    harmful_batch_size: int = Field(..., ge=1, description="Booster: harmful rows per step")
+
+    @classmethod
+    def trainer(cls) -> type:
+        return _booster_trainer()
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        return (("defense_harmful",),)
+
+    def extra_batch_sizes(self) -> dict[str, int]:
+        return {"defense_harmful": self.harmful_batch_size}

@@ -24,26 +24,19 @@ Differences from the authors' code (git-disl/Antidote trainer.py LDIFSTrainer):
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
+from antidote_llm.registry import TrainingDefense, register
 from antidote_llm.training.methods.base import (
-    MethodSettings,
-    TrainingMethod,
     decoder_blocks,
     main_output,
     method_trainer_class,
 )
 
 AUTHORS_THRESHOLD = 0.1  # git-disl/Antidote trainer.py LDIFSTrainer: a layer's term is added only below this
-
-
-class LdifsSettings(MethodSettings):
-    rho: float = Field(..., gt=0, description="weight of the feature distance: rho/2 times the squared distance "
-                                               "between the trained and aligned MLP outputs of every decoder layer, "
-                                               "summed over the batch's tokens and features")
-    authors_threshold: bool = Field(False, description="drop a layer's term once it reaches 0.1, as the authors' "
-                                                        "code does (it switches off the layers that drift most)")
 
 
 PRESETS = {
@@ -115,11 +108,19 @@ def _trainer_class():
     return LdifsTrainer
 
 
-LDIFS = TrainingMethod(
-    name="ldifs",
-    stage="finetune",
-    description="LDIFS: keep every decoder layer's MLP output on the user's batch close to the aligned model's",
-    settings=LdifsSettings,
-    presets=PRESETS,
-    trainer=_trainer_class,
-)
+@register
+class Ldifs(TrainingDefense):
+    name: ClassVar[str] = "ldifs"
+    stage: ClassVar[str] = "finetune"
+    description: ClassVar[str] = "LDIFS: keep every decoder layer's MLP output on the user's batch close to the aligned model's"
+    presets: ClassVar[dict] = PRESETS
+
+    rho: float = Field(..., gt=0, description="weight of the feature distance: rho/2 times the squared distance "
+                                               "between the trained and aligned MLP outputs of every decoder layer, "
+                                               "summed over the batch's tokens and features")
+    authors_threshold: bool = Field(False, description="drop a layer's term once it reaches 0.1, as the authors' "
+                                                        "code does (it switches off the layers that drift most)")
+
+    @classmethod
+    def trainer(cls) -> type:
+        return _trainer_class()

@@ -22,21 +22,16 @@ Differences from the authors' code (git-disl/Antidote trainer.py ADMMTrainer, gi
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
-from antidote_llm.training.methods.base import MethodSettings, TrainingMethod, method_trainer_class
+from antidote_llm.registry import TrainingDefense, register
+from antidote_llm.training.methods.base import method_trainer_class
 
 # Share of the optimizer steps run without the proximal term (the authors' code: "we observe that for GSM8K,
 # proximal term will hurt convergence. Don't do proximal for the first few rounds").
 PROXIMAL_WARMUP = 0.1
-
-
-class LisaSettings(MethodSettings):
-    rho: float = Field(..., ge=0, description="weight of the proximal term rho/2 ||w - w_entry||^2 pulling each "
-                                               "state toward the weights it started from (0: none)")
-    align_steps: int = Field(..., ge=0, description="K_a: optimizer steps on the guide rows per cycle, run first "
-                                                     "(0: plain fine-tuning with the proximal term)")
-    finetune_steps: int = Field(..., ge=1, description="K_f: optimizer steps on the user's rows per cycle")
 
 
 PRESETS = {
@@ -71,7 +66,7 @@ def _trainer_class():
                 self._anchor = [(p, p.detach().clone()) for p in self.trainable_parameters()]
             self._proximal = self.method_settings.rho > 0 and step > PROXIMAL_WARMUP * self.state.max_steps
             if aligning:
-                inputs = self.extra_batch("guide")
+                inputs = self.extra_batch("defense_guide")
                 # The Trainer counted the dropped user batch's answer tokens; count the guide batch's instead.
                 num_items_in_batch = self._get_num_items_in_batch([inputs], inputs["input_ids"].device)
             return super().training_step(model, inputs, num_items_in_batch)
@@ -87,13 +82,23 @@ def _trainer_class():
     return LisaTrainer
 
 
-LISA = TrainingMethod(
-    name="lisa",
-    stage="finetune",
-    description="Lisa: alternate alignment steps on guide rows with the user's steps, a proximal term between them",
-    settings=LisaSettings,
-    presets=PRESETS,
-    trainer=_trainer_class,
-    extra_data=("guide",),
-    single_accumulation=True,
-)
+@register
+class Lisa(TrainingDefense):
+    name: ClassVar[str] = "lisa"
+    stage: ClassVar[str] = "finetune"
+    description: ClassVar[str] = "Lisa: alternate alignment steps on guide rows with the user's steps, a proximal term between them"
+    presets: ClassVar[dict] = PRESETS
+    single_accumulation: ClassVar[bool] = True
+
+    rho: float = Field(..., ge=0, description="weight of the proximal term rho/2 ||w - w_entry||^2 pulling each "
+                                               "state toward the weights it started from (0: none)")
+    align_steps: int = Field(..., ge=0, description="K_a: optimizer steps on the guide rows per cycle, run first "
+                                                     "(0: plain fine-tuning with the proximal term)")
+    finetune_steps: int = Field(..., ge=1, description="K_f: optimizer steps on the user's rows per cycle")
+
+    @classmethod
+    def trainer(cls) -> type:
+        return _trainer_class()
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        return (("defense_guide",),)

@@ -28,13 +28,14 @@ What differs from the authors' code:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import TrainingDefense, register
 from antidote_llm.training.methods.base import (
-    MethodSettings,
-    TrainingMethod,
     causal_lm,
     decoder_blocks,
     main_output,
@@ -44,13 +45,6 @@ from antidote_llm.training.trainer import IGNORE_INDEX
 
 KERNEL_MUL = 2.0
 KERNEL_COUNT = 5
-
-
-class RepNoiseSettings(MethodSettings):
-    alpha: float = Field(ge=0, le=100, description="weight of -log(harmful LM loss): ascent on harmful answers")
-    beta: float = Field(ge=0, le=100, description="weight of the MMD between harmful-answer MLP outputs and Gaussian noise")
-    logit_lens: bool = Field(default=False, description="the original's harmful loss: final and per-layer logit-lens "
-                                                        "CEs averaged, plus 1 (L extra full-vocabulary projections)")
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,8 +110,8 @@ def _trainer_class():
         loss_is_scaled_for_ga = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            settings: RepNoiseSettings = self.method_settings
-            harmful = self.extra_batch("harmful")
+            settings: RepNoise = self.method_settings
+            harmful = self.extra_batch("defense_harmful")
             activations: list[torch.Tensor] = []
 
             def keep_output(module, args, output):
@@ -140,13 +134,15 @@ def _trainer_class():
     return RepNoiseTrainer
 
 
-REPNOISE = TrainingMethod(
-    name="repnoise",
-    stage="align",
-    description="RepNoise (Rosati et al. 2024): learn refusals, ascend the harmful LM loss and pull the harmful "
-                "answers' MLP outputs toward Gaussian noise (MMD)",
-    settings=RepNoiseSettings,
-    presets={
+@register
+class RepNoise(TrainingDefense):
+    name: ClassVar[str] = "repnoise"
+    stage: ClassVar[str] = "align"
+    description: ClassVar[str] = (
+        "RepNoise (Rosati et al. 2024): learn refusals, ascend the harmful LM loss and pull the harmful "
+        "answers' MLP outputs toward Gaussian noise (MMD)"
+    )
+    presets: ClassVar[dict] = {
         # Antidote repository script/alignment/repNoise.sh:14-15 (alpha=${1:-0.1}, beta=${2:-0.001}); the Booster
         # repository's script/alignment/repNoise.sh uses the same values.
         "paper": {"alpha": 0.1, "beta": 0.001, "logit_lens": False},
@@ -156,7 +152,16 @@ REPNOISE = TrainingMethod(
         # 100 steps, whereas the authors' 20k steps run long after S has converged. alpha=1 is the RepNoise authors'
         # demo value (representation-noising notebook); beta=1 puts the noise term on the same scale.
         "cpu": {"alpha": 1.0, "beta": 1.0, "logit_lens": False},
-    },
-    trainer=_trainer_class,
-    extra_data=("harmful",),
-)
+    }
+
+    alpha: float = Field(ge=0, le=100, description="weight of -log(harmful LM loss): ascent on harmful answers")
+    beta: float = Field(ge=0, le=100, description="weight of the MMD between harmful-answer MLP outputs and Gaussian noise")
+    logit_lens: bool = Field(default=False, description="the original's harmful loss: final and per-layer logit-lens "
+                                                        "CEs averaged, plus 1 (L extra full-vocabulary projections)")
+
+    @classmethod
+    def trainer(cls) -> type:
+        return _trainer_class()
+
+    def inputs(self) -> tuple[tuple[str, ...], ...]:
+        return (("defense_harmful",),)

@@ -20,24 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import TrainingDefense, register
 from antidote_llm.training.methods.base import (
-    MethodSettings,
-    TrainingMethod,
     decoder_blocks,
     main_output,
     method_trainer_class,
 )
-
-
-class VaccineSettings(MethodSettings):
-    rho: float = Field(..., gt=0, description="Vaccine: L2 norm of the perturbation of all attention outputs of a "
-                                                 "batch together (rows, tokens and layers)")
-
 
 PRESETS = {
     # git-disl/Antidote script/alignment/vaccine.sh:14 RHO=${1:-2} (git-disl/Vaccine train.py:253 defaults to 2 too).
@@ -110,12 +104,17 @@ def _vaccine_trainer():
     return VaccineTrainer
 
 
-VACCINE = TrainingMethod(
-    name="vaccine",
-    stage="align",
-    description="Vaccine: align under the worst norm-rho perturbation of every attention output (2 passes per step)",
-    settings=VaccineSettings,
-    presets=PRESETS,
-    trainer=_vaccine_trainer,
-    single_accumulation=True,
-)
+@register
+class Vaccine(TrainingDefense):
+    name: ClassVar[str] = "vaccine"
+    stage: ClassVar[str] = "align"
+    description: ClassVar[str] = "Vaccine: align under the worst norm-rho perturbation of every attention output (2 passes per step)"
+    presets: ClassVar[dict] = PRESETS
+    single_accumulation: ClassVar[bool] = True
+
+    rho: float = Field(..., gt=0, description="Vaccine: L2 norm of the perturbation of all attention outputs of a "
+                                                 "batch together (rows, tokens and layers)")
+
+    @classmethod
+    def trainer(cls) -> type:
+        return _vaccine_trainer()

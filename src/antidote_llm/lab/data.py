@@ -1,0 +1,108 @@
+"""The rows of one point of a sweep, loaded and checked before any model is touched: the training rows, the
+defense inputs of the INPUTS table, the evaluation's rows and the probe/validation rows, each kept disjoint
+from the rows it must never share with (the poison, the re-alignment rows, the evaluation prompts)."""
+
+from __future__ import annotations
+
+from antidote_llm import training
+from antidote_llm.data.records import PairSet, pairs_sha256
+from antidote_llm.errors import AntidoteError
+from antidote_llm.evaluation import tasks
+from antidote_llm.evaluation.evaluate import EvalInputs
+from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.lab.config import Experiment
+from antidote_llm.lab.graph import stage_key
+from antidote_llm.registry import INPUTS, DefenseInput
+
+
+class SettingData:
+    """Every row set of one sweep point. `inputs`: the rows inputs the experiment gives, by input name."""
+
+    def __init__(self, exp: Experiment):
+        if exp.alignment is not None:
+            self.align_pairs = exp.alignment.data.load("safe")
+            self.align_benign = exp.alignment.benign.load() if exp.alignment.benign else None
+        ft = exp.finetune
+        self.task_train = tasks.load_task_pairs(ft.task, ft.task_data, "train")
+        self.harmful = ft.harmful.load("unsafe")
+        mix = training.mix_spec(ft.harmful_fraction, ft.samples)
+        training.check_mix_counts(mix, len(self.task_train), len(self.harmful))
+        # The fine-tuning takes the leading harmful rows, and the leading task rows.
+        self.poison = PairSet(pairs=self.harmful.pairs[:mix.harmful_rows], source=self.harmful.source,
+                              indices=self.harmful.indices[:mix.harmful_rows])
+        user_rows = min(exp.user_rows, mix.task_rows)
+        self.user_rows = PairSet(pairs=tuple(self.task_train[:user_rows]), source=ft.task_data or f"hub:{ft.task}",
+                                 indices=tuple(range(user_rows)))
+        spec = exp.evaluation
+        self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
+        self.inputs: dict[str, PairSet] = {}
+        for name in _in_load_order(exp):
+            self.inputs[name] = self._input_rows(exp, INPUTS[name])
+        self.unalign_pairs = None
+        if exp.unalign is not None:
+            self.unalign_pairs = _disjoint(exp.unalign.data.load("unsafe", exclude=self._poison_indices(exp, exp.unalign.data)),
+                                           "unalignment rows", "unalign.data", poison=self.poison,
+                                           harmful=self.inputs.get("harmful"), evaluation=self.prompts)
+        self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
+        self.evaluation = EvalInputs(self.prompts.pairs, ft.task, self.task_test, spec, exp.model.template)
+        self.validation = _validation_inputs(exp, self.prompts.pairs, self.task_test)
+        self.validation_key = self.validation and stage_key(pairs_sha256(self.validation.prompts),
+                                                            pairs_sha256(self.validation.rows))
+        self.eval_key = stage_key(EvalSettings.build(spec), self.prompts.sha256, pairs_sha256(self.task_test),
+                                  exp.model.template)
+
+    def _poison_indices(self, exp: Experiment, spec) -> tuple[int, ...]:
+        """The poison's indices when `spec` reads the poison's source, else none."""
+        same_source = (spec.source, spec.safety) == (exp.finetune.harmful.source, exp.finetune.harmful.safety)
+        return self.poison.indices if same_source else ()
+
+    def _input_rows(self, exp: Experiment, spec: DefenseInput) -> PairSet:
+        data = exp.setting(spec.keys[0])
+        exclude = self._poison_indices(exp, data) if spec.skips_poison else ()
+        rows = data.load(spec.safety, exclude=exclude, require_response=spec.safety is not None)
+        others = {"poison": self.poison, "harmful": self.inputs.get("harmful"), "evaluation": self.prompts}
+        return _disjoint(rows, f"rows of {spec.key}", spec.key, **{name: others[name] for name in spec.disjoint_from})
+
+
+def _in_load_order(exp: Experiment) -> list[str]:
+    """The rows inputs the experiment gives, the re-alignment rows first (others are kept disjoint from them)."""
+    given = [name for name, spec in INPUTS.items() if spec.kind == "rows" and exp.has_input(name)]
+    return sorted(given, key=lambda name: name != "harmful")
+
+
+# What each row set is called in an overlap error.
+_OTHERS = {"poison": "poison rows (finetune.harmful)", "harmful": "re-alignment rows (realign_data)",
+           "evaluation": "evaluation prompts"}
+
+
+def _disjoint(rows: PairSet, what: str, key: str, **others: PairSet | None) -> PairSet:
+    """`rows`, refused when they share rows with the poison or re-alignment rows, or prompts with the evaluation."""
+    mine = set(rows.pairs)
+    for name, other in others.items():
+        if other is None:
+            continue
+        shared = ({p.prompt for p in mine} & {p.prompt for p in other.pairs} if name == "evaluation"
+                  else mine & set(other.pairs))
+        if shared:
+            raise AntidoteError(f"{len(shared)} {what} are also {_OTHERS[name]}; give {key} a disjoint source or "
+                                "skip window")
+    return rows
+
+
+def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs | None:
+    """Probe prompts and validation rows for defenses that choose per model; never the evaluation's rows."""
+    spec = exp.evaluation
+    wanted = any(("validation",) in exp.defense(label).inputs() for label in exp.defenses)
+    if not wanted or not exp.has_input("validation"):
+        return None
+    prompts = spec.probe_prompts.load("unsafe", require_response=False).pairs
+    rows = tasks.load_task_pairs(exp.finetune.task, spec.validation_data, "train", limit=spec.validation_samples,
+                                 skip=spec.validation_skip)
+    shared_prompts = {p.prompt for p in prompts} & {p.prompt for p in test_prompts}
+    shared_rows = set(rows) & set(test_rows)
+    if shared_prompts or shared_rows:
+        raise AntidoteError(
+            f"{len(shared_prompts)} probe prompts and {len(shared_rows)} validation rows are also evaluation rows; "
+            "give evaluation.probe_prompts and evaluation.validation_data disjoint sources or skip windows"
+        )
+    return EvalInputs(prompts, exp.finetune.task, rows, spec, exp.model.template)

@@ -1,0 +1,73 @@
+"""The results table: one row per evaluated model, read from its stage folders once the graph has run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from antidote_llm.defenses import Defense
+from antidote_llm.evaluation.evaluate import METRICS_FILE
+from antidote_llm.evaluation.metrics import EvalMetrics
+from antidote_llm.lab.work import DEFENSE_FILE, DefenseRecord
+from antidote_llm.training.report import TrainReport
+from antidote_llm.training.sft import REPORT_FILE as TRAIN_REPORT
+
+
+@dataclass
+class Row:
+    """A table row, read from its stage folders once the graph has run (skipped when one of them is missing)."""
+
+    needs: tuple[str, ...]
+    read: Callable[[], dict]
+
+
+def train_seconds(folder: Path) -> float:
+    return TrainReport.model_validate_json((folder / TRAIN_REPORT).read_text(encoding="utf-8")).seconds
+
+
+def _metrics(folder: Path) -> EvalMetrics:
+    return EvalMetrics.model_validate_json((folder / METRICS_FILE).read_text(encoding="utf-8"))
+
+
+def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: EvalMetrics, setting: str | None = None,
+         **times) -> dict:
+    return {
+        **values,
+        "stage": stage,
+        "defense": label,
+        "method": method,
+        "ratio": ratio,
+        "setting": setting,
+        "harmful_score": metrics.harmful_score,
+        "degenerate_rate": metrics.degenerate_rate,
+        "compliance_rate": metrics.compliance_rate,
+        "finetune_accuracy": metrics.finetune_accuracy,
+        **times,
+    }
+
+
+def eval_row(values: dict, stage: str, folder: Path, align_folder: Path | None) -> Callable[[], dict]:
+    """The row of the base or aligned model (with the alignment's time)."""
+    return lambda: _row(values, stage, stage, None, None, _metrics(folder),
+                        align_s=train_seconds(align_folder) if align_folder else None)
+
+
+def defense_row(values: dict, label: str, chosen: Defense, folder: Path, finetune_folder: Path,
+                align_folder: Path | None) -> Callable[[], dict]:
+    """The row of a defended model: its metrics, what it changed, its time and memory."""
+
+    def read() -> dict:
+        record = DefenseRecord.model_validate_json((folder / DEFENSE_FILE).read_text(encoding="utf-8"))
+        memory, ratio = record.memory, record.outcome.ratio
+        return _row(
+            values, "fine-tuned", label, chosen.name, ratio, _metrics(folder / "eval"),
+            setting=chosen.knob() or (f"ratio={ratio:g}" if ratio else None),
+            pruned_fraction=record.outcome.changed_fraction,
+            defense_s=record.defense_s, finetune_s=train_seconds(finetune_folder),
+            align_s=train_seconds(align_folder) if align_folder else None,
+            defense_peak_rss_mb=round(memory.peak_rss_bytes / 2**20) if memory else None,
+            defense_added_rss_mb=round((memory.peak_rss_bytes - memory.rss_start_bytes) / 2**20) if memory else None,
+        )
+
+    return read
