@@ -24,7 +24,15 @@ from antidote_llm.core.report import (
     Totals,
 )
 from antidote_llm.core.statistics import collect_loss_gradients, collect_statistics, make_batches
-from antidote_llm.core.targets import NAMED_SETS, Target, check_finite, layout_of, resolve_targets
+from antidote_llm.core.targets import (
+    NAMED_SETS,
+    Target,
+    adapter_mode,
+    check_finite,
+    effective_targets,
+    layout_of,
+    resolve_targets,
+)
 from antidote_llm.data.records import Pair, PairSet, Rows, as_pairs, describe_rows
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
@@ -75,12 +83,8 @@ class RealignConfig(BaseModel):
     _split_targets = field_validator("targets", mode="before")(split_targets)
 
     def effective_targets(self, has_adapter: bool) -> tuple[str, ...]:
-        """`auto` is the authors' choice: the fine-tuning adapter if there is one, else q/k/v."""
-        if self.targets == ("auto",):
-            return ("adapter",) if has_adapter else ("qkv",)
-        if "auto" in self.targets:
-            raise AntidoteError("target 'auto' cannot be combined with others; give it alone")
-        return self.targets
+        """The targets with `auto` resolved (see targets.effective_targets)."""
+        return effective_targets(self.targets, has_adapter)
 
     @property
     def needs_data(self) -> bool:
@@ -356,7 +360,7 @@ def realign(
     targets = resolve_targets(model, config.effective_targets(has_adapter))
     aligned_values = None
     if config.action == "revert":
-        if any("lora_" in t.module_name for t in targets):
+        if adapter_mode(config.targets, has_adapter):
             raise AntidoteError("action 'revert' applies to full fine-tunes; adapter targets can only be zeroed")
         aligned_values = aligned_weights(aligned, targets)
     selection = select_nested(model, tokenizer, config, data, protect_data=protect_data, contrast_data=contrast_data,

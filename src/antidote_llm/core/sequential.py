@@ -42,7 +42,7 @@ from antidote_llm.core.realign import (
 )
 from antidote_llm.core.report import DataReport, MethodReport, ModuleReport, RealignReport, Totals
 from antidote_llm.core.statistics import collect_layer_statistics, first_layer_inputs
-from antidote_llm.core.targets import Target, check_finite, decoder_layers, resolve_targets
+from antidote_llm.core.targets import Target, adapter_mode, check_finite, decoder_layers, resolve_targets
 from antidote_llm.data.records import as_pairs, describe_rows
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import (
@@ -343,16 +343,16 @@ def realign_sequential(
     checkpoint = Checkpoint(Path(folder))
     device = resolve_device(source.device)
     dtype = resolve_dtype(source.dtype, device)
-    adapter_mode = config.effective_targets(bool(source.adapters)) == ("adapter",)
+    on_adapter = adapter_mode(config.targets, bool(source.adapters))
     adapters = [_Adapter(a) for a in source.adapters]
-    live = adapters[-1] if adapter_mode else None
-    merged = adapters[:-1] if adapter_mode else adapters
+    live = adapters[-1] if on_adapter else None
+    merged = adapters[:-1] if on_adapter else adapters
     timings = Timings()
 
     with timings.measure("load_s"):
         tokenizer = load_tokenizer(source.model, source.trust_remote_code)
-        model = _skeleton(folder, source, dtype, source.adapters[-1] if adapter_mode else None)
-        base = model.get_base_model() if adapter_mode else model
+        model = _skeleton(folder, source, dtype, source.adapters[-1] if on_adapter else None)
+        base = model.get_base_model() if on_adapter else model
         stack, layers = decoder_layers(base)
         for adapter in adapters:
             _check_layer_only(adapter.keys, stack, f"adapter {adapter.folder}")
@@ -382,7 +382,7 @@ def realign_sequential(
     masks: dict[str, torch.Tensor] = {}
     written: dict[str, torch.Tensor] = {}  # adapter mode: the pruned adapter, small
     shards, weight_map, total_size = [], {}, 0
-    out_dir = tmp / ("adapter" if adapter_mode else "model")
+    out_dir = tmp / ("adapter" if on_adapter else "model")
     out_dir.mkdir()
     for index, layer in enumerate(tqdm(layers, desc="layers", unit="layer", disable=not progress)):
         with timings.measure("load_s"):
@@ -400,7 +400,7 @@ def realign_sequential(
             _apply(per_layer[index], chosen, "zero", None)
             masks.update(chosen)
         with timings.measure("save_s"):
-            if adapter_mode:
+            if on_adapter:
                 written.update(loader.adapter_tensors(layer, index))
             else:
                 tensors = loader.base_tensors(layer, index)
@@ -411,7 +411,7 @@ def realign_sequential(
         _unload(layer)
         _return_freed_memory()
     with timings.measure("save_s"):
-        if adapter_mode:
+        if on_adapter:
             save_file(written, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
             shutil.copyfile(live.folder / "adapter_config.json", out_dir / "adapter_config.json")
             outputs = {"adapter": "adapter", "base": {"model": source.model, "merged_adapters": list(source.adapters[:-1])}}
