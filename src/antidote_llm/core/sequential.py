@@ -35,11 +35,12 @@ from antidote_llm.core.realign import (
     RealignConfig,
     RealignResult,
     Signals,
-    _apply,
-    _select_levels,
     calibration_batches,
+    method_report,
+    prune_targets,
+    select_levels,
 )
-from antidote_llm.core.report import DataReport, MethodReport, ModuleReport, RealignReport, Totals
+from antidote_llm.core.report import DataReport, realign_report
 from antidote_llm.core.statistics import collect_layer_statistics, first_layer_inputs
 from antidote_llm.core.targets import Target, adapter_mode, check_finite, decoder_layers, resolve_targets
 from antidote_llm.data.records import as_pairs, describe_rows
@@ -286,10 +287,9 @@ def realign_sequential(
                 stats = collect_layer_statistics(layer, inputs, batches, per_layer[index],
                                                  advance=index < len(layers) - 1)
         with timings.measure("selection_s"):
-            chosen = {name: level > 0 for name, level in
-                      _select_levels(per_layer[index], Signals(stats=stats), config, (config.ratio,), generator).items()}
-            chosen = {t.param_name: t.from_linear(chosen[t.param_name]).contiguous().cpu() for t in per_layer[index]}
-            _apply(per_layer[index], chosen, "zero", None)
+            levels = select_levels(per_layer[index], Signals(stats=stats), config, (config.ratio,), generator)
+            chosen = {t.param_name: t.from_linear(levels[t.param_name] > 0).contiguous().cpu() for t in per_layer[index]}
+            prune_targets(per_layer[index], chosen, "zero", None)
             masks.update(chosen)
         with timings.measure("save_s"):
             if on_adapter:
@@ -316,7 +316,12 @@ def realign_sequential(
             outputs = {"model": "model"}
         save_file(masks, str(tmp / "mask.safetensors"))
 
-    report = _report(config, bool(source.adapters), targets, masks, data, tokens, timings)
+    counts = {name: int(mask.sum()) for name, mask in masks.items()}
+    report = realign_report(
+        targets, selected=counts, pruned=counts, method=method_report(config, bool(source.adapters)),
+        data=None if data is None else DataReport(**describe_rows(data), tokens=tokens), protection=None,
+        contrast=None, timings=dict(timings),
+    )
     return RealignResult(masks=masks, report=report), {**outputs, "mask": "mask.safetensors"}
 
 
@@ -338,25 +343,3 @@ def _embed(base, checkpoint: Checkpoint, batches, dtype: torch.dtype, device: to
         embeddings.weight = original  # back to the meta tensor (and to the tied LM head's)
         if padding_idx is not None:
             embeddings.padding_idx = padding_idx
-
-
-def _report(config: RealignConfig, has_adapter: bool, targets, masks, data, tokens: int, timings: Timings) -> RealignReport:
-    modules = {
-        t.param_name: ModuleReport(
-            shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(), selected=int(masks[t.param_name].sum()),
-            spared_by_protection=0, pruned=int(masks[t.param_name].sum()),
-        )
-        for t in targets
-    }
-    scored = sum(m.scored for m in modules.values())
-    pruned = sum(m.pruned for m in modules.values())
-    return RealignReport(
-        method=MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))}),
-        data=None if data is None else DataReport(**describe_rows(data), tokens=tokens),
-        protection=None,
-        modules=modules,
-        totals=Totals(targets=len(targets), scored=scored, selected=pruned, spared_by_protection=0, pruned=pruned,
-                      pruned_fraction=pruned / scored if scored else 0.0),
-        timings=dict(timings),
-        seed=config.seed,
-    )
