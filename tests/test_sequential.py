@@ -126,3 +126,23 @@ def test_merging_an_adapter_keeps_fp32_buffers(tmp_path):
     loaded = load_model(ModelSource(str(model_dir), adapters=(str(aligned),), device="cpu", dtype="bfloat16"))
     assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("targets", ["adapter-a", "adapter-b"])
+def test_cli_offload_prunes_one_factor_of_the_adapter_as_in_memory(tmp_path, harmful_file, targets):
+    """A single LoRA factor is adapter mode too: the fine-tuning adapter stays live, not merged away."""
+    from antidote_llm.cli.main import main
+
+    model_dir = save_model(tmp_path / "model", layers=2)
+    finetune = save_adapter(tmp_path / "ft", model_dir, seed=4, scale=0.3)
+    common = ["realign", "--model", str(model_dir), "--adapter", str(finetune), "--device", "cpu", "--data",
+              str(harmful_file), "--ratio", "0.2", "--batch-size", "4", "--targets", targets, "--quiet"]
+    assert main([*common, "--no-offload", "--out", str(tmp_path / "memory")]) == 0
+    assert main([*common, "--offload", "--out", str(tmp_path / "offload")]) == 0
+    memory = load_file(str(tmp_path / "memory" / "mask.safetensors"))
+    offload = load_file(str(tmp_path / "offload" / "mask.safetensors"))
+    _assert_same_masks(memory, offload)
+    factor = ".lora_A." if targets == "adapter-a" else ".lora_B."
+    assert all(factor in name for name in offload)
+    report = RealignReport.model_validate_json((tmp_path / "offload" / "report.json").read_text())
+    assert report.method.targets == [targets] and report.totals.pruned > 0

@@ -1,7 +1,10 @@
 """Antidote on an in-memory model: statistics, scores, selection, protection, pruning, report.
 
 `realign(model, tokenizer, config, data)` changes the model in place and returns the masks and a
-report; `antidote_llm.core.pipeline` adds loading and saving around it for the CLI.
+report; `antidote_llm.core.pipeline` adds loading and saving around it for the CLI. Its steps are public
+so the layer-by-layer path (core.sequential) runs the same ones per layer: `compute_signals` (statistics
+or gradients), `score_target`, `select_levels` (nested selections from the scores), `prune_targets`, and
+`method_report` with `report.realign_report` for the report.
 """
 
 from __future__ import annotations
@@ -15,16 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from antidote_llm.core import scoring
-from antidote_llm.core.report import (
-    DataReport,
-    MethodReport,
-    ModuleReport,
-    ProtectionReport,
-    RealignReport,
-    Totals,
-)
+from antidote_llm.core.report import DataReport, MethodReport, ProtectionReport, RealignReport, realign_report
 from antidote_llm.core.statistics import collect_loss_gradients, collect_statistics, make_batches
-from antidote_llm.core.targets import NAMED_SETS, Target, check_finite, layout_of, resolve_targets
+from antidote_llm.core.targets import (
+    NAMED_SETS,
+    Target,
+    adapter_mode,
+    check_finite,
+    effective_targets,
+    layout_of,
+    resolve_targets,
+)
 from antidote_llm.data.records import Pair, PairSet, Rows, as_pairs, describe_rows
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
@@ -75,12 +79,8 @@ class RealignConfig(BaseModel):
     _split_targets = field_validator("targets", mode="before")(split_targets)
 
     def effective_targets(self, has_adapter: bool) -> tuple[str, ...]:
-        """`auto` is the authors' choice: the fine-tuning adapter if there is one, else q/k/v."""
-        if self.targets == ("auto",):
-            return ("adapter",) if has_adapter else ("qkv",)
-        if "auto" in self.targets:
-            raise AntidoteError("target 'auto' cannot be combined with others; give it alone")
-        return self.targets
+        """The targets with `auto` resolved (see targets.effective_targets)."""
+        return effective_targets(self.targets, has_adapter)
 
     @property
     def needs_data(self) -> bool:
@@ -138,7 +138,7 @@ def _mean_sq(stats: dict[str, scoring.ChannelStats], name: str) -> torch.Tensor:
     return mean_sq
 
 
-def _score(target: Target, signals: Signals, config: RealignConfig, generator: torch.Generator) -> torch.Tensor:
+def score_target(target: Target, signals: Signals, config: RealignConfig, generator: torch.Generator) -> torch.Tensor:
     """The score of every weight of one target, in Linear layout [out, in]."""
     weight = target.to_linear(target.weight)
     name = target.param_name
@@ -151,7 +151,7 @@ def _score(target: Target, signals: Signals, config: RealignConfig, generator: t
     return scoring.wanda_scores(weight, _mean_sq(signals.stats, name))
 
 
-def _select_levels(
+def select_levels(
     targets: Sequence[Target], signals: Signals, config: RealignConfig, ratios: Sequence[float],
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -165,8 +165,8 @@ def _select_levels(
         return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in scores}
 
     if config.granularity == "global":
-        return levels_of({t.param_name: _score(t, signals, config, generator) for t in targets})
-    return {name: level for t in targets for name, level in levels_of({t.param_name: _score(t, signals, config, generator)}).items()}
+        return levels_of({t.param_name: score_target(t, signals, config, generator) for t in targets})
+    return {name: level for t in targets for name, level in levels_of({t.param_name: score_target(t, signals, config, generator)}).items()}
 
 
 def _activation_statistics(model, tokenizer, targets, pairs, config, progress, desc):
@@ -186,7 +186,7 @@ def _loss_gradients(model, tokenizer, targets, pairs, config, progress, desc):
     return {name: grad / tokens for name, grad in gradients.items()}, tokens
 
 
-def _signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress) -> tuple[Signals, int]:
+def compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress) -> tuple[Signals, int]:
     """Everything the scores need, and how many of the data's tokens counted."""
     signals, tokens = Signals(), 0
     if config.score == "wanda":
@@ -199,7 +199,10 @@ def _signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
     return signals, tokens
 
 
-def _apply(targets: Sequence[Target], masks: dict[str, torch.Tensor], action: str, aligned: dict[str, torch.Tensor] | None):
+def prune_targets(
+    targets: Sequence[Target], masks: dict[str, torch.Tensor], action: str, aligned: dict[str, torch.Tensor] | None,
+) -> None:
+    """Zero the masked weights of `targets` in place, or revert them to the `aligned` values."""
     with torch.no_grad():
         for target in targets:
             mask = masks[target.param_name].to(target.weight.device)
@@ -250,27 +253,17 @@ class NestedSelection:
         return {name: scoring.level_mask(level, index) for name, level in self.levels.items()}
 
     def report(self, index: int) -> RealignReport:
-        pruned = {name: scoring.selected_counts(level, len(self.ratios))[index] for name, level in self.levels.items()}
-        modules = {
-            t.param_name: ModuleReport(
-                shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(),
-                selected=self.selected[t.param_name][index],
-                spared_by_protection=self.selected[t.param_name][index] - pruned[t.param_name],
-                pruned=pruned[t.param_name],
-            )
-            for t in self.targets
-        }
-        scored = sum(m.scored for m in modules.values())
-        pruned = sum(m.pruned for m in modules.values())
-        spared = sum(m.spared_by_protection for m in modules.values())
-        protection = None if self.protection is None else self.protection.model_copy(update={"spared": spared})
-        return RealignReport(
-            method=self.method.model_copy(update={"ratio": self.ratios[index]}), data=self.data, protection=protection,
-            contrast=self.contrast, modules=modules,
-            totals=Totals(targets=len(self.targets), scored=scored, selected=sum(m.selected for m in modules.values()),
-                          spared_by_protection=spared, pruned=pruned, pruned_fraction=pruned / scored if scored else 0.0),
-            timings=self.timings, seed=self.method.seed,
+        return realign_report(
+            self.targets, selected={name: counts[index] for name, counts in self.selected.items()},
+            pruned={name: scoring.selected_counts(level, len(self.ratios))[index] for name, level in self.levels.items()},
+            method=self.method.model_copy(update={"ratio": self.ratios[index]}), data=self.data,
+            protection=self.protection, contrast=self.contrast, timings=self.timings,
         )
+
+
+def method_report(config: RealignConfig, has_adapter: bool) -> MethodReport:
+    """The config that ran, with its targets resolved from `auto`."""
+    return MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))})
 
 
 def select_nested(
@@ -294,9 +287,9 @@ def select_nested(
     pairs, data_info = _pairs(data) if data is not None else ((), None)
     contrast_pairs, contrast_info = _pairs(contrast_data) if contrast_data is not None else ((), None)
     with timings.measure("scoring_s"):
-        signals, tokens = _signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
+        signals, tokens = compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
     with timings.measure("selection_s"):
-        levels = _select_levels(targets, signals, config, ratios)
+        levels = select_levels(targets, signals, config, ratios)
         selected = {name: scoring.selected_counts(level, len(ratios)) for name, level in levels.items()}
     protection = None
     if config.protect_ratio is not None:
@@ -306,7 +299,7 @@ def select_nested(
             benign_stats, benign_tokens = _activation_statistics(
                 model, tokenizer, targets, protect_pairs, protect_config, progress, "benign statistics"
             )
-            protected = _select_levels(targets, Signals(stats=benign_stats), protect_config, (config.protect_ratio,))
+            protected = select_levels(targets, Signals(stats=benign_stats), protect_config, (config.protect_ratio,))
             for name in levels:
                 levels[name][protected[name] > 0] = 0
             protection = ProtectionReport(**protect_info, tokens=benign_tokens, ratio=config.protect_ratio, spared=0)
@@ -315,7 +308,7 @@ def select_nested(
         levels={t.param_name: t.from_linear(levels[t.param_name]).contiguous().cpu() for t in targets},
         selected=selected, data=None if data_info is None else DataReport(**data_info, tokens=tokens),
         protection=protection, contrast=None if contrast_info is None else DataReport(**contrast_info),
-        method=MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))}),
+        method=method_report(config, has_adapter),
         timings=dict(timings),
     )
 
@@ -356,13 +349,13 @@ def realign(
     targets = resolve_targets(model, config.effective_targets(has_adapter))
     aligned_values = None
     if config.action == "revert":
-        if any("lora_" in t.module_name for t in targets):
+        if adapter_mode(config.targets, has_adapter):
             raise AntidoteError("action 'revert' applies to full fine-tunes; adapter targets can only be zeroed")
         aligned_values = aligned_weights(aligned, targets)
     selection = select_nested(model, tokenizer, config, data, protect_data=protect_data, contrast_data=contrast_data,
                               progress=progress)
     masks = selection.masks(0)
-    _apply(selection.targets, masks, config.action, aligned_values)
+    prune_targets(selection.targets, masks, config.action, aligned_values)
     return RealignResult(masks=masks, report=selection.report(0))
 
 
@@ -382,7 +375,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], action: str = 
         targets.append(Target(module_name, module, layout))
     check_action(action, aligned is not None)
     aligned_values = aligned_weights(aligned, targets) if action == "revert" else None
-    _apply(targets, masks, action, aligned_values)
+    prune_targets(targets, masks, action, aligned_values)
     return targets
 
 

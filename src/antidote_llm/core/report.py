@@ -3,9 +3,15 @@ and users' scripts read, field by field (`RealignReport.model_validate_json(path
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict
 
 from antidote_llm.runtime.runinfo import MemoryReport
+
+if TYPE_CHECKING:
+    from antidote_llm.core.targets import Target
 
 
 class Report(BaseModel):
@@ -80,6 +86,33 @@ class RealignReport(Report):
     versions: dict[str, str] | None = None
     started_at: str | None = None
     execution: ExecutionReport | None = None
+
+
+def realign_report(
+    targets: Sequence[Target], *, selected: Mapping[str, int], pruned: Mapping[str, int], method: MethodReport,
+    data: DataReport | None, protection: ProtectionReport | None, contrast: DataReport | None, timings: dict[str, float],
+) -> RealignReport:
+    """The report of one selection: per target how many weights were scored, selected and pruned (the
+    difference was spared by protection), the totals, and what ran on which data."""
+    modules = {
+        t.param_name: ModuleReport(
+            shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(), selected=selected[t.param_name],
+            spared_by_protection=selected[t.param_name] - pruned[t.param_name], pruned=pruned[t.param_name],
+        )
+        for t in targets
+    }
+    scored = sum(m.scored for m in modules.values())
+    pruned_total = sum(m.pruned for m in modules.values())
+    spared = sum(m.spared_by_protection for m in modules.values())
+    return RealignReport(
+        method=method, data=data,
+        protection=None if protection is None else protection.model_copy(update={"spared": spared}),
+        contrast=contrast, modules=modules,
+        totals=Totals(targets=len(targets), scored=scored, selected=sum(m.selected for m in modules.values()),
+                      spared_by_protection=spared, pruned=pruned_total,
+                      pruned_fraction=pruned_total / scored if scored else 0.0),
+        timings=timings, seed=method.seed,
+    )
 
 
 class ApplyMaskReport(Report):

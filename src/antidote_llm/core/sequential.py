@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import dataclasses
 import json
-import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -36,130 +35,28 @@ from antidote_llm.core.realign import (
     RealignConfig,
     RealignResult,
     Signals,
-    _apply,
-    _select_levels,
     calibration_batches,
+    method_report,
+    prune_targets,
+    select_levels,
 )
-from antidote_llm.core.report import DataReport, MethodReport, ModuleReport, RealignReport, Totals
+from antidote_llm.core.report import DataReport, realign_report
 from antidote_llm.core.statistics import collect_layer_statistics, first_layer_inputs
-from antidote_llm.core.targets import Target, check_finite, decoder_layers, resolve_targets
+from antidote_llm.core.targets import Target, adapter_mode, check_finite, decoder_layers, resolve_targets
 from antidote_llm.data.records import as_pairs, describe_rows
 from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.checkpoints import ADAPTER_PREFIX, Checkpoint, LoraAdapter
 from antidote_llm.runtime.loading import (
     ModelSource,
-    _locate,
     check_adapter_fits,
     load_tokenizer,
+    locate_model,
     resolve_device,
     resolve_dtype,
 )
 from antidote_llm.runtime.runinfo import Timings
 
-ADAPTER_PREFIX = "base_model.model."
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 HEADROOM = 1.2  # activations, statistics and the allocator's slack on top of the weights
-
-
-def _open(file: Path):
-    try:
-        return safe_open(file, framework="pt")
-    except SafetensorError as exc:
-        raise AntidoteError(f"cannot read {file}: it is truncated or corrupt ({str(exc).splitlines()[0]}); "
-                            "download or save it again") from None
-
-
-class Checkpoint:
-    """The tensors of a safetensors model folder (one file or shards with an index), read lazily."""
-
-    def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            self.files = {key: folder / name for key, name in weight_map.items()}
-        elif (folder / "model.safetensors").is_file():
-            with _open(folder / "model.safetensors") as f:
-                self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
-        else:
-            raise AntidoteError(f"{folder} has no safetensors weights; --offload reads model.safetensors (or its shards)")
-
-    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Copies of `keys`; each file is mapped only while its tensors are read, so its pages leave memory."""
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.files[key], []).append(key)
-        tensors = {}
-        for file, names in by_file.items():
-            with _open(file) as f:
-                tensors.update({name: f.get_tensor(name) for name in names})
-        return tensors
-
-    def rows(self, key: str, ids: Sequence[int]) -> torch.Tensor:
-        """Rows `ids` (sorted, distinct) of a 2-D tensor, read run by run: only their pages are touched."""
-        runs, start = [], 0
-        for i in range(1, len(ids) + 1):
-            if i == len(ids) or ids[i] != ids[i - 1] + 1:
-                runs.append((ids[start], ids[i - 1] + 1))
-                start = i
-        with _open(self.files[key]) as f:
-            tensor = f.get_slice(key)
-            return torch.cat([tensor[a:b] for a, b in runs])
-
-    def copy_to(self, keys: Sequence[str], dtype: torch.dtype, path: Path, chunk_bytes: int = 16 * 2**20) -> int:
-        """Write `keys` in `dtype` to a safetensors file at `path`, chunk by chunk: the safetensors library
-        writes only from memory, and an embedding matrix or LM head alone can be gigabytes. Each chunk is
-        read with the file mapped only for that chunk, so neither the copy nor the mapping stays in memory.
-        Returns the bytes of tensor data written."""
-        element = torch.empty((), dtype=dtype).element_size()
-        shapes = {}
-        for key in keys:
-            with _open(self.files[key]) as f:
-                shapes[key] = f.get_slice(key).get_shape()
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for key in keys:
-            size = math.prod(shapes[key]) * element
-            header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shapes[key], "data_offsets": [offset, offset + size]}
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
-        with open(path, "wb") as out:
-            out.write(len(encoded).to_bytes(8, "little"))
-            out.write(encoded)
-            for key in keys:
-                shape = shapes[key]
-                row_bytes = math.prod(shape[1:]) * element if len(shape) > 1 else element
-                step = max(1, chunk_bytes // max(row_bytes, 1)) if shape else 1
-                for start in range(0, shape[0] if shape else 1, step):
-                    with _open(self.files[key]) as f:
-                        chunk = f.get_slice(key)[start:start + step] if shape else f.get_tensor(key)
-                    out.write(chunk.to(dtype).contiguous().view(torch.uint8).numpy().data)
-        return offset
-
-    def nbytes(self, dtype: torch.dtype) -> int:
-        """The size of every tensor once loaded in `dtype`, from the file headers alone."""
-        total, element = 0, torch.empty((), dtype=dtype).element_size()
-        for file in set(self.files.values()):
-            with _open(file) as f:
-                total += sum(math.prod(f.get_slice(key).get_shape()) * element for key in f.keys())
-        return total
-
-
-class _Adapter:
-    """A PEFT LoRA adapter folder: its config and its tensors (keys as PEFT saves them)."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-        self.config = json.loads((self.folder / "adapter_config.json").read_text(encoding="utf-8"))
-        unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if self.config.get(k)]
-        if unsupported:
-            raise AntidoteError(f"adapter {folder} uses {', '.join(unsupported)}; --offload supports plain LoRA adapters only")
-        r = self.config["r"]
-        self.scaling = self.config["lora_alpha"] / (math.sqrt(r) if self.config.get("use_rslora") else r)
-        with _open(self.folder / "adapter_model.safetensors") as f:
-            self.keys = list(f.keys())
-
-    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        with _open(self.folder / "adapter_model.safetensors") as f:
-            return {key: f.get_tensor(key) for key in keys}
 
 
 @dataclass(frozen=True)
@@ -185,7 +82,7 @@ def choose_execution(source: ModelSource, offload: bool | None) -> Execution:
         return Execution("in-memory", "asked for (--no-offload)")
     if offload:
         return Execution("sequential", "asked for (--offload)")
-    folder, gguf = _locate(source.model)
+    folder, gguf = locate_model(source.model)
     if gguf or source.device_map or not Path(folder).is_dir():
         return Execution("in-memory", "auto: sequential needs a local safetensors model folder and no --device-map")
     device = resolve_device(source.device)
@@ -256,14 +153,10 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def _merge_into(weights: dict[str, torch.Tensor], adapter: _Adapter, prefix: str, dtype: torch.dtype) -> None:
+def _merge_into(weights: dict[str, torch.Tensor], adapter: LoraAdapter, prefix: str, dtype: torch.dtype) -> None:
     """W += scaling * B @ A for the modules of one layer, in fp32 and cast once, as runtime.loading.merge_adapter does."""
-    keys = [k for k in adapter.keys if k.startswith(ADAPTER_PREFIX + prefix)]
-    tensors = adapter.read(keys)
-    for key_a in (k for k in keys if k.endswith(".lora_A.weight")):
-        module = key_a.removeprefix(ADAPTER_PREFIX).removesuffix(".lora_A.weight")
-        a, b = tensors[key_a].float(), tensors[key_a.replace(".lora_A.", ".lora_B.")].float()
-        delta = (b @ a) * adapter.scaling
+    updates = adapter.updates([module for module in adapter.factors if module.startswith(prefix)])
+    for module, delta in updates.items():
         if adapter.config.get("fan_in_fan_out"):
             delta = delta.t()
         weights[module + ".weight"] = (weights[module + ".weight"].float() + delta).to(dtype)
@@ -272,7 +165,7 @@ def _merge_into(weights: dict[str, torch.Tensor], adapter: _Adapter, prefix: str
 class _Layers:
     """Loads decoder layer l of the skeleton from the checkpoint and adapters, and reads its tensors back."""
 
-    def __init__(self, stack: str, checkpoint: Checkpoint, merged: list[_Adapter], live: _Adapter | None,
+    def __init__(self, stack: str, checkpoint: Checkpoint, merged: list[LoraAdapter], live: LoraAdapter | None,
                  dtype: torch.dtype, device: torch.device):
         self.stack, self.checkpoint = stack, checkpoint
         self.merged, self.live, self.dtype, self.device = merged, live, dtype, device
@@ -335,7 +228,7 @@ def realign_sequential(
     """Antidote layer by layer from the checkpoint on disk; writes the repaired model (or adapter) and the
     mask into `tmp` and returns the result (masks, report) and what was written where."""
     _check_supported(config)
-    folder, gguf = _locate(source.model)
+    folder, gguf = locate_model(source.model)
     if gguf or not Path(folder).is_dir():
         raise AntidoteError(f"--offload reads a local safetensors model folder; {source.model!r} is not one")
     if source.device_map:
@@ -343,16 +236,16 @@ def realign_sequential(
     checkpoint = Checkpoint(Path(folder))
     device = resolve_device(source.device)
     dtype = resolve_dtype(source.dtype, device)
-    adapter_mode = config.effective_targets(bool(source.adapters)) == ("adapter",)
-    adapters = [_Adapter(a) for a in source.adapters]
-    live = adapters[-1] if adapter_mode else None
-    merged = adapters[:-1] if adapter_mode else adapters
+    on_adapter = adapter_mode(config.targets, bool(source.adapters))
+    adapters = [LoraAdapter(a) for a in source.adapters]
+    live = adapters[-1] if on_adapter else None
+    merged = adapters[:-1] if on_adapter else adapters
     timings = Timings()
 
     with timings.measure("load_s"):
         tokenizer = load_tokenizer(source.model, source.trust_remote_code)
-        model = _skeleton(folder, source, dtype, source.adapters[-1] if adapter_mode else None)
-        base = model.get_base_model() if adapter_mode else model
+        model = _skeleton(folder, source, dtype, source.adapters[-1] if on_adapter else None)
+        base = model.get_base_model() if on_adapter else model
         stack, layers = decoder_layers(base)
         for adapter in adapters:
             _check_layer_only(adapter.keys, stack, f"adapter {adapter.folder}")
@@ -382,7 +275,7 @@ def realign_sequential(
     masks: dict[str, torch.Tensor] = {}
     written: dict[str, torch.Tensor] = {}  # adapter mode: the pruned adapter, small
     shards, weight_map, total_size = [], {}, 0
-    out_dir = tmp / ("adapter" if adapter_mode else "model")
+    out_dir = tmp / ("adapter" if on_adapter else "model")
     out_dir.mkdir()
     for index, layer in enumerate(tqdm(layers, desc="layers", unit="layer", disable=not progress)):
         with timings.measure("load_s"):
@@ -394,13 +287,12 @@ def realign_sequential(
                 stats = collect_layer_statistics(layer, inputs, batches, per_layer[index],
                                                  advance=index < len(layers) - 1)
         with timings.measure("selection_s"):
-            chosen = {name: level > 0 for name, level in
-                      _select_levels(per_layer[index], Signals(stats=stats), config, (config.ratio,), generator).items()}
-            chosen = {t.param_name: t.from_linear(chosen[t.param_name]).contiguous().cpu() for t in per_layer[index]}
-            _apply(per_layer[index], chosen, "zero", None)
+            levels = select_levels(per_layer[index], Signals(stats=stats), config, (config.ratio,), generator)
+            chosen = {t.param_name: t.from_linear(levels[t.param_name] > 0).contiguous().cpu() for t in per_layer[index]}
+            prune_targets(per_layer[index], chosen, "zero", None)
             masks.update(chosen)
         with timings.measure("save_s"):
-            if adapter_mode:
+            if on_adapter:
                 written.update(loader.adapter_tensors(layer, index))
             else:
                 tensors = loader.base_tensors(layer, index)
@@ -411,7 +303,7 @@ def realign_sequential(
         _unload(layer)
         _return_freed_memory()
     with timings.measure("save_s"):
-        if adapter_mode:
+        if on_adapter:
             save_file(written, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
             shutil.copyfile(live.folder / "adapter_config.json", out_dir / "adapter_config.json")
             outputs = {"adapter": "adapter", "base": {"model": source.model, "merged_adapters": list(source.adapters[:-1])}}
@@ -424,7 +316,12 @@ def realign_sequential(
             outputs = {"model": "model"}
         save_file(masks, str(tmp / "mask.safetensors"))
 
-    report = _report(config, bool(source.adapters), targets, masks, data, tokens, timings)
+    counts = {name: int(mask.sum()) for name, mask in masks.items()}
+    report = realign_report(
+        targets, selected=counts, pruned=counts, method=method_report(config, bool(source.adapters)),
+        data=None if data is None else DataReport(**describe_rows(data), tokens=tokens), protection=None,
+        contrast=None, timings=dict(timings),
+    )
     return RealignResult(masks=masks, report=report), {**outputs, "mask": "mask.safetensors"}
 
 
@@ -446,25 +343,3 @@ def _embed(base, checkpoint: Checkpoint, batches, dtype: torch.dtype, device: to
         embeddings.weight = original  # back to the meta tensor (and to the tied LM head's)
         if padding_idx is not None:
             embeddings.padding_idx = padding_idx
-
-
-def _report(config: RealignConfig, has_adapter: bool, targets, masks, data, tokens: int, timings: Timings) -> RealignReport:
-    modules = {
-        t.param_name: ModuleReport(
-            shape=list(t.weight.shape), layout=t.layout, scored=t.weight.numel(), selected=int(masks[t.param_name].sum()),
-            spared_by_protection=0, pruned=int(masks[t.param_name].sum()),
-        )
-        for t in targets
-    }
-    scored = sum(m.scored for m in modules.values())
-    pruned = sum(m.pruned for m in modules.values())
-    return RealignReport(
-        method=MethodReport(**{**config.model_dump(mode="json"), "targets": list(config.effective_targets(has_adapter))}),
-        data=None if data is None else DataReport(**describe_rows(data), tokens=tokens),
-        protection=None,
-        modules=modules,
-        totals=Totals(targets=len(targets), scored=scored, selected=pruned, spared_by_protection=0, pruned=pruned,
-                      pruned_fraction=pruned / scored if scored else 0.0),
-        timings=dict(timings),
-        seed=config.seed,
-    )

@@ -20,8 +20,26 @@ ADAPTER_SETS = {"adapter": ("lora_A", "lora_B"), "adapter-a": ("lora_A",), "adap
 NAMED_SETS = ("auto", *ADAPTER_SETS, "qkv", "attention", "mlp", "all-linear")
 
 
+def effective_targets(specs: Sequence[str], has_adapter: bool) -> tuple[str, ...]:
+    """`auto` is the authors' choice: the fine-tuning adapter if there is one, else q/k/v."""
+    specs = tuple(specs)
+    if specs == ("auto",):
+        return ("adapter",) if has_adapter else ("qkv",)
+    if "auto" in specs:
+        raise AntidoteError("target 'auto' cannot be combined with others; give it alone")
+    return specs
+
+
+def adapter_mode(specs: Sequence[str], has_adapter: bool) -> bool:
+    """Whether Antidote prunes the live fine-tuning adapter (one of its factor sets, or `auto` with an adapter
+    given), so the model is loaded with that adapter kept apart and the pruned adapter is what is saved.
+    `has_adapter`: whether a fine-tuning adapter is given (or the model carries one live)."""
+    return acts_on_adapter(effective_targets(specs, has_adapter))
+
+
 def acts_on_adapter(specs: Sequence[str]) -> bool:
-    """Whether target specs name the live fine-tuning adapter (so the model is loaded with it kept apart)."""
+    """Whether resolved target specs (no `auto`) name the live fine-tuning adapter; callers decide through
+    `adapter_mode`, which resolves `auto` first."""
     return len(specs) == 1 and specs[0] in ADAPTER_SETS
 
 

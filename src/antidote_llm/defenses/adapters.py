@@ -8,16 +8,15 @@ and zeroes the adapter, so the model stays one object the lab evaluates and the 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.checkpoints import LoraAdapter
 
 FINETUNE_ADAPTER = "default"  # the name load_model gives the live fine-tuning adapter
-PEFT_PREFIX = "base_model.model."
 
 
 def require_adapter(model, method: str) -> None:
@@ -57,31 +56,11 @@ def fold(layer, weight: torch.Tensor) -> None:
 def adapter_update_reader(path: str | Path):
     """A saved PEFT LoRA adapter read lazily from safetensors: (module name -> update shape [out, in], and
     read(module name) -> the dense update s*B*A in fp32)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    config_file = path / "adapter_config.json"
-    weights = path / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
-        raise AntidoteError(f"{path} is not a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
-        raise AntidoteError(f"adapter {path} uses rank/alpha patterns or DoRA; give a plain LoRA adapter")
-    r, alpha = config["r"], config["lora_alpha"]
-    scaling = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
-    handle = safe_open(str(weights), framework="pt")
-    pairs: dict[str, dict[str, str]] = {}
-    for key in handle.keys():
-        module, _, kind = key.rpartition(".lora_")
-        pairs.setdefault(module.removeprefix(PEFT_PREFIX), {})[kind[0]] = key
-
-    shapes = {module: (handle.get_slice(keys["B"]).get_shape()[0], handle.get_slice(keys["A"]).get_shape()[-1])
-              for module, keys in pairs.items()}
+    adapter = LoraAdapter(path)
+    shapes = {module: adapter.update_shape(module) for module in adapter.factors}
 
     def read(module: str) -> torch.Tensor:
-        keys = pairs[module]
-        a, b = handle.get_tensor(keys["A"]).float(), handle.get_tensor(keys["B"]).float()
-        return scaling * (b @ a)
+        return adapter.updates([module])[module]
 
     return shapes, read
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.checkpoints import ADAPTER_PREFIX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,7 +129,7 @@ class Loaded:
 def load_tokenizer(model: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path, gguf = _locate(model)
+    path, gguf = locate_model(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -143,7 +144,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def _locate(model: str) -> tuple[str, str | None]:
+def locate_model(model: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a model argument."""
     if model in BUILTIN_MODELS:
         return str(_builtin_path(model)), None
@@ -165,7 +166,7 @@ def load_base_model(source: ModelSource):
     """The bare causal LM and its tokenizer, adapters not applied."""
     from transformers import AutoModelForCausalLM
 
-    path, gguf = _locate(source.model)
+    path, gguf = locate_model(source.model)
     device = resolve_device(source.device)
     dtype = resolve_dtype(source.dtype, device)
     kwargs = {"dtype": dtype, "trust_remote_code": source.trust_remote_code}
@@ -225,7 +226,7 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
     with handle as f:
         for key in f.keys():
             module_name, _, kind = key.rpartition(".lora_")
-            module_name = module_name.removeprefix("base_model.model.")
+            module_name = module_name.removeprefix(ADAPTER_PREFIX)
             module = modules.get(module_name)
             if module is None:
                 raise AntidoteError(
