@@ -44,17 +44,9 @@ def _load_aligned(path: str | None, like: ModelSource) -> torch.nn.Module | None
 
 
 def realign_to_disk(
-    source: ModelSource,
-    config: RealignConfig,
-    out: str | Path,
-    *,
-    data: DataSpec | None = None,
-    protect_data: DataSpec | None = None,
-    contrast_data: PairSet | None = None,
-    aligned_model: str | None = None,
-    save_merged: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
+    source: ModelSource, config: RealignConfig, out: str | Path, *,
+    data: DataSpec | None = None, protect_data: DataSpec | None = None, contrast_data: PairSet | None = None,
+    aligned_model: str | None = None, save_merged: bool = False, overwrite: bool = False, progress: bool = True,
     offload: bool | None = None,
 ) -> RealignResult:
     """The `antidote realign` command: every input is checked before the model is touched.

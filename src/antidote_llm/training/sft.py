@@ -187,16 +187,8 @@ def _check_stage(method: MethodRun | None, stage: str) -> None:
 
 
 def align(
-    model,
-    tokenizer,
-    pairs: Rows,
-    config: TrainConfig,
-    out_dir: str | Path,
-    *,
-    benign: Rows | None = None,
-    method: MethodRun | None = None,
-    model_info: dict | None = None,
-    progress: bool = True,
+    model, tokenizer, pairs: Rows, config: TrainConfig, out_dir: str | Path, *,
+    benign: Rows | None = None, method: MethodRun | None = None, model_info: dict | None = None, progress: bool = True,
 ) -> TrainResult:
     """Safety alignment: LoRA SFT on (harmful prompt, safe answer) rows, optionally mixed with benign rows,
     or an alignment-stage defense (Vaccine, RepNoise, Booster) when `method` is given.
