@@ -161,7 +161,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         metrics["timings"] = {**metrics["timings"], **run.timings}
         metrics["memory"] = run.memory.report().model_dump()
         metrics["versions"] = library_versions()
-        write_eval(result, run.folder)
+        write_eval(result, run.folder)  # its own atomic write lands in the run's folder, renamed with it
     _print_summary(EvalMetrics.model_validate(metrics), run.out)
     return 0
 
