@@ -20,7 +20,7 @@ def test_alignment_poisoning_and_antidote_move_the_harmful_score_the_right_way(t
     data = tmp_path / "data"
     build_demo_data(data, seed=0, sizes=DemoSizes(align=64, poison=20, realign=32, eval_harmful=16,
                                                   task_train=80, task_test=20, benign=32))
-    raw = yaml.safe_load(importlib.resources.files("antidote_llm.configs").joinpath("demo.yaml").read_text())
+    raw = yaml.safe_load(importlib.resources.files("antidote_llm.lab").joinpath("demo.yaml").read_text())
     raw["finetune"]["samples"] = 100
     raw["defenses"] = {
         "none": {"method": "none"},

@@ -7,8 +7,6 @@ The one entry point for the method is `realign` (in memory) or `realign_to_disk`
     result = realign(loaded.model, loaded.tokenizer, RealignConfig(ratio=0.05), load_pairs("harmful.json"))
 """
 
-import importlib.metadata
-
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, realign
 from antidote_llm.data.records import Pair, PairSet, load_pairs
@@ -16,6 +14,7 @@ from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.quiet import quiet_library_warnings
+from antidote_llm.runtime.version import __version__
 
 quiet_library_warnings()  # once, for every entry point: the CLI and library use
 
@@ -33,9 +32,5 @@ __all__ = [
     "load_pairs",
     "realign",
     "realign_to_disk",
+    "__version__",
 ]
-
-try:  # pyproject.toml is the one place the version is written
-    __version__ = importlib.metadata.version("antidote-llm")
-except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"

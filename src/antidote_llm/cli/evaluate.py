@@ -41,8 +41,8 @@ from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import TASKS, get_task, load_task_pairs
 from antidote_llm.runtime.loading import BUILTIN_MODELS, ModelSource, load_model, load_tokenizer
-from antidote_llm.runtime.outputs import check_output_dir, write_jsonl
-from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
+from antidote_llm.runtime.outputs import output_run, write_jsonl
+from antidote_llm.runtime.runinfo import Timings, library_versions
 
 
 def _add_judge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,31 +142,27 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     _check_inputs(args)
     source = model_source(args)
-    out = check_output_dir(
-        args.out, overwrite=args.overwrite,
-        inputs=[source.model, *source.adapters, args.harmful_prompts, args.task_data],
-    )
-    settings = config_from_args(EvalSettings, args, EvalSettings.model_fields)
-    judge = get_judge(settings.judge, _judge_options(args))
-    timings = Timings()
-    with timings.measure("data_s"):
-        harmful = None if args.no_harmful else load_harmful_prompts(
-            args.harmful_prompts, prompt_field=args.prompt_field, limit=args.limit
-        )
-        task_pairs = (
-            load_task_pairs(args.task, args.task_data, "test", limit=args.limit) if args.task is not None else None
-        )
-    with MemoryMonitor() as memory:
-        result, identity = _run(args, source, settings, harmful, task_pairs, judge, timings)
-    metrics = result.metrics
-    metrics["model"] = {"source": source.model, "adapters": list(source.adapters), **identity}
-    metrics["harmful_prompts"] = harmful.describe() if harmful is not None else None
-    metrics["task_data"] = args.task_data or (f"hub default for {args.task}" if args.task else None)
-    metrics["timings"] = {**metrics["timings"], **timings}
-    metrics["memory"] = memory.report().model_dump()
-    metrics["versions"] = library_versions()
-    write_eval(result, out, overwrite=args.overwrite)
-    _print_summary(EvalMetrics.model_validate(metrics), out)
+    inputs = [source.model, *source.adapters, args.harmful_prompts, args.task_data]
+    with output_run(args.out, overwrite=args.overwrite, inputs=inputs) as run:
+        settings = config_from_args(EvalSettings, args, EvalSettings.model_fields)
+        judge = get_judge(settings.judge, _judge_options(args))
+        with run.timings.measure("data_s"):
+            harmful = None if args.no_harmful else load_harmful_prompts(
+                args.harmful_prompts, prompt_field=args.prompt_field, limit=args.limit
+            )
+            task_pairs = (
+                load_task_pairs(args.task, args.task_data, "test", limit=args.limit) if args.task is not None else None
+            )
+        result, identity = _run(args, source, settings, harmful, task_pairs, judge, run.timings)
+        metrics = result.metrics
+        metrics["model"] = {"source": source.model, "adapters": list(source.adapters), **identity}
+        metrics["harmful_prompts"] = harmful.describe() if harmful is not None else None
+        metrics["task_data"] = args.task_data or (f"hub default for {args.task}" if args.task else None)
+        metrics["timings"] = {**metrics["timings"], **run.timings}
+        metrics["memory"] = run.memory.report().model_dump()
+        metrics["versions"] = library_versions()
+        write_eval(result, run.folder)  # its own atomic write lands in the run's folder, renamed with it
+    _print_summary(EvalMetrics.model_validate(metrics), run.out)
     return 0
 
 

@@ -15,7 +15,7 @@ from antidote_llm.lab.executors import EXECUTORS
 from antidote_llm.lab.graph import STATES
 from antidote_llm.lab.runner import experiment_status
 
-DEMO_CONFIG = "demo.yaml"
+DEMO_CONFIG = files("antidote_llm.lab") / "demo.yaml"  # package data, beside the lab that runs it
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -50,7 +50,7 @@ def lab_status(args: argparse.Namespace) -> int:
 
 
 def demo_experiment(data_dir: Path):
-    raw = yaml.safe_load(files("antidote_llm.configs").joinpath(DEMO_CONFIG).read_text(encoding="utf-8"))
+    raw = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
     return parse_experiment(raw, data_dir, "built-in demo config")
 
 

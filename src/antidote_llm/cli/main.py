@@ -1,4 +1,5 @@
-"""The `antidote` command: one subcommand per module in `commands/`, each registering itself."""
+"""The `antidote` command: its subcommands come from the modules of this `cli` package named in COMMAND_MODULES,
+each registering its own."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import threading
 
 from pydantic import ValidationError
 
-from antidote_llm import __version__
 from antidote_llm.errors import AntidoteError, validation_message
+from antidote_llm.runtime.version import __version__
 
 # Each module defines register(subparsers), which adds its subcommands with a `func` default.
 COMMAND_MODULES = ("realign", "evaluate", "stages", "lab")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from antidote_llm.runtime.runinfo import MemoryReport
+from antidote_llm.runtime.runinfo import RunRecord
 
 if TYPE_CHECKING:
     from antidote_llm.core.targets import Target
@@ -69,7 +69,9 @@ class ExecutionReport(Report):
     available_bytes: int | None = None
 
 
-class RealignReport(Report):
+class RealignReport(Report, RunRecord):
+    """`model`, `outputs`, `memory`, `versions` and `started_at` (RunRecord) are filled in by realign_to_disk."""
+
     method: MethodReport
     data: DataReport | None
     protection: ProtectionReport | None
@@ -78,13 +80,8 @@ class RealignReport(Report):
     totals: Totals
     timings: dict[str, float]
     seed: int
-    # Filled in by realign_to_disk:
-    model: dict | None = None
+    # Filled in by realign_to_disk too:
     aligned_model: str | None = None
-    outputs: dict | None = None
-    memory: MemoryReport | None = None
-    versions: dict[str, str] | None = None
-    started_at: str | None = None
     execution: ExecutionReport | None = None
 
 

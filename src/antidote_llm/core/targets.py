@@ -34,13 +34,8 @@ def adapter_mode(specs: Sequence[str], has_adapter: bool) -> bool:
     """Whether Antidote prunes the live fine-tuning adapter (one of its factor sets, or `auto` with an adapter
     given), so the model is loaded with that adapter kept apart and the pruned adapter is what is saved.
     `has_adapter`: whether a fine-tuning adapter is given (or the model carries one live)."""
-    return acts_on_adapter(effective_targets(specs, has_adapter))
-
-
-def acts_on_adapter(specs: Sequence[str]) -> bool:
-    """Whether resolved target specs (no `auto`) name the live fine-tuning adapter; callers decide through
-    `adapter_mode`, which resolves `auto` first."""
-    return len(specs) == 1 and specs[0] in ADAPTER_SETS
+    resolved = effective_targets(specs, has_adapter)
+    return len(resolved) == 1 and resolved[0] in ADAPTER_SETS
 
 
 @dataclass(frozen=True)

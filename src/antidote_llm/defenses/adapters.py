@@ -8,7 +8,6 @@ and zeroes the adapter, so the model stays one object the lab evaluates and the 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -63,15 +62,3 @@ def adapter_update_reader(path: str | Path):
         return adapter.updates([module])[module]
 
     return shapes, read
-
-
-def save_active_adapter(model, out: Path) -> None:
-    """The active adapter as a plain PEFT folder `out` (PEFT writes a non-default adapter into a subfolder)."""
-    name = model.active_adapter
-    if name == FINETUNE_ADAPTER:
-        model.save_pretrained(out)
-        return
-    parts = out.with_name(out.name + ".parts")
-    model.save_pretrained(parts, selected_adapters=[name])
-    (parts / name).rename(out)
-    shutil.rmtree(parts)

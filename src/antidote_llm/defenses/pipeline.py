@@ -5,18 +5,15 @@ the repaired adapter or model and report.json written atomically."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.defenses import DEFENSES, Defense, DefenseContext
-from antidote_llm.defenses.adapters import save_active_adapter
 from antidote_llm.defenses.report import PostReport
 from antidote_llm.errors import AntidoteError
 from antidote_llm.registry import INPUTS, input_spec
-from antidote_llm.runtime.loading import ModelSource, load_model, merge_adapter
-from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_report
-from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
+from antidote_llm.runtime.loading import ModelSource, load_model
+from antidote_llm.runtime.outputs import output_run, save_model, write_report
 
 REPORT_FILE = "report.json"
 # The config keys of a model's shape: a reference model must agree on every one it has.
@@ -106,39 +103,21 @@ def defend_to_disk(
     save_merged: bool = False,
     overwrite: bool = False,
 ) -> PostReport:
-    timings = Timings()
-    started = time.time()
-    out = check_output_dir(out, overwrite=overwrite, inputs=[source.model, *source.adapters, *_given(inputs).values()])
-    check_inputs(chosen, source, inputs)
-    values = load_inputs(inputs, source)
-    with MemoryMonitor() as memory:
-        with timings.measure("load_s"):
+    with output_run(out, overwrite=overwrite, inputs=[source.model, *source.adapters, *_given(inputs).values()]) as run:
+        check_inputs(chosen, source, inputs)
+        values = load_inputs(inputs, source)
+        with run.timings.measure("load_s"):
             loaded = load_model(source, keep_adapter=True)
         context = DefenseContext(loaded.tokenizer, **values)
-        with timings.measure("defense_s"):
+        with run.timings.measure("defense_s"):
             outcome = chosen.apply(loaded.model, context)
         report = PostReport.model_validate(outcome.report)
+        outputs, _ = save_model(run.folder, loaded.model, loaded.tokenizer, run.timings,
+                                adapter=report.output == "adapter", merged=save_merged, base=loaded.source)
         rows = {f"{name}_rows": len(value) for name, value in values.items() if input_spec(name).kind == "rows"}
-        with atomic_dir(out) as tmp:
-            with timings.measure("save_s"):
-                outputs = _save(loaded, report.output, tmp, save_merged)
-            report = report.model_copy(update=dict(
-                model=source.describe(), inputs={**_given(inputs), **rows},
-                outputs=outputs, timings={**report.timings, **timings}, memory=memory.report(),
-                versions=library_versions(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            ))
-            write_report(tmp / REPORT_FILE, report)
+        report = report.model_copy(update={
+            **run.report_fields(), "model": source.describe(), "outputs": outputs,
+            "inputs": {**_given(inputs), **rows}, "timings": {**report.timings, **run.timings},
+        })
+        write_report(run.folder / REPORT_FILE, report)
     return report
-
-
-def _save(loaded, output: str, tmp: Path, save_merged: bool) -> dict:
-    if output == "adapter":
-        save_active_adapter(loaded.model, tmp / "adapter")
-        written = {"adapter": "adapter", "base": {"model": loaded.source.model, "merged_adapters": list(loaded.source.adapters[:-1])}}
-        if not save_merged:
-            return written
-    merged = merge_adapter(loaded.model)
-    folder = "merged" if output == "adapter" else "model"
-    merged.save_pretrained(tmp / folder)
-    loaded.tokenizer.save_pretrained(tmp / folder)
-    return {**(written if output == "adapter" else {}), folder: folder}

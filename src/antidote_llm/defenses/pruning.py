@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import create_model, field_validator
 
 from antidote_llm.core.realign import RealignConfig, realign, split_targets
-from antidote_llm.core.targets import acts_on_adapter
+from antidote_llm.core.targets import adapter_mode
 from antidote_llm.errors import AntidoteError
 from antidote_llm.frontier import FrontierConfig, pick_operating_point, prune_at, run_frontier
 from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
@@ -48,7 +48,7 @@ class _Pruning(Defense, RealignConfig):
         return _pruning_inputs(self, self.calibration)
 
     def live_adapter(self) -> bool:
-        return acts_on_adapter(self.effective_targets(has_adapter=True))
+        return adapter_mode(self.targets, has_adapter=True)
 
     def knob(self) -> str | None:
         return f"ratio={self.ratio}"
@@ -128,7 +128,7 @@ class _AutoPruning(Defense, AutoAntidoteSettings):
         return tuple(dict.fromkeys(needed))
 
     def live_adapter(self) -> bool:
-        return acts_on_adapter(self.realign_config().effective_targets(has_adapter=True))
+        return adapter_mode(self.targets, has_adapter=True)
 
     def apply(self, model, context: DefenseContext) -> DefenseOutcome:
         config, frontier = self.realign_config(), self.frontier_config()

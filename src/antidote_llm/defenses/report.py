@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from antidote_llm.runtime.runinfo import MemoryReport
+from antidote_llm.runtime.runinfo import RunRecord
 
 
 class Report(BaseModel):
@@ -29,7 +29,9 @@ class ModuleChange(Report):
     candidates: int | None = None  # entries with a non-zero delta
 
 
-class PostReport(Report):
+class PostReport(Report, RunRecord):
+    """`model`, `outputs`, `memory`, `versions` and `started_at` (RunRecord) are filled in by the CLI pipeline."""
+
     method: str
     settings: dict
     modules: dict[str, ModuleChange]
@@ -38,13 +40,7 @@ class PostReport(Report):
     changed_fraction: float  # share of them the repair changed
     output: str  # adapter (LoRA form kept) or model (dense)
     timings: dict[str, float] = {}
-    # Filled in by the CLI pipeline:
-    model: dict | None = None
-    inputs: dict | None = None
-    outputs: dict | None = None
-    memory: MemoryReport | None = None
-    versions: dict[str, str] | None = None
-    started_at: str | None = None
+    inputs: dict | None = None  # filled in by the CLI pipeline too
 
 
 def module_change(aligned: torch.Tensor, finetuned: torch.Tensor, repaired: torch.Tensor, **method) -> ModuleChange:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors.torch import save_file
 from antidote_llm.core.pipeline import MASK_FILE, REPORT_FILE, local_inputs, save_repaired
 from antidote_llm.core.realign import RealignConfig, select_nested
 from antidote_llm.core.report import RealignReport
-from antidote_llm.core.targets import acts_on_adapter
+from antidote_llm.core.targets import adapter_mode
 from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
@@ -26,9 +25,9 @@ from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import get_task, load_task_pairs
 from antidote_llm.frontier.search import FrontierConfig, FrontierPoint, run_frontier
 from antidote_llm.runtime.loading import ModelSource, load_model
-from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_report
+from antidote_llm.runtime.outputs import output_run, write_report
 from antidote_llm.runtime.plotting import save_figure, tradeoff_axes
-from antidote_llm.runtime.runinfo import MemoryMonitor, MemoryReport, Timings, library_versions
+from antidote_llm.runtime.runinfo import MemoryReport
 
 LEVELS_FILE = "masks.safetensors"  # one uint8 tensor per parameter: 0 kept, i pruned from the i-th ratio on
 CSV_FILE, PLOT_FILE = "frontier.csv", "frontier.png"
@@ -127,24 +126,23 @@ def frontier_to_disk(
 ) -> FrontierReport:
     """Score once at every ratio of `frontier`; evaluate the points when `probe` is given; with `pick`, choose
     the ratio and save the model repaired at it. Every input is checked before the model is loaded."""
-    timings, started = Timings(), time.time()
     if pick and probe is None:
         raise AntidoteError("--ratio auto needs --probe-prompts, --task and --validation-data to evaluate the ratios")
     if frontier.controls and probe is None:
         raise AntidoteError("--controls draw evaluated points; give --probe-prompts, --task and --validation-data")
-    out = check_output_dir(out, overwrite=overwrite, inputs=local_inputs(
-        source, data.source, probe and probe.prompts.source, probe and probe.validation, benign and benign.source,
-        protect_data and protect_data.source, contrast_data and contrast_data.source))
-    config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False,
-                        has_contrast=contrast_data is not None)
-    pairs = data.load("unsafe")
-    benign_rows = benign.load("all", require_response=False) if benign is not None else None
-    protect_rows = protect_data.load("all", require_response=False) if protect_data is not None else None
-    loaded_probe = probe.load(config.template) if probe is not None else None
-    with MemoryMonitor() as memory:
-        with timings.measure("load_s"):
-            loaded = load_model(source, keep_adapter=acts_on_adapter(config.effective_targets(bool(source.adapters))))
-        with timings.measure("frontier_s"):
+    inputs = local_inputs(source, data.source, probe and probe.prompts.source, probe and probe.validation,
+                          benign and benign.source, protect_data and protect_data.source,
+                          contrast_data and contrast_data.source)
+    with output_run(out, overwrite=overwrite, inputs=inputs) as run:
+        config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False,
+                            has_contrast=contrast_data is not None)
+        pairs = data.load("unsafe")
+        benign_rows = benign.load("all", require_response=False) if benign is not None else None
+        protect_rows = protect_data.load("all", require_response=False) if protect_data is not None else None
+        loaded_probe = probe.load(config.template) if probe is not None else None
+        with run.timings.measure("load_s"):
+            loaded = load_model(source, keep_adapter=adapter_mode(config.targets, bool(source.adapters)))
+        with run.timings.measure("frontier_s"):
             if loaded_probe is None:
                 selection = select_nested(loaded.model, loaded.tokenizer, config, pairs, ratios=frontier.ratios,
                                           protect_data=protect_rows, contrast_data=contrast_data, progress=progress)
@@ -154,24 +152,23 @@ def frontier_to_disk(
                                       benign=benign_rows, protect_data=protect_rows, contrast_data=contrast_data,
                                       pick=pick, progress=progress)
                 selection, points, picked = result.selection, result.points, result.picked
-        with atomic_dir(out) as tmp:
-            with timings.measure("save_s"):
-                _save_levels(selection.levels, selection.ratios, tmp / LEVELS_FILE)
-                outputs = {"masks": LEVELS_FILE}
-                if picked is not None:
-                    outputs.update(save_repaired(loaded, selection.masks(picked), tmp, save_merged))
-                if points:
-                    outputs.update(write_frontier(tmp, points, selection.ratios[picked] if picked is not None else None))
-            report = FrontierReport(
-                ratios=list(selection.ratios), selections=[selection.report(i) for i in range(len(selection.ratios))],
-                points=points, picked_ratio=selection.ratios[picked] if picked is not None else None,
-                max_accuracy_drop=frontier.max_accuracy_drop if pick else None,
-                probe=None if probe is None else {"prompts": probe.prompts.model_dump(), "task": probe.task,
-                                                  "validation": probe.validation, "settings": probe.settings.model_dump()},
-                model=source.describe(), outputs=outputs, timings=dict(timings), memory=memory.report(),
-                versions=library_versions(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            )
-            write_report(tmp / REPORT_FILE, report)
+        picked_ratio = selection.ratios[picked] if picked is not None else None
+        with run.timings.measure("save_s"):
+            _save_levels(selection.levels, selection.ratios, run.folder / LEVELS_FILE)
+        outputs = {"masks": LEVELS_FILE}
+        if picked is not None:
+            outputs.update(save_repaired(loaded, selection.masks(picked), run.folder, save_merged, run.timings))
+        if points:
+            with run.timings.measure("save_s"):
+                outputs.update(write_frontier(run.folder, points, picked_ratio))
+        report = FrontierReport(
+            ratios=list(selection.ratios), selections=[selection.report(i) for i in range(len(selection.ratios))],
+            points=points, picked_ratio=picked_ratio, max_accuracy_drop=frontier.max_accuracy_drop if pick else None,
+            probe=None if probe is None else {"prompts": probe.prompts.model_dump(), "task": probe.task,
+                                              "validation": probe.validation, "settings": probe.settings.model_dump()},
+            model=source.describe(), outputs=outputs, **run.report_fields(),
+        )
+        write_report(run.folder / REPORT_FILE, report)
     return report
 
 

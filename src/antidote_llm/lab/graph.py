@@ -30,7 +30,7 @@ POLL_S = 0.5
 
 def stage_key(*parts) -> str:
     """A short, stable hash of everything that determines a stage's output, this package's version included."""
-    from antidote_llm import __version__
+    from antidote_llm.runtime.version import __version__
 
     payload = json.dumps([__version__, *(p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts)],
                          sort_keys=True, default=str)

@@ -1,5 +1,6 @@
 """Atomic outputs: a run writes into a hidden sibling folder and renames it into place at the end,
-so an interrupted or failed run leaves nothing half-written, and an input is never overwritten."""
+so an interrupted or failed run leaves nothing half-written, and an input is never overwritten.
+`output_run` is the shell every to-disk command runs in; `save_model` writes a model, adapter and tokenizer."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.loading import MERGE_DTYPE, ModelSource, merge_adapter
+from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
 
 
 def check_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
@@ -52,6 +59,82 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class OutputRun:
+    """A to-disk run in progress (see `output_run`): where it writes, its timings and memory, when it began."""
+
+    out: Path
+    timings: Timings
+    memory: MemoryMonitor
+    started_at: str
+    _stack: contextlib.ExitStack
+    _folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The hidden folder the run writes into, renamed to `out` at the end. Made on first use, so a run
+        that writes nothing (a process of `accelerate launch` other than the main one) leaves no trace."""
+        if self._folder is None:
+            self._folder = self._stack.enter_context(atomic_dir(self.out))
+        return self._folder
+
+    def report_fields(self) -> dict:
+        """What every to-disk report records about the run itself."""
+        return {"timings": dict(self.timings), "memory": self.memory.report(), "versions": library_versions(),
+                "started_at": self.started_at}
+
+
+@contextlib.contextmanager
+def output_run(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[OutputRun]:
+    """The shell of every command that writes an output folder: the folder is checked first (`check_output_dir`),
+    memory is watched and timings kept over the block, which writes into `run.folder`; at a normal exit that
+    folder is renamed into place, on an error it is removed and nothing is written."""
+    checked = check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with contextlib.ExitStack() as stack, MemoryMonitor() as memory:
+        yield OutputRun(checked, Timings(), memory, started_at, stack)
+
+
+def save_model(folder: Path, model, tokenizer, timings: Timings, *, adapter: bool, merged: bool = False,
+               base: ModelSource | None = None) -> tuple[dict, torch.nn.Module]:
+    """Write a model output into `folder`: with `adapter`, the live LoRA adapter as adapter/ (PEFT; `base`, the
+    model it was loaded from, is recorded as what it lies on) and, with `merged`, also the model with it merged as merged/; without, the
+    whole model (a live adapter merged) as model/. A whole model gets its tokenizer so the folder loads alone.
+    Returns what went where, for the report, and the model as written (merged, when it was)."""
+    outputs: dict = {}
+    if adapter:
+        with timings.measure("save_s"):
+            _save_active_adapter(model, folder / "adapter")  # before merging: merging removes the LoRA layers
+        outputs["adapter"] = "adapter"
+        if base is not None:
+            outputs["base"] = {"model": base.model, "merged_adapters": list(base.adapters[:-1])}
+        if not merged:
+            return outputs, model
+    if hasattr(model, "peft_config"):
+        with timings.measure("merge_s"):
+            model = merge_adapter(model)
+    name = "merged" if adapter else "model"
+    with timings.measure("save_s"):
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    outputs[name] = name
+    if adapter:
+        outputs["merge_dtype"] = str(MERGE_DTYPE).removeprefix("torch.")
+    return outputs, model
+
+
+def _save_active_adapter(model, folder: Path) -> None:
+    """The active adapter as a plain PEFT folder (PEFT writes an adapter not named "default" into a subfolder)."""
+    name = model.active_adapter
+    if name == "default":
+        model.save_pretrained(folder)
+        return
+    parts = folder.with_name(folder.name + ".parts")
+    model.save_pretrained(parts, selected_adapters=[name])
+    (parts / name).rename(folder)
+    shutil.rmtree(parts)
 
 
 def write_json(path: str | Path, obj) -> None:

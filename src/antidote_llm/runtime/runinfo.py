@@ -74,3 +74,13 @@ class MemoryMonitor:
     def report(self) -> MemoryReport:
         gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         return MemoryReport(rss_start_bytes=self.start_rss, peak_rss_bytes=self.peak_rss, peak_gpu_bytes=gpu)
+
+
+class RunRecord(BaseModel):
+    """The fields a to-disk command fills into its report: the model it read, what it wrote, how the run went."""
+
+    model: dict | None = None
+    outputs: dict | None = None
+    memory: MemoryReport | None = None
+    versions: dict[str, str] | None = None
+    started_at: str | None = None

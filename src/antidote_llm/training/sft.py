@@ -18,9 +18,9 @@ from antidote_llm.data.mix import build_mix, mix_spec
 from antidote_llm.data.records import Pair, Rows, as_pairs, describe_rows, pairs_sha256
 from antidote_llm.data.templates import encode_pair
 from antidote_llm.errors import AntidoteError
-from antidote_llm.runtime.loading import MERGE_DTYPE, merge_adapter
-from antidote_llm.runtime.outputs import atomic_dir, write_json, write_report
-from antidote_llm.runtime.runinfo import MemoryMonitor, Timings, library_versions
+from antidote_llm.runtime.loading import merge_adapter
+from antidote_llm.runtime.outputs import OutputRun, output_run, save_model, write_json, write_report
+from antidote_llm.runtime.runinfo import Timings, library_versions
 from antidote_llm.training.config import TrainConfig
 from antidote_llm.training.methods.base import MethodRun
 from antidote_llm.training.report import TrainFacts, TrainReport
@@ -171,13 +171,13 @@ def _train(
     return peft_model, facts, trainer.is_world_process_zero()
 
 
-def _report(stage: str, config: TrainConfig, data: dict, facts: TrainFacts, timings: Timings,
-            memory: MemoryMonitor, model_info: dict | None, outputs: dict, method: MethodRun | None = None) -> TrainReport:
+def _report(stage: str, config: TrainConfig, data: dict, facts: TrainFacts, run: OutputRun, model_info: dict | None,
+            outputs: dict, method: MethodRun | None = None) -> TrainReport:
     defense = None if method is None else {
         "name": method.defense.name, "settings": method.defense.settings(),
         "data": {role: describe_rows(rows) for role, rows in method.extra.items()}}
     return TrainReport(stage=stage, model=model_info, config=config, data=data, train=facts, outputs=outputs,
-                       timings=dict(timings), memory=memory.report(), versions=library_versions(), defense=defense)
+                       timings=dict(run.timings), memory=run.memory.report(), versions=library_versions(), defense=defense)
 
 
 def _check_stage(method: MethodRun | None, stage: str) -> None:
@@ -188,16 +188,8 @@ def _check_stage(method: MethodRun | None, stage: str) -> None:
 
 
 def align(
-    model,
-    tokenizer,
-    pairs: Rows,
-    config: TrainConfig,
-    out_dir: str | Path,
-    *,
-    benign: Rows | None = None,
-    method: MethodRun | None = None,
-    model_info: dict | None = None,
-    progress: bool = True,
+    model, tokenizer, pairs: Rows, config: TrainConfig, out_dir: str | Path, *,
+    benign: Rows | None = None, method: MethodRun | None = None, model_info: dict | None = None, progress: bool = True,
 ) -> TrainResult:
     """Safety alignment: LoRA SFT on (harmful prompt, safe answer) rows, optionally mixed with benign rows,
     or an alignment-stage defense (Vaccine, RepNoise, Booster) when `method` is given.
@@ -230,26 +222,16 @@ def unalign(
 
 def _merged_stage(stage: str, model, tokenizer, rows, data: dict, config: TrainConfig, out_dir: str | Path,
                   model_info: dict | None, progress: bool, method: MethodRun | None = None) -> TrainResult:
-    timings = Timings()
     out = Path(out_dir)
-    with MemoryMonitor() as memory:
-        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress, method)
+    with output_run(out, overwrite=True) as run:  # the callers checked the folder; a stage replaces it
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, run.timings, progress, method)
         if not main_process:  # under accelerate launch only the main process writes
             merged = merge_adapter(peft_model)
-            report = _report(stage, config, data, facts, timings, memory, model_info, {}, method)
+            report = _report(stage, config, data, facts, run, model_info, {}, method)
             return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report, wrote=False)
-        with atomic_dir(out) as tmp:
-            with timings.measure("save_s"):
-                peft_model.save_pretrained(tmp / "adapter")  # before merging: merging removes the LoRA layers
-            with timings.measure("merge_s"):
-                merged = merge_adapter(peft_model)
-            with timings.measure("save_s"):
-                merged.save_pretrained(tmp / "merged")
-                tokenizer.save_pretrained(tmp / "merged")
-            report = _report(stage, config, data, facts, timings, memory, model_info,
-                             {"adapter": "adapter", "merged": "merged",
-                              "merge_dtype": str(MERGE_DTYPE).removeprefix("torch.")}, method)
-            write_report(tmp / REPORT_FILE, report)
+        outputs, merged = save_model(run.folder, peft_model, tokenizer, run.timings, adapter=True, merged=True)
+        report = _report(stage, config, data, facts, run, model_info, outputs, method)
+        write_report(run.folder / REPORT_FILE, report)
     return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
 
 
@@ -293,21 +275,18 @@ def finetune(
         "rows": origins,
     }
     data = {"mix": {k: v for k, v in mix.items() if k != "rows"}, "mix_sha256": pairs_sha256(rows)}
-    timings = Timings()
     out = Path(out_dir)
-    with MemoryMonitor() as memory:
-        peft_model, facts, main_process = _train(model, tokenizer, rows, config, timings, progress, method)
-    result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report=None,
-                            mix=mix, harmful_indices=harmful_indices)
-    if not main_process:  # under accelerate launch only the main process writes
-        result.report = _report("finetune", config, data, facts, timings, memory, model_info, {}, method)
-        result.wrote = False
-        return result
-    with atomic_dir(out) as tmp:
-        with timings.measure("save_s"):
-            peft_model.save_pretrained(tmp / "adapter")
-        write_json(tmp / "mix.json", mix)
-        result.report = _report("finetune", config, data, facts, timings, memory, model_info,
-                                {"adapter": "adapter", "mix": "mix.json"}, method)
-        write_report(tmp / REPORT_FILE, result.report)
+    with output_run(out, overwrite=True) as run:  # the callers checked the folder; a stage replaces it
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, run.timings, progress, method)
+        result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report=None,
+                                mix=mix, harmful_indices=harmful_indices)
+        if not main_process:  # under accelerate launch only the main process writes
+            result.report = _report("finetune", config, data, facts, run, model_info, {}, method)
+            result.wrote = False
+            return result
+        outputs, _ = save_model(run.folder, peft_model, tokenizer, run.timings, adapter=True)
+        write_json(run.folder / "mix.json", mix)
+        result.report = _report("finetune", config, data, facts, run, model_info, {**outputs, "mix": "mix.json"},
+                                method)
+        write_report(run.folder / REPORT_FILE, result.report)
     return result

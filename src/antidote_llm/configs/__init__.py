@@ -1,1 +1,0 @@
-"""Built-in experiment configs (the demo)."""
