@@ -46,10 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.kind == "rows":
             group.add_argument(_samples_flag(spec), dest=f"{_dest(spec)}_samples", type=int,
                                help=f"rows of {spec.flag} to use (default: {spec.samples or 'all'})")
-    for method in methods:
+    declared = set(SHARED_FIELDS)
+    for method in methods:  # a field two peers share (safe-delta's and another's scale) is one flag
         settings = defense(method)
-        group = parser.add_argument_group(f"--method {method}")
-        add_config_options(group, settings, [name for name in settings.model_fields if name not in SHARED_FIELDS])
+        own = [name for name in settings.model_fields if name not in declared]
+        declared.update(own)
+        add_config_options(parser.add_argument_group(f"--method {method}"), settings, own)
 
 
 def _peer_fields(method: str) -> tuple[str, ...]:
