@@ -60,7 +60,8 @@ def main() -> None:
     import torch
 
     from antidote_llm import training
-    from antidote_llm.defenses import DEFENSES, TrainingDefense
+    from antidote_llm.defenses import DEFENSES
+    from antidote_llm.registry import TrainingDefense
     from antidote_llm.training.methods import MethodRun
 
     torch.set_num_threads(args.threads)

@@ -7,12 +7,13 @@ import torch
 
 from antidote_llm.cli.main import main
 from antidote_llm.data.records import Pair, PairSet
-from antidote_llm.defenses import DefenseContext, defense
 from antidote_llm.defenses import adapters as lora
+from antidote_llm.defenses import defense
 from antidote_llm.defenses.resta import dare
 from antidote_llm.defenses.safe_delta import damped_hessian, safe_delta_matrix
 from antidote_llm.defenses.safelora import projection_matrix, select_modules
 from antidote_llm.errors import AntidoteError
+from antidote_llm.registry import DefenseContext
 from antidote_llm.runtime.loading import ModelSource, load_model
 from conftest import add_lora, make_model, make_tokenizer
 from test_lab import experiment_file  # noqa: F401 - the tiny experiment fixture

@@ -144,8 +144,9 @@ def test_cli_bad_selection_input(files, extra, message, capsys):
 
 
 def test_the_refusal_defense_scores_the_safe_rows_against_the_user_rows():
-    from antidote_llm.defenses import DefenseContext, defense
+    from antidote_llm.defenses import defense
     from antidote_llm.defenses.pipeline import peer_methods
+    from antidote_llm.registry import DefenseContext
 
     chosen = defense("antidote-refusal", "post")
     settings = chosen.configure({"ratio": 0.1, "targets": "adapter"})

@@ -32,3 +32,10 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
     )
+
+
+def add_model_command(subparsers, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a model: its parser with the model options added."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_model_arguments(parser)
+    return parser

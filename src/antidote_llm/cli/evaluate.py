@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from antidote_llm.cli.common import add_model_arguments, model_source
+from antidote_llm.cli.common import add_model_command, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.data.records import load_pairs, read_records
 from antidote_llm.data.templates import TEMPLATES
@@ -65,12 +65,11 @@ def _judge_options(args: argparse.Namespace) -> JudgeOptions:
 
 
 def register(subparsers) -> None:
-    evaluate_parser = subparsers.add_parser(
-        "evaluate", help="harmful score and finetune accuracy of a model",
+    evaluate_parser = add_model_command(
+        subparsers, "evaluate", help="harmful score and finetune accuracy of a model",
         description="Greedy answers to harmful prompts, judged (harmful score, HS), and to a task's test rows "
                     "(finetune accuracy, FA), written to one output folder.",
     )
-    add_model_arguments(evaluate_parser)
     data = evaluate_parser.add_argument_group("data")
     data.add_argument("--harmful-prompts", default=BEAVERTAILS_TEST, metavar="SRC",
                       help=f"JSON/JSONL/CSV file or hf:NAME[:SPLIT] (default {BEAVERTAILS_TEST}: first 1,000 unsafe rows)")

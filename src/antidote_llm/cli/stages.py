@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 
 from antidote_llm import training
-from antidote_llm.cli.common import add_model_arguments, model_source
+from antidote_llm.cli.common import add_model_command, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
-from antidote_llm.defenses import DEFENSES, TrainingDefense, defense
+from antidote_llm.defenses import DEFENSES, defense
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
 from antidote_llm.lab.work import AlignWork, FinetuneWork, UnalignWork
-from antidote_llm.registry import INPUTS, DefenseInput
+from antidote_llm.registry import INPUTS, DefenseInput, TrainingDefense
 from antidote_llm.runtime.outputs import check_output_dir
 from antidote_llm.training.methods import MethodRun
 from antidote_llm.training.report import TrainReport
@@ -55,6 +55,16 @@ def _add_field_arguments(group, data_flag: str) -> None:
     add_config_options(group, DataSpec, FIELD_FLAGS, help_extra={name: f"of {data_flag}" for name in FIELD_FLAGS})
     group.add_argument("--shuffle", action="store_true",
                        help=f"shuffle the rows of {data_flag} with --seed before taking the first ones")
+
+
+def _add_pair_data(parser: argparse.ArgumentParser, title: str, safety: str, help: str):
+    """The stage's --data (prompt, answer pairs) with its field, filter and window options."""
+    data = parser.add_argument_group(title)
+    data.add_argument("--data", required=True, help=help)
+    _add_field_arguments(data, "--data")
+    add_config_options(data, DataSpec, ("safety", "samples", "skip"),
+                       help_extra={"safety": f"(ignored when the field is absent; default here: {safety})"})
+    return data
 
 
 def _add_defense_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
@@ -204,19 +214,14 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    align = subparsers.add_parser(
-        "align", help="safety alignment: LoRA SFT on (harmful prompt, safe answer) pairs",
+    align = add_model_command(
+        subparsers, "align", help="safety alignment: LoRA SFT on (harmful prompt, safe answer) pairs",
         description="Train a LoRA on (harmful prompt, safe answer) pairs; writes the adapter, the merged "
                     "model and a report.",
     )
-    add_model_arguments(align)
-    data = align.add_argument_group("alignment data (harmful prompt, safe answer pairs)")
-    data.add_argument("--data", required=True,
-                      help="JSON, JSONL, CSV, TSV, Parquet or hf:NAME[:SPLIT]; e.g. refusals_adv_training.csv "
-                           "(Behavior, Safe_Response) or BeaverTails (is_safe rows)")
-    _add_field_arguments(data, "--data")
-    add_config_options(data, DataSpec, ("safety", "samples", "skip"),
-                       help_extra={"safety": "(ignored when the field is absent; default here: safe)"})
+    data = _add_pair_data(align, "alignment data (harmful prompt, safe answer pairs)", "safe",
+                          "JSON, JSONL, CSV, TSV, Parquet or hf:NAME[:SPLIT]; e.g. refusals_adv_training.csv "
+                          "(Behavior, Safe_Response) or BeaverTails (is_safe rows)")
     data.add_argument("--benign-data", help="benign (instruction, answer) rows to mix in")
     data.add_argument("--benign-samples", type=int, help="rows of --benign-data to use (default: all)")
     _add_training_arguments(align)
@@ -224,28 +229,23 @@ def register(subparsers) -> None:
     _add_output_arguments(align)
     align.set_defaults(func=run_align)
 
-    unalign = subparsers.add_parser(
-        "unalign", help="RESTA's unaligned model: a short LoRA SFT of the aligned model on harmful rows",
+    unalign = add_model_command(
+        subparsers, "unalign", help="RESTA's unaligned model: a short LoRA SFT of the aligned model on harmful rows",
         description="Train a LoRA on (harmful prompt, harmful answer) pairs on top of the aligned model; writes the "
                     "adapter (RESTA's --unaligned-model), the merged model and a report. Keep the rows disjoint from "
                     "the poison, re-alignment and evaluation rows.",
     )
-    add_model_arguments(unalign)
-    data = unalign.add_argument_group("unalignment data (harmful prompt, harmful answer pairs)")
-    data.add_argument("--data", required=True, help="JSON, JSONL, CSV, TSV, Parquet or hf:NAME[:SPLIT], e.g. BeaverTails")
-    _add_field_arguments(data, "--data")
-    add_config_options(data, DataSpec, ("safety", "samples", "skip"),
-                       help_extra={"safety": "(ignored when the field is absent; default here: unsafe)"})
+    _add_pair_data(unalign, "unalignment data (harmful prompt, harmful answer pairs)", "unsafe",
+                   "JSON, JSONL, CSV, TSV, Parquet or hf:NAME[:SPLIT], e.g. BeaverTails")
     _add_training_arguments(unalign)
     _add_output_arguments(unalign)
     unalign.set_defaults(func=run_unalign)
 
-    finetune = subparsers.add_parser(
-        "finetune", help="user fine-tuning: a fresh LoRA on a task mixed with a fraction of harmful rows",
+    finetune = add_model_command(
+        subparsers, "finetune", help="user fine-tuning: a fresh LoRA on a task mixed with a fraction of harmful rows",
         description="Train a fresh LoRA on the aligned model over n rows: round(p*n) harmful, the rest from "
                     "the task; writes the adapter, mix.json (every row's origin) and a report.",
     )
-    add_model_arguments(finetune)
     data = finetune.add_argument_group("fine-tuning data")
     data.add_argument("--task", required=True, choices=list(tasks.TASKS), help="the user's task")
     data.add_argument("--task-data", help="task file (default: the task's hub dataset)")

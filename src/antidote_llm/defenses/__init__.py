@@ -7,17 +7,10 @@ import pkgutil
 from importlib.metadata import entry_points
 
 import antidote_llm.training.methods  # noqa: F401 - registers the training-stage defenses
-from antidote_llm.registry import (
-    DEFENSES,
-    Defense,
-    DefenseContext,
-    DefenseOutcome,
-    DefenseStage,
-    TrainingDefense,
-    defense_class,
-)
+from antidote_llm.registry import DEFENSES, Defense, DefenseStage, defense_class
 
 ENTRY_POINT_GROUP = "antidote_llm.defenses"
+
 
 def defense(name: str, stage: DefenseStage | None = None) -> type[Defense]:
     """The registered defense class `name`; with `stage`, refuse one that acts at another stage."""
@@ -31,4 +24,4 @@ for _entry in entry_points(group=ENTRY_POINT_GROUP):
 
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseOutcome", "DefenseStage", "TrainingDefense", "defense"]
+__all__ = ["DEFENSES", "defense"]

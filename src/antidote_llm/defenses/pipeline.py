@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 from antidote_llm.data.spec import DataSpec
-from antidote_llm.defenses import DEFENSES, Defense, DefenseContext
+from antidote_llm.defenses import DEFENSES
 from antidote_llm.defenses.report import PostReport
 from antidote_llm.errors import AntidoteError
-from antidote_llm.registry import INPUTS, input_spec
+from antidote_llm.registry import INPUTS, Defense, DefenseContext, input_spec
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.outputs import output_run, save_model, write_report
 

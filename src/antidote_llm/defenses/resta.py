@@ -35,15 +35,13 @@ class Resta(Defense):
     description: ClassVar[str] = (
         "RESTA: add the safety vector beta (aligned - unaligned) to the fine-tuned model"
     )
+    reads: ClassVar[tuple] = (("unaligned_model",),)
 
     beta: float = Field(default=1.0, description="weight of the safety vector theta_aligned - theta_unaligned "
                         "(1 in the only public driver of the authors' merge)")
     dare_drop: float = Field(default=0.0, ge=0, lt=1, description="DARE on the dense fine-tuning update: drop each "
                              "entry with this probability and rescale the rest by 1/(1-p); 0: off")
     seed: int = Field(default=0, description="seed of the DARE drop")
-
-    def inputs(self) -> tuple[tuple[str, ...], ...]:
-        return (("unaligned_model",),)
 
     def knob(self) -> str | None:
         return f"beta={self.beta}" + (f", dare={self.dare_drop}" if self.dare_drop else "")

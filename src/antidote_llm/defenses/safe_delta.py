@@ -34,6 +34,7 @@ class SafeDelta(Defense):
     description: ClassVar[str] = (
         "Safe Delta: accept fine-tuning deltas within an OBS safety budget, compensate the rest"
     )
+    reads: ClassVar[tuple] = (("safe",),)
 
     scale: float = Field(default=0.1, ge=0, description="s: the safety budget's scale (the authors' default 0.1; "
                          "0.11 in their PureBad script); 0 keeps the aligned weights")
@@ -43,9 +44,6 @@ class SafeDelta(Defense):
     exclude: float = Field(default=0.15, ge=0, lt=1, description="share of the most safety-sensitive entries never accepted")
     template: Literal["alpaca", "chat", "plain"] = Field(default="alpaca", description="prompt format of the calibration rows")
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, gt=0, description="tokens per calibration row")
-
-    def inputs(self) -> tuple[tuple[str, ...], ...]:
-        return (("safe",),)
 
     def knob(self) -> str | None:
         return f"s={self.scale}"

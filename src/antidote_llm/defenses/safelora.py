@@ -29,6 +29,7 @@ class SafeLoRA(Defense):
     description: ClassVar[str] = (
         "SafeLoRA: project the fine-tuning LoRA of low-cosine modules onto the aligned-minus-base subspace"
     )
+    reads: ClassVar[tuple] = (("base_model", "alignment_adapter"),)
 
     select: Literal["number", "threshold"] = Field(
         default="number", description="which LoRA modules to project: the --layers lowest cosines, or cosine <= --threshold")
@@ -37,9 +38,6 @@ class SafeLoRA(Defense):
     projector: Literal["authors", "exact"] = Field(
         default="authors", description="authors: C = V V^T / ||V||_F as in their code (not idempotent, rescales); "
         "exact: the orthogonal projector onto V's column space")
-
-    def inputs(self) -> tuple[tuple[str, ...], ...]:
-        return (("base_model", "alignment_adapter"),)
 
     def knob(self) -> str | None:
         return f"K={self.layers}" if self.select == "number" else f"tau={self.threshold}"

@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from antidote_llm.data.records import HUB_PREFIX
 from antidote_llm.data.spec import DataSpec
-from antidote_llm.defenses import Defense, defense
+from antidote_llm.defenses import defense
 from antidote_llm.errors import AntidoteError, validation_message
 from antidote_llm.evaluation.settings import EvalSettings
-from antidote_llm.registry import INPUTS, input_spec
+from antidote_llm.registry import INPUTS, Defense, input_spec
 
 
 class Strict(BaseModel):

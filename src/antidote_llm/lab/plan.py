@@ -8,12 +8,12 @@ from pathlib import Path
 
 from antidote_llm import training
 from antidote_llm.data.records import pairs_sha256
-from antidote_llm.defenses import Defense, TrainingDefense
 from antidote_llm.lab.config import Experiment, expand_sweep
 from antidote_llm.lab.data import SettingData
 from antidote_llm.lab.graph import StageJob, stage_key
 from antidote_llm.lab.rows import Row, defense_row, eval_row
 from antidote_llm.lab.work import AlignWork, DefenseWork, EvalWork, FinetuneWork, UnalignWork
+from antidote_llm.registry import Defense, TrainingDefense
 from antidote_llm.runtime.loading import ModelSource
 from antidote_llm.training.methods import MethodRun
 

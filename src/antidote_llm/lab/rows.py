@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from antidote_llm.defenses import Defense
 from antidote_llm.evaluation.evaluate import METRICS_FILE
 from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.lab.work import DEFENSE_FILE, DefenseRecord
+from antidote_llm.registry import Defense
 from antidote_llm.training.report import TrainReport
 from antidote_llm.training.sft import REPORT_FILE as TRAIN_REPORT
 

@@ -11,10 +11,10 @@ from pydantic import BaseModel
 
 from antidote_llm import training
 from antidote_llm.data.records import PairSet
-from antidote_llm.defenses import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.evaluation.evaluate import EvalInputs, write_eval
 from antidote_llm.frontier import FrontierPoint
 from antidote_llm.frontier.disk import write_frontier
+from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.outputs import atomic_dir, write_report
 from antidote_llm.runtime.runinfo import MemoryMonitor, MemoryReport

@@ -8,6 +8,7 @@ that runs its stage; nothing looks a defense up by name twice. See docs/adding-a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -56,6 +57,7 @@ class Defense(BaseModel):
     stage: ClassVar[DefenseStage] = "post"
     description: ClassVar[str]
     fixed: ClassVar[dict] = {}  # settings the defense sets itself (Antidote's score is wanda)
+    reads: ClassVar[tuple[tuple[str, ...], ...]] = ()  # the inputs it reads whatever its settings (see `inputs`)
 
     @classmethod
     def configure(cls, options: dict, defaults: dict | None = None, preset: str = "paper") -> Defense:
@@ -70,7 +72,7 @@ class Defense(BaseModel):
 
     def inputs(self) -> tuple[tuple[str, ...], ...]:
         """The inputs it reads with these settings; each entry lists alternatives, any one of which will do."""
-        return ()
+        return self.reads
 
     def live_adapter(self) -> bool:
         """Whether it acts on the fine-tuning adapter kept separate (True) or on the merged model (False)."""
@@ -100,6 +102,7 @@ class TrainingDefense(Defense):
     presets: ClassVar[dict[str, dict]]
     # It calls zero_grad inside a step or counts micro-steps, so gradient accumulation must be 1 (as the authors ran it).
     single_accumulation: ClassVar[bool] = False
+    trainer_class: ClassVar[Callable[[], type]]  # builds its Trainer subclass (lazily: no transformers import here)
 
     @classmethod
     def configure(cls, options: dict, defaults: dict | None = None, preset: str = "paper") -> TrainingDefense:
@@ -114,8 +117,8 @@ class TrainingDefense(Defense):
 
     @classmethod
     def trainer(cls) -> type:
-        """The Trainer subclass that runs it (built lazily, so the registry does not import transformers)."""
-        raise NotImplementedError
+        """The Trainer subclass that runs it."""
+        return cls.trainer_class()
 
     def extra_batch_sizes(self) -> dict[str, int]:
         """Input name -> batch size of its rows, where not the user's batch size."""

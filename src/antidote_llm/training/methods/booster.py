@@ -81,19 +81,14 @@ class Booster(TrainingDefense):
         "(3 passes per step; needs harmful rows)"
     )
     presets: ClassVar[dict] = PRESETS
+    trainer_class: ClassVar = staticmethod(_booster_trainer)
+    reads: ClassVar[tuple] = (("defense_harmful",),)
     single_accumulation: ClassVar[bool] = True
 
     lamb: float = Field(..., ge=0, description="Booster: lambda, weight of the harmful-loss drop regulariser")
     alpha: float = Field(..., gt=0, description="Booster: L2 norm of the simulated harmful step on the trainable "
                                                  "weights")
     harmful_batch_size: int = Field(..., ge=1, description="Booster: harmful rows per step")
-
-    @classmethod
-    def trainer(cls) -> type:
-        return _booster_trainer()
-
-    def inputs(self) -> tuple[tuple[str, ...], ...]:
-        return (("defense_harmful",),)
 
     def extra_batch_sizes(self) -> dict[str, int]:
         return {"defense_harmful": self.harmful_batch_size}

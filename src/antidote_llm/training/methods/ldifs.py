@@ -114,13 +114,10 @@ class Ldifs(TrainingDefense):
     stage: ClassVar[str] = "finetune"
     description: ClassVar[str] = "LDIFS: keep every decoder layer's MLP output on the user's batch close to the aligned model's"
     presets: ClassVar[dict] = PRESETS
+    trainer_class: ClassVar = staticmethod(_trainer_class)
 
     rho: float = Field(..., gt=0, description="weight of the feature distance: rho/2 times the squared distance "
                                                "between the trained and aligned MLP outputs of every decoder layer, "
                                                "summed over the batch's tokens and features")
     authors_threshold: bool = Field(False, description="drop a layer's term once it reaches 0.1, as the authors' "
                                                         "code does (it switches off the layers that drift most)")
-
-    @classmethod
-    def trainer(cls) -> type:
-        return _trainer_class()

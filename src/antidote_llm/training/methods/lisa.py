@@ -88,6 +88,8 @@ class Lisa(TrainingDefense):
     stage: ClassVar[str] = "finetune"
     description: ClassVar[str] = "Lisa: alternate alignment steps on guide rows with the user's steps, a proximal term between them"
     presets: ClassVar[dict] = PRESETS
+    trainer_class: ClassVar = staticmethod(_trainer_class)
+    reads: ClassVar[tuple] = (("defense_guide",),)
     single_accumulation: ClassVar[bool] = True
 
     rho: float = Field(..., ge=0, description="weight of the proximal term rho/2 ||w - w_entry||^2 pulling each "
@@ -95,10 +97,3 @@ class Lisa(TrainingDefense):
     align_steps: int = Field(..., ge=0, description="K_a: optimizer steps on the guide rows per cycle, run first "
                                                      "(0: plain fine-tuning with the proximal term)")
     finetune_steps: int = Field(..., ge=1, description="K_f: optimizer steps on the user's rows per cycle")
-
-    @classmethod
-    def trainer(cls) -> type:
-        return _trainer_class()
-
-    def inputs(self) -> tuple[tuple[str, ...], ...]:
-        return (("defense_guide",),)

@@ -153,15 +153,10 @@ class RepNoise(TrainingDefense):
         # demo value (representation-noising notebook); beta=1 puts the noise term on the same scale.
         "cpu": {"alpha": 1.0, "beta": 1.0, "logit_lens": False},
     }
+    trainer_class: ClassVar = staticmethod(_trainer_class)
+    reads: ClassVar[tuple] = (("defense_harmful",),)
 
     alpha: float = Field(ge=0, le=100, description="weight of -log(harmful LM loss): ascent on harmful answers")
     beta: float = Field(ge=0, le=100, description="weight of the MMD between harmful-answer MLP outputs and Gaussian noise")
     logit_lens: bool = Field(default=False, description="the original's harmful loss: final and per-layer logit-lens "
                                                         "CEs averaged, plus 1 (L extra full-vocabulary projections)")
-
-    @classmethod
-    def trainer(cls) -> type:
-        return _trainer_class()
-
-    def inputs(self) -> tuple[tuple[str, ...], ...]:
-        return (("defense_harmful",),)

@@ -110,11 +110,8 @@ class Vaccine(TrainingDefense):
     stage: ClassVar[str] = "align"
     description: ClassVar[str] = "Vaccine: align under the worst norm-rho perturbation of every attention output (2 passes per step)"
     presets: ClassVar[dict] = PRESETS
+    trainer_class: ClassVar = staticmethod(_vaccine_trainer)
     single_accumulation: ClassVar[bool] = True
 
     rho: float = Field(..., gt=0, description="Vaccine: L2 norm of the perturbation of all attention outputs of a "
                                                  "batch together (rows, tokens and layers)")
-
-    @classmethod
-    def trainer(cls) -> type:
-        return _vaccine_trainer()
