@@ -42,7 +42,7 @@ AUTHORS_THRESHOLD = 0.1  # git-disl/Antidote trainer.py LDIFSTrainer: a layer's 
 PRESETS = {
     # git-disl/Antidote script/finetune/LDIFS_poison_ratio.sh:15 (RHO=0.0001), for Llama-2-7b.
     "paper": {"rho": 1e-4},
-    # Measured on SmolLM2-135M (SST-2, lr 2e-3, one epoch; README): the summed distance is ~1e6 after a few
+    # Measured on SmolLM2-135M (SST-2, lr 2e-3, one epoch; docs/results.md): the summed distance is ~1e6 after a few
     # steps, so rho 1e-4 and 1e-5 make the penalty 10-60x the cross-entropy and the task is not learned (FA 0
     # and 6 against 60 undefended); at 1e-6 the penalty is about the cross-entropy and the task is learned.
     "cpu": {"rho": 1e-6},
