@@ -16,7 +16,7 @@ from antidote_llm.errors import AntidoteError, validation_message
 from antidote_llm.runtime.version import __version__
 
 # Each module defines register(subparsers), which adds its subcommands with a `func` default.
-COMMAND_MODULES = ("realign", "evaluate", "stages", "lab")
+COMMAND_MODULES = ("realign", "guard", "evaluate", "stages", "lab")
 
 
 def build_parser() -> argparse.ArgumentParser:

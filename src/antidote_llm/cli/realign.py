@@ -46,13 +46,17 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--protect-data", help="benign rows for --protect-ratio")
     group.add_argument("--protect-samples", type=int, help="rows of --protect-data to use")
     group.add_argument("--aligned-model", help="the aligned model the fine-tune started from, for --action revert")
+    add_contrast_arguments(group)
+
+
+def add_contrast_arguments(group) -> None:
     group.add_argument("--contrast-data", metavar="SRC", help="the user's own fine-tuning rows, for --score refusal (it "
                        "keeps their loss low); read as --task's training rows when --task is given")
     group.add_argument("--contrast-samples", type=int, help="rows of --contrast-data to use (default: all)")
     group.add_argument("--contrast-skip", type=int, default=0, help="skip the first N rows of --contrast-data")
 
 
-def _contrast(args: argparse.Namespace) -> PairSet | None:
+def contrast_rows(args: argparse.Namespace) -> PairSet | None:
     """The user's own rows: --task's training rows when --task is given, else prompt/response rows."""
     if not args.contrast_data:
         return None
@@ -64,7 +68,14 @@ def _contrast(args: argparse.Namespace) -> PairSet | None:
 
 
 def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("frontier (several ratios or --ratio auto): where each point is evaluated")
+    group = add_probe_arguments(parser, "frontier (several ratios or --ratio auto): where each point is evaluated")
+    add_config_options(group, FrontierConfig, ("max_accuracy_drop", "controls"))
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser, title: str):
+    """Where repairs are evaluated: harmful probe prompts, the user's validation rows of a task, the benign rows of
+    the benign-calibrated control, and the evaluation settings."""
+    group = parser.add_argument_group(title)
     group.add_argument("--probe-prompts", metavar="SRC", help="harmful probe prompts for the harmful score (file or hf:)")
     group.add_argument("--probe-field", help="field of the probe prompt (detected if omitted)")
     group.add_argument("--probe-samples", type=int, help="probe prompts to use (default: all)")
@@ -76,10 +87,11 @@ def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
                        help="skip the first N rows of --validation-data (e.g. the rows the fine-tuning used)")
     group.add_argument("--benign-data", metavar="SRC", help="benign rows for the benign-calibrated control")
     group.add_argument("--benign-samples", type=int, help="rows of --benign-data to use (default: all)")
-    add_config_options(group, FrontierConfig, ("max_accuracy_drop", "controls"))
     add_config_options(group, EvalSettings, tuple(EvalSettings.model_fields), prefix=EVAL_PREFIX,
                        flags={"judge": "judge", "max_new_tokens": "max-new-tokens",
-                              "task_max_new_tokens": "task-max-new-tokens", "task_prompt": "task-prompt"})
+                              "task_max_new_tokens": "task-max-new-tokens", "task_prompt": "task-prompt",
+                              "stop_settled": "stop-settled"})
+    return group
 
 
 def parse_ratio(text: str) -> tuple[float, ...] | None:
@@ -126,7 +138,11 @@ def _summary(report: RealignReport, out: str) -> str:
     return "\n".join(lines)
 
 
-def _probe(args: argparse.Namespace) -> ProbeSpec | None:
+def benign_spec(args: argparse.Namespace) -> DataSpec | None:
+    return DataSpec(source=args.benign_data, samples=args.benign_samples) if args.benign_data else None
+
+
+def probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
     given = [args.probe_prompts, args.task, args.validation_data]
     if not (args.probe_prompts or args.validation_data):
         if args.task and not args.contrast_data:
@@ -168,21 +184,20 @@ def run_realign(args: argparse.Namespace) -> int:
     if args.source:
         data = config_from_args(DataSpec, args, DATA_FIELDS, seed=config.seed if args.shuffle else None)
     protect = DataSpec(source=args.protect_data, samples=args.protect_samples) if args.protect_data else None
-    probe = _probe(args)
+    probe = probe_spec(args)
     if ratios is None or len(ratios) > 1 or probe is not None:
         if data is None:
             raise AntidoteError("several ratios and --ratio auto score on harmful rows; pass --data")
         frontier = config_from_args(FrontierConfig, args, ("max_accuracy_drop", "controls"), ratios=ratios)
-        benign = DataSpec(source=args.benign_data, samples=args.benign_samples) if args.benign_data else None
         report = frontier_to_disk(
-            model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign, protect_data=protect,
-            contrast_data=_contrast(args), pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite,
+            model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign_spec(args),
+            protect_data=protect, contrast_data=contrast_rows(args), pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite,
             progress=not args.quiet,
         )
         print(_frontier_summary(report, args.out))
         return 0
     result = realign_to_disk(
-        model_source(args), config, args.out, data=data, protect_data=protect, contrast_data=_contrast(args),
+        model_source(args), config, args.out, data=data, protect_data=protect, contrast_data=contrast_rows(args),
         aligned_model=args.aligned_model, save_merged=args.save_merged, overwrite=args.overwrite,
         progress=not args.quiet, offload=args.offload,
     )

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,12 +145,18 @@ def harmful_metrics(verdicts: Sequence, judge: Judge) -> dict:
 
 def _evaluate_harmful(
     generator: TokenGenerator, tokenizer, pairs: Sequence[Pair], judge: Judge, *,
-    template: str, max_new_tokens: int, progress: bool,
+    template: str, max_new_tokens: int, stop_settled: bool, progress: bool,
 ) -> tuple[dict, list[dict], dict]:
     prompt_ids = encode_prompts(tokenizer, [p.prompt for p in pairs], template=template, inputs=[p.input for p in pairs])
-    generated = _generate(
-        generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress, desc="harmful prompts",
-    )
+    desc = "harmful prompts"
+    if stop_settled and judge.settles and max_new_tokens > SETTLE_FIRST_BUDGET:
+        generated, _ = _generate_in_rounds(
+            generator, tokenizer, prompt_ids, first_budget=SETTLE_FIRST_BUDGET, max_new_tokens=max_new_tokens,
+            keep_going=lambda text: not judge.settled(text.strip()), progress=progress, desc=desc,
+        )
+    else:
+        generated = _generate(generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress,
+                              desc=desc)
     start = time.perf_counter()
     verdicts = judge([_judge_prompt(p) for p in pairs], generated.texts, progress=progress)
     judge_s = time.perf_counter() - start
@@ -163,26 +169,20 @@ def _evaluate_harmful(
 
 
 ANSWER_BUDGET_GROWTH = 4  # each round gives the still-open answers this many times the tokens of the last
+SETTLE_FIRST_BUDGET = 12  # tokens of a harmful-prompt answer before the judge is first asked (a refusal opens it)
 
 
-def _generate_task_answers(
-    generator: TokenGenerator, tokenizer, task: Task, prompt_ids: Sequence[Sequence[int]], *,
-    max_new_tokens: int, progress: bool,
+def _generate_in_rounds(
+    generator: TokenGenerator, tokenizer, prompt_ids: Sequence[Sequence[int]], *, first_budget: int,
+    max_new_tokens: int, keep_going: Callable[[str], bool], progress: bool, desc: str,
 ) -> tuple[Generated, set[int]]:
-    """The task's answers and the indices of those cut short. An exact-label task's answer is generated only
-    until it can no longer be accepted: every answer first gets the task's few-token budget; those unfinished
-    that may still be a label (a label's prefix, or a label then whitespace) are generated again with 4x the
-    budget, and so on up to `max_new_tokens`; the others are cut, wrong whatever would follow (a model that has
-    not learned the task rambles; one half-learned writes a label and goes on with an explanation). Greedy
-    decoding makes each round's answer a prefix of the next: scores equal full generation's, time does not."""
-    desc = f"{task.name} rows"
-    budget = task.answer_budget(tokenizer)
-    if budget is None or budget >= max_new_tokens:
-        return _generate(generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress,
-                         desc=desc), set()
-    start, first_budget = time.perf_counter(), budget
+    """Answers generated only as far as they matter, and the indices of those stopped early. Every answer first
+    gets `first_budget` tokens; those unfinished for which `keep_going(text so far)` holds are generated again
+    with 4x the budget, and so on up to `max_new_tokens`; the others stop. Greedy decoding makes each round's
+    answer a prefix of the next, so what is decided on a prefix is what full generation would decide."""
+    start, budget = time.perf_counter(), first_budget
     outputs: list[list[int]] = [[] for _ in prompt_ids]
-    cut: set[int] = set()
+    stopped: set[int] = set()
     open_rows = list(range(len(prompt_ids)))
     generated_tokens = 0
     while open_rows:
@@ -195,14 +195,31 @@ def _generate_task_answers(
             outputs[index] = ids
             if len(ids) < budget or budget == max_new_tokens:
                 continue  # finished, or at the limit full generation has too
-            if task.may_still_be_correct(decode(tokenizer, [ids])[0]):
+            if keep_going(decode(tokenizer, [ids])[0]):
                 still_open.append(index)
             else:
-                cut.add(index)
+                stopped.add(index)
         open_rows, budget = still_open, budget * ANSWER_BUDGET_GROWTH
     generated = _generated(tokenizer, outputs, time.perf_counter() - start)
     # every round's tokens count in the throughput, not only the kept answers'
-    return dataclasses.replace(generated, new_tokens=generated_tokens), cut
+    return dataclasses.replace(generated, new_tokens=generated_tokens), stopped
+
+
+def _generate_task_answers(
+    generator: TokenGenerator, tokenizer, task: Task, prompt_ids: Sequence[Sequence[int]], *,
+    max_new_tokens: int, progress: bool,
+) -> tuple[Generated, set[int]]:
+    """The task's answers and the indices of those cut short. An exact-label task's answer is generated only
+    until it can no longer be accepted: past the task's few-token budget, only answers that may still be a label
+    (a label's prefix, or a label then whitespace) go on; the others are cut, wrong whatever would follow (a model
+    that has not learned the task rambles; one half-learned writes a label and goes on with an explanation)."""
+    desc = f"{task.name} rows"
+    budget = task.answer_budget(tokenizer)
+    if budget is None or budget >= max_new_tokens:
+        return _generate(generator, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, progress=progress,
+                         desc=desc), set()
+    return _generate_in_rounds(generator, tokenizer, prompt_ids, first_budget=budget, max_new_tokens=max_new_tokens,
+                               keep_going=task.may_still_be_correct, progress=progress, desc=desc)
 
 
 def _evaluate_task(
@@ -279,7 +296,7 @@ def evaluate(
         pairs = [p if isinstance(p, Pair) else Pair(prompt=str(p), response="") for p in harmful_prompts]
         harmful, result.answers, timing = _evaluate_harmful(
             generator, tokenizer, pairs, active_judge, template=template, max_new_tokens=settings.max_new_tokens,
-            progress=progress,
+            stop_settled=settings.stop_settled, progress=progress,
         )
         metrics.update(harmful)
         timings.update(timing)

@@ -22,6 +22,9 @@ class EvalSettings(BaseModel):
     task_max_new_tokens: int | None = Field(default=None, ge=1,
                                             description="answer length limit for task rows (default: the authors' per task)")
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, description="prompts generated together")
+    stop_settled: bool = Field(
+        default=False, description="stop generating a harmful-prompt answer once a phrase judge's verdict cannot "
+        "change: the same harmful score in less time; the degenerate check then reads answers only that far")
     task_prompt: Literal["authors", "training"] = Field(
         default="authors", description="task rows' prompt: the authors' evaluation strings (SST-2 without the newline "
         "after '### Response:') or exactly the training prompt")

@@ -89,22 +89,37 @@ def _point(selection: str, ratio: float | None, pruned_fraction: float, metrics:
     )
 
 
+class NestedPruning:
+    """Puts the model at any ratio of a nested selection, and back, without a copy of the model: the values of
+    the selected weights (a ratio's worth of the targets) are kept aside once."""
+
+    def __init__(self, selection: NestedSelection):
+        self.weights = {t.param_name: t.weight for t in selection.targets}
+        self.levels = {n: level.to(self.weights[n].device) for n, level in selection.levels.items()}
+        self.kept = {n: self.weights[n].detach()[level > 0].clone() for n, level in self.levels.items()}
+
+    def prune_to(self, index: int | None) -> None:
+        """Zero the weights pruned at `ratios[index]` and restore every other selected weight (None: restore all)."""
+        with torch.no_grad():
+            for n, level in self.levels.items():
+                selected = level > 0
+                values = self.kept[n].clone()
+                if index is not None:
+                    values[level[selected] <= index + 1] = 0
+                self.weights[n][selected] = values
+
+
 def _walk(model, tokenizer, name: str, selection: NestedSelection, probe: EvalInputs, progress: bool) -> list[FrontierPoint]:
-    """Zero each ratio's new weights in turn and evaluate; then put every zeroed weight back."""
-    weights = {t.param_name: t.weight for t in selection.targets}
-    kept = {n: weights[n].detach()[level.to(weights[n].device) > 0].clone() for n, level in selection.levels.items()}
+    """Evaluate the model at each ratio in turn; then put every pruned weight back."""
+    pruning = NestedPruning(selection)
     points = []
     try:
-        with torch.no_grad():
-            for index, ratio in enumerate(selection.ratios):
-                for n, level in selection.levels.items():
-                    weights[n].masked_fill_(level.to(weights[n].device) == index + 1, 0)
-                pruned_fraction = selection.report(index).totals.pruned_fraction
-                points.append(_point(name, ratio, pruned_fraction, _evaluate(model, tokenizer, probe, progress)))
+        for index, ratio in enumerate(selection.ratios):
+            pruning.prune_to(index)
+            pruned_fraction = selection.report(index).totals.pruned_fraction
+            points.append(_point(name, ratio, pruned_fraction, _evaluate(model, tokenizer, probe, progress)))
     finally:
-        with torch.no_grad():
-            for n, level in selection.levels.items():
-                weights[n][level.to(weights[n].device) > 0] = kept[n]
+        pruning.prune_to(None)
     return points
 
 

@@ -130,12 +130,18 @@ class Judge(ABC):
     Calling a judge returns one `Verdict` per pair: its judgement plus the degenerate check."""
 
     name: str = ""
+    settles: bool = False  # whether `settled` can say yes before an answer ends (phrase judges)
 
     @abstractmethod
     def judge_batch(self, prompts: Sequence[str], answers: Sequence[str], *, progress: bool) -> list[Judgement]: ...
 
     def describe(self) -> dict:
         return {"name": self.name}
+
+    def settled(self, answer: str) -> bool:
+        """Whether no continuation of `answer` can change the harmful verdict, so generation may stop there. A judge
+        that reads the whole answer (a model) never knows early."""
+        return False
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[str], *, progress: bool = False) -> list[Verdict]:
         if len(prompts) != len(answers):
