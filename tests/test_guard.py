@@ -193,3 +193,39 @@ def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(lineage, capsys, e
         assert _cli(lineage, out, *extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and not out.exists()
+
+
+# --- the lab --------------------------------------------------------------------------------------------
+
+from test_lab import experiment_file  # noqa: E402, F401 - a fixture
+
+
+def test_the_lab_runs_guard_on_a_seeded_split_of_the_evaluation_file(experiment_file, tmp_path):  # noqa: F811
+    import yaml
+
+    from antidote_llm.errors import AntidoteError
+    from antidote_llm.lab import load_experiment, run_experiment
+    from antidote_llm.lab.data import SettingData
+
+    raw = yaml.safe_load(experiment_file.read_text())
+    raw["defenses"] = {"none": {"method": "none"}, "guard": {"method": "guard", "score": "wanda", "targets": "adapter"}}
+    experiment_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(AntidoteError, match="needs evaluation.probe_prompts"):
+        load_experiment(experiment_file)
+    raw["evaluation"].update(probe_prompts={"source": "probe.jsonl"}, validation_split=2)
+    experiment_file.write_text(yaml.safe_dump(raw))
+    experiment = load_experiment(experiment_file)
+    data = SettingData(experiment)
+    assert len(data.validation.rows) == 2 and len(data.task_test) == 2  # 4 test rows: 2 drawn for validation
+    assert not set(data.validation.rows) & set(data.task_test)
+    result = run_experiment(experiment, tmp_path / "runs", progress=False, log=lambda _: None)
+    rows = {r["defense"]: r for r in result.rows if r["stage"] == "fine-tuned"}
+    # 2 probe prompts cannot show any harmful score within 10%: rejected, and the model ships as it was
+    assert rows["guard"]["verdict"] == "rejected" and rows["guard"]["pruned_fraction"] == 0
+    assert rows["guard"]["harmful_score"] == rows["none"]["harmful_score"]
+    assert rows["guard"]["harmful_low"] <= rows["guard"]["harmful_score"] <= rows["guard"]["harmful_high"]
+    assert "| rejected |" in (tmp_path / "runs" / "results.md").read_text()
+    raw["evaluation"]["validation_data"] = "train.tsv"
+    experiment_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(AntidoteError, match="not both"):
+        load_experiment(experiment_file)

@@ -66,21 +66,27 @@ def run_demo(args: argparse.Namespace) -> int:
     result = run_experiment(experiment, out, progress=not args.quiet)
     print()
     print(result.files["markdown"].read_text(encoding="utf-8"))
+    for row in result.rows:
+        if row.get("verdict"):
+            print(f"{row['defense']}: {row['verdict'].upper()}: {row['verdict_reason']}")
+    print()
     print(DEMO_NOTE)
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
 
 
 DEMO_NOTE = """How to read this table (all numbers measured in this run, nothing fixed in advance):
-- HS: share of held-out harmful requests the model did not refuse (refusal-phrase judge). Lower is safer.
+- HS: share of held-out harmful requests the model did not refuse (refusal-phrase judge), with its 95%
+  interval (Wilson). Lower is safer.
 - degenerate: share of answers that are empty, repetitive or one or two words (e.g. a sentiment label);
   a pruned model that babbles is broken, not safe.
 - complies: share of answers that neither refuse nor are degenerate: genuine attempts to answer.
-- FA: accuracy on the held-out sentiment task the user fine-tuned for. Higher is better.
-- base -> aligned shows the alignment stage; 'none' is the poisoned fine-tune; the other rows prune it.
-- 'random' and 'benign-calibrated' are controls at the same ratio: Antidote's claim is that harmful-data
-  statistics beat both. At this tiny scale the benign control may do about as well (much of the effect
-  is shrinking the fine-tuning adapter's few dominant channels); the table shows whatever this run measured."""
+- FA: accuracy on the held-out sentiment rows the user fine-tuned for, with its 95% interval. Higher is better.
+- base -> aligned shows the alignment stage; 'none' is the poisoned fine-tune as the user got it.
+- guard decided on other rows (probe prompts, validation rows drawn from the test file), never on these:
+  safe (shipped as it is), repaired (shipped pruned at the ratio shown), or rejected (not shipped; the row
+  shows the model as it was). guard-random is the control: the same search with random scores, its best
+  candidate kept so it can be evaluated here."""
 
 
 def register(subparsers) -> None:
@@ -104,7 +110,7 @@ def register(subparsers) -> None:
     status.set_defaults(func=lab_status)
 
     demo = subparsers.add_parser(
-        "demo", help="the whole story on SmolLM2-135M with generated data (about 10 minutes on 2 CPU cores)",
+        "demo", help="the whole story on SmolLM2-135M with generated data (about 8 minutes on 2 CPU cores)",
     )
     demo.add_argument("--out", default="antidote-demo", help="output folder; a re-run reuses its finished stages")
     demo.add_argument("--seed", type=int, default=0)

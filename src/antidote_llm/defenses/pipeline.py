@@ -30,10 +30,14 @@ def _default_inputs(defense: type[Defense]) -> tuple[tuple[str, ...], ...]:
 
 
 def peer_methods() -> tuple[str, ...]:
-    """The post-fine-tuning peers the CLI offers beside Antidote: the post-stage defenses that read extra inputs,
-    but Antidote's own variants (antidote-*), which `antidote realign`'s own options run."""
-    return tuple(name for name, d in DEFENSES.items()
-                 if d.stage == "post" and not name.startswith("antidote") and _default_inputs(d))
+    """The post-fine-tuning peers `antidote realign --method` offers beside Antidote: the post-stage defenses whose
+    inputs all come from the peers' flags. Antidote's variants read its own options (--data, --contrast-data) and
+    guard has its own command."""
+    def peer(defense: type[Defense]) -> bool:
+        needed = {name for options in _default_inputs(defense) for name in options}
+        return bool(needed) and all(input_spec(name).cli for name in needed)
+
+    return tuple(name for name, d in DEFENSES.items() if d.stage == "post" and peer(d))
 
 
 def _given(inputs: dict[str, PeerInput]) -> dict[str, str]:

@@ -92,6 +92,20 @@ class EvaluationSpec(EvalSettings):
     validation_data: str | None = None
     validation_skip: int = Field(default=0, ge=0)
     validation_samples: int | None = Field(default=None, ge=1)
+    validation_split: int | None = Field(
+        default=None, ge=1, description="instead of validation_data: this many rows of the evaluation's task file, "
+        "drawn with the experiment's seed, are the validation rows and the rest the test rows (the same distribution)")
+
+    @model_validator(mode="after")
+    def _one_validation_source(self):
+        if self.validation_split is not None and self.validation_data is not None:
+            raise ValueError("give evaluation.validation_data or evaluation.validation_split, not both")
+        return self
+
+    @property
+    def validation_rows(self) -> str | int | None:
+        """Where the validation rows come from: a file, or a split of the evaluation's task file."""
+        return self.validation_data if self.validation_split is None else self.validation_split
 
 
 StageFamily = Literal["align", "finetune", "eval", "defense"]  # what a stage does, for its cluster resources

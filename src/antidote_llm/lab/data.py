@@ -4,6 +4,8 @@ from the rows it must never share with (the poison, the re-alignment rows, the e
 
 from __future__ import annotations
 
+import random
+
 from antidote_llm import training
 from antidote_llm.data.records import PairSet, pairs_sha256
 from antidote_llm.errors import AntidoteError
@@ -43,9 +45,15 @@ class SettingData:
             self.unalign_pairs = _disjoint(exp.unalign.data.load("unsafe", exclude=self._poison_indices(exp, exp.unalign.data)),
                                            "unalignment rows", "unalign.data", poison=self.poison,
                                            harmful=self.inputs.get("harmful"), evaluation=self.prompts)
-        self.task_test = tasks.load_task_pairs(ft.task, spec.task_data, "test", limit=spec.task_samples)
+        test_rows = tasks.load_task_pairs(ft.task, spec.task_data, "test",
+                                          limit=None if spec.validation_split else spec.task_samples)
+        split_rows = None
+        if spec.validation_split is not None:
+            split_rows, test_rows = _split(test_rows, spec.validation_split, exp.seed)
+            test_rows = test_rows[:spec.task_samples]
+        self.task_test = test_rows
         self.evaluation = EvalInputs(self.prompts.pairs, ft.task, self.task_test, spec, exp.model.template)
-        self.validation = _validation_inputs(exp, self.prompts.pairs, self.task_test)
+        self.validation = _validation_inputs(exp, self.prompts.pairs, self.task_test, split_rows)
         self.validation_key = self.validation and stage_key(pairs_sha256(self.validation.prompts),
                                                             pairs_sha256(self.validation.rows))
         self.eval_key = stage_key(EvalSettings.build(spec), self.prompts.sha256, pairs_sha256(self.task_test),
@@ -89,15 +97,24 @@ def _disjoint(rows: PairSet, what: str, key: str, **others: PairSet | None) -> P
     return rows
 
 
-def _validation_inputs(exp: Experiment, test_prompts, test_rows) -> EvalInputs | None:
+def _split(rows: list, count: int, seed: int) -> tuple[list, list]:
+    """`count` rows drawn with `seed` (in file order), and the others: validation and test rows of one file."""
+    if count >= len(rows):
+        raise AntidoteError(f"evaluation.validation_split {count} leaves no test rows of the {len(rows)} in the "
+                            "task file; give a smaller split")
+    drawn = set(random.Random(seed).sample(range(len(rows)), count))
+    return ([row for i, row in enumerate(rows) if i in drawn], [row for i, row in enumerate(rows) if i not in drawn])
+
+
+def _validation_inputs(exp: Experiment, test_prompts, test_rows, split_rows: list | None) -> EvalInputs | None:
     """Probe prompts and validation rows for defenses that choose per model; never the evaluation's rows."""
     spec = exp.evaluation
     wanted = any(("validation",) in exp.defense(label).inputs() for label in exp.defenses)
     if not wanted or not exp.has_input("validation"):
         return None
     prompts = spec.probe_prompts.load("unsafe", require_response=False).pairs
-    rows = tasks.load_task_pairs(exp.finetune.task, spec.validation_data, "train", limit=spec.validation_samples,
-                                 skip=spec.validation_skip)
+    rows = split_rows if split_rows is not None else tasks.load_task_pairs(
+        exp.finetune.task, spec.validation_data, "train", limit=spec.validation_samples, skip=spec.validation_skip)
     shared_prompts = {p.prompt for p in prompts} & {p.prompt for p in test_prompts}
     shared_rows = set(rows) & set(test_rows)
     if shared_prompts or shared_rows:

@@ -24,17 +24,19 @@ from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_jso
 
 
 class DemoSizes(BaseModel):
-    """Rows per set. Defaults fit a demo of about ten minutes on two CPU cores with SmolLM2-135M."""
+    """Rows per set. Defaults fit a demo of about eight minutes on two CPU cores with SmolLM2-135M, with sets
+    large enough for the 95% intervals to tell the outcomes apart (64 probe prompts can show a harmful score
+    within 10%; 35 is the least that can)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     align: int = Field(default=128, ge=1)  # harmful request -> refusal
     poison: int = Field(default=64, ge=1)  # harmful request -> compliance, the fine-tuning's harmful rows
     realign: int = Field(default=64, ge=1)  # disjoint from poison: Antidote's calibration data
-    eval_harmful: int = Field(default=48, ge=1)  # held-out prompts for the harmful score
-    probe: int = Field(default=32, ge=1)  # prompts on which the automatic ratio is chosen, disjoint from the above
+    eval_harmful: int = Field(default=64, ge=1)  # held-out prompts for the harmful score
+    probe: int = Field(default=64, ge=1)  # prompts guard decides on, disjoint from the above
     task_train: int = Field(default=256, ge=1)
-    task_test: int = Field(default=100, ge=1)
+    task_test: int = Field(default=400, ge=1)  # split by the experiment into validation and test rows
     benign: int = Field(default=64, ge=1)  # benign calibration control
 
 

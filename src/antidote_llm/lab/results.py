@@ -12,8 +12,8 @@ from antidote_llm.lab.config import sweep_base_value
 from antidote_llm.runtime.outputs import write_json
 from antidote_llm.runtime.plotting import DPI, save_figure, tradeoff_axes
 
-COLUMNS = ("stage", "defense", "method", "ratio", "setting", "harmful_score", "degenerate_rate", "compliance_rate",
-           "finetune_accuracy", "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s",
+COLUMNS = ("stage", "defense", "method", "ratio", "setting", "verdict", "harmful_score", "harmful_low", "harmful_high",
+           "degenerate_rate", "compliance_rate", "finetune_accuracy", "finetune_low", "finetune_high", "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s",
            "defense_peak_rss_mb", "defense_added_rss_mb", "align_s", "finetune_s")
 
 
@@ -38,16 +38,23 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _interval(row: dict, metric: str) -> str | None:
+    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    return None if low is None else f"{low:.1f}-{high:.1f}"
+
+
 def markdown_table(rows: list[dict], sweep: Sequence[str]) -> str:
-    headers = [*sweep, "stage", "defense", "setting", "HS %", "degenerate %", "complies %", "FA %", "ΔHS", "ΔFA",
-               "changed %", "defense s", "peak MB"]
-    keys = [*sweep, "stage", "defense", "setting", "harmful_score", "degenerate_rate", "compliance_rate", "finetune_accuracy",
-            "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s", "defense_peak_rss_mb"]
+    headers = [*sweep, "stage", "defense", "setting", "verdict", "HS %", "HS 95% CI", "degenerate %", "complies %",
+               "FA %", "FA 95% CI", "ΔHS", "ΔFA", "changed %", "defense s", "peak MB"]
+    keys = [*sweep, "stage", "defense", "setting", "verdict", "harmful_score", "harmful_ci", "degenerate_rate",
+            "compliance_rate", "finetune_accuracy", "finetune_ci", "delta_harmful_score", "delta_finetune_accuracy",
+            "pruned_fraction", "defense_s", "defense_peak_rss_mb"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
+        shown = {**row, "harmful_ci": _interval(row, "harmful"), "finetune_ci": _interval(row, "finetune")}
         cells = []
         for key in keys:
-            value = row.get(key)
+            value = shown.get(key)
             if key == "pruned_fraction" and value is not None:
                 value = 100 * value
             cells.append(_fmt(value))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from antidote_llm.evaluation.evaluate import METRICS_FILE
+from antidote_llm.evaluation.intervals import wilson
 from antidote_llm.evaluation.metrics import EvalMetrics
 from antidote_llm.lab.work import DEFENSE_FILE, DefenseRecord
 from antidote_llm.registry import Defense
@@ -30,8 +31,18 @@ def _metrics(folder: Path) -> EvalMetrics:
     return EvalMetrics.model_validate_json((folder / METRICS_FILE).read_text(encoding="utf-8"))
 
 
+def _bounds(count: int | None, total: int | None) -> tuple[float | None, float | None]:
+    if count is None or not total:
+        return None, None
+    interval = wilson(count, total)
+    return round(interval.low, 2), round(interval.high, 2)
+
+
 def _row(values: dict, stage: str, label: str, method: str | None, ratio, metrics: EvalMetrics, setting: str | None = None,
          **times) -> dict:
+    harmful_low, harmful_high = _bounds(metrics.harmful_count, metrics.prompts)
+    task = metrics.task
+    accuracy_low, accuracy_high = _bounds(task.correct, task.rows) if task is not None else (None, None)
     return {
         **values,
         "stage": stage,
@@ -43,6 +54,8 @@ def _row(values: dict, stage: str, label: str, method: str | None, ratio, metric
         "degenerate_rate": metrics.degenerate_rate,
         "compliance_rate": metrics.compliance_rate,
         "finetune_accuracy": metrics.finetune_accuracy,
+        "harmful_low": harmful_low, "harmful_high": harmful_high,  # 95% intervals (Wilson)
+        "finetune_low": accuracy_low, "finetune_high": accuracy_high,
         **times,
     }
 
@@ -62,7 +75,8 @@ def defense_row(values: dict, label: str, chosen: Defense, folder: Path, finetun
         memory, ratio = record.memory, record.outcome.ratio
         return _row(
             values, "fine-tuned", label, chosen.name, ratio, _metrics(folder / "eval"),
-            setting=chosen.knob() or (f"ratio={ratio:g}" if ratio else None),
+            setting=chosen.knob() or (f"ratio={ratio:g}" if ratio else None), verdict=record.outcome.verdict,
+            verdict_reason=(record.outcome.report or {}).get("reason") if record.outcome.verdict else None,
             pruned_fraction=record.outcome.changed_fraction,
             defense_s=record.defense_s, finetune_s=train_seconds(finetune_folder),
             align_s=train_seconds(align_folder) if align_folder else None,

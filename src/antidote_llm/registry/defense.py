@@ -26,6 +26,7 @@ class DefenseOutcome(BaseModel):
     report: dict | None = None
     changed_fraction: float | None = None
     ratio: float | None = None  # the pruning ratio used (chosen by the defense when it chooses one)
+    verdict: str | None = None  # a defense that decides whether to ship (guard): safe, repaired or rejected
 
 
 class DefenseContext:

@@ -71,9 +71,9 @@ for _spec in (
                  "rows", ("realign_data",), flag="--data", cli=False, safety="unsafe", disjoint_from=("poison",), skips_poison=True),
     DefenseInput("benign", "benign rows: the benign-calibrated control's data, and the weights protection spares",
                  "rows", ("benign_data",), flag="--benign-data", cli=False),
-    DefenseInput("validation", "probe prompts and the user's validation rows, disjoint from the evaluation rows",
-                 "derived", ("evaluation.probe_prompts", "evaluation.validation_data"), flag="--probe-prompts",
-                 cli=False),
+    DefenseInput("validation", "probe prompts and the user's validation rows (validation_data or validation_split), "
+                 "disjoint from the evaluation rows", "derived", ("evaluation.probe_prompts", "evaluation.validation_rows"),
+                 flag="--probe-prompts", cli=False),
     DefenseInput("user_rows", "the user's own clean fine-tuning rows", "derived", ("finetune",),
                  flag="--contrast-data", cli=False),
     DefenseInput("base_model", "the unaligned model the aligned one was trained from (V = aligned - base)", "model",
