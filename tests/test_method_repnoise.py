@@ -88,7 +88,7 @@ def _trainer(tmp_path, peft_model, tokenizer, settings, config):
         data_collator=collate, train_dataset=items, method_settings=settings, extra_items={"defense_harmful": harmful_items},
     )
     harmful = collate(harmful_items[1:])
-    trainer.extra_batch = lambda role: harmful if role == "harmful" else pytest.fail(f"unexpected role {role}")
+    trainer.extra_batch = lambda role: harmful if role == "defense_harmful" else pytest.fail(f"unexpected role {role}")
     return trainer, collate(items[:2]), harmful
 
 
