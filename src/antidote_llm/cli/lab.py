@@ -84,9 +84,9 @@ DEMO_NOTE = """How to read this table (all numbers measured in this run, nothing
 - FA: accuracy on the held-out sentiment rows the user fine-tuned for, with its 95% interval. Higher is better.
 - base -> aligned shows the alignment stage; 'none' is the poisoned fine-tune as the user got it.
 - guard decided on other rows (probe prompts, validation rows drawn from the test file), never on these:
-  safe (shipped as it is), repaired (shipped pruned at the ratio shown), or rejected (not shipped; the row
-  shows the model as it was). guard-random is the control: the same search with random scores, its best
-  candidate kept so it can be evaluated here."""
+  safe (shipped as it is), repaired (shipped pruned at the ratio shown), or rejected (nothing is shipped; the
+  demo keeps the best candidate, the smallest ratio meeting the safety target or else the largest searched, so
+  its row shows what it does here). guard-random is the control: the same search with random scores."""
 
 
 def register(subparsers) -> None:
