@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from safetensors.torch import save_file
 
 from antidote_llm.core.pipeline import MASK_FILE, REPORT_FILE, local_inputs, save_repaired
@@ -27,7 +26,7 @@ from antidote_llm.frontier.search import FrontierConfig, FrontierPoint, run_fron
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.outputs import output_run, write_report
 from antidote_llm.runtime.plotting import save_figure, tradeoff_axes
-from antidote_llm.runtime.runinfo import MemoryReport
+from antidote_llm.runtime.runinfo import RunRecord
 
 LEVELS_FILE = "masks.safetensors"  # one uint8 tensor per parameter: 0 kept, i pruned from the i-th ratio on
 CSV_FILE, PLOT_FILE = "frontier.csv", "frontier.png"
@@ -53,7 +52,7 @@ class ProbeSpec:
                           template=template)
 
 
-class FrontierReport(BaseModel):
+class FrontierReport(RunRecord):
     """report.json of a frontier run: the selection at every ratio, every evaluated point, the choice."""
 
     ratios: list[float]
@@ -62,12 +61,7 @@ class FrontierReport(BaseModel):
     picked_ratio: float | None
     max_accuracy_drop: float | None
     probe: dict | None
-    model: dict
-    outputs: dict
     timings: dict[str, float]
-    memory: MemoryReport
-    versions: dict[str, str]
-    started_at: str
 
 
 def frontier_csv(points: Sequence[FrontierPoint]) -> str:

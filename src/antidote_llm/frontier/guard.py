@@ -32,7 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from antidote_llm.core.realign import (
     NestedSelection,
     RealignConfig,
-    check_ratios,
     select_nested,
     split_targets,
 )
@@ -47,7 +46,7 @@ from antidote_llm.evaluation.intervals import (
     wilson,
 )
 from antidote_llm.evaluation.settings import EvalSettings
-from antidote_llm.frontier.search import Control, NestedPruning
+from antidote_llm.frontier.search import Control, NestedPruning, increasing_ratios, split_names
 
 GUARD_RATIOS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
 Verdict = Literal["safe", "repaired", "rejected"]
@@ -73,24 +72,8 @@ class GuardConfig(BaseModel):
     write_best: bool = Field(default=False, description="rejected: still leave the model at (and write) the best "
                              "candidate, the smallest ratio meeting the target or else the largest searched")
 
-    @field_validator("controls", mode="before")
-    @classmethod
-    def _split_controls(cls, value):
-        values = [value] if isinstance(value, str) else value
-        return tuple(part.strip() for v in values for part in str(v).split(",") if part.strip())
-
-    @field_validator("ratios", mode="before")
-    @classmethod
-    def _split_ratios(cls, value):
-        return tuple(float(part) for part in value.split(",") if part.strip()) if isinstance(value, str) else value
-
-    @field_validator("ratios")
-    @classmethod
-    def _increasing(cls, ratios: tuple[float, ...]) -> tuple[float, ...]:
-        try:
-            return check_ratios(ratios)
-        except AntidoteError as exc:
-            raise ValueError(str(exc)) from None
+    _split_controls = field_validator("controls", mode="before")(split_names)
+    _increasing = field_validator("ratios", mode="before")(increasing_ratios)
 
 
 # The selection guard uses unless told otherwise: the one measured best on held-back rows (docs/results.md,
@@ -280,9 +263,8 @@ def run_guard(
     data: Rows,
     probe: EvalInputs,
     *,
-    benign: Rows | None = None,
-    protect_data: Rows | None = None,
     contrast_data: Rows | None = None,
+    benign: Rows | None = None,
     progress: bool = False,
 ) -> GuardOutcome:
     """Decide on the fine-tuned `model` (its fine-tuning adapter live when the targets are the adapter's) and leave
@@ -317,8 +299,8 @@ def run_guard(
                       f"{guard.max_harmful:g}%", None, None, None, None)
     if judge.allowed is None:
         return result("rejected", warnings[0], None, None, None, None)
-    selection = select_nested(model, tokenizer, config, data, ratios=guard.ratios, protect_data=protect_data,
-                              contrast_data=contrast_data, progress=progress)
+    selection = select_nested(model, tokenizer, config, data, ratios=guard.ratios, contrast_data=contrast_data,
+                              progress=progress)
     pruning = NestedPruning(selection)
     score = config.score
 
@@ -360,7 +342,7 @@ def run_guard(
         pruning.prune_to(None)  # a control prunes the fine-tuned model, not the repaired one
         for control in guard.controls:
             controls.append(_control(model, tokenizer, config, selection.ratios[best], control, data, benign,
-                                     protect_data, contrast_data, judge))
+                                     contrast_data, judge))
     except BaseException:
         pruning.prune_to(None)
         raise
@@ -370,12 +352,12 @@ def run_guard(
 
 
 def _control(model, tokenizer, config: RealignConfig, ratio: float, control: Control, data: Rows, benign: Rows | None,
-             protect_data, contrast_data, judge: _Judge) -> GuardPoint:
+             contrast_data, judge: _Judge) -> GuardPoint:
     """A control at the chosen ratio: random scores, or the same score calibrated on benign rows."""
     control_config, rows = {"random": (config.model_copy(update={"score": "random"}), data),
                             "benign": (config, benign)}[control]
-    selection = select_nested(model, tokenizer, control_config, rows, ratios=(ratio,), protect_data=protect_data,
-                              contrast_data=contrast_data, progress=False)
+    selection = select_nested(model, tokenizer, control_config, rows, ratios=(ratio,), contrast_data=contrast_data,
+                              progress=False)
     pruning = NestedPruning(selection)
     try:
         pruning.prune_to(0)

@@ -17,23 +17,18 @@ from antidote_llm.frontier.guard import GuardConfig, GuardPoint, GuardResult, ru
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.outputs import output_run, write_report
 from antidote_llm.runtime.plotting import save_figure
-from antidote_llm.runtime.runinfo import MemoryReport
+from antidote_llm.runtime.runinfo import RunRecord
 
 VERDICT_FILE, VERDICT_MD, GUARD_PLOT = "verdict.json", "verdict.md", "guard.png"
 
 
-class GuardReport(GuardResult):
+class GuardReport(GuardResult, RunRecord):
     """verdict.json: the decision and its evidence, the method, the rows it used (with their hashes)."""
 
     method: dict  # the selection (RealignConfig) and the decision (GuardConfig)
     inputs: dict  # every row set: source, rows, sha256
     pruned: RealignReport | None  # what the candidate at `ratio` prunes
-    model: dict
-    outputs: dict
     timings: dict[str, float]
-    memory: MemoryReport
-    versions: dict[str, str]
-    started_at: str
 
 
 def _rows(source: str, rows: Sequence) -> dict:

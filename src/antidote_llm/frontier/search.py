@@ -23,6 +23,22 @@ DEFAULT_RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 Control = Literal["random", "benign"]
 
 
+def split_names(value) -> tuple[str, ...]:
+    """A comma-separated string (the CLI), or a list of them (YAML), as a tuple of names."""
+    values = [value] if isinstance(value, str) else value
+    return tuple(part.strip() for v in values for part in str(v).split(",") if part.strip())
+
+
+def increasing_ratios(ratios) -> tuple[float, ...]:
+    """Ratios as given (a comma-separated string or a list), checked: each in (0, 1), increasing."""
+    if isinstance(ratios, str):
+        ratios = [float(part) for part in ratios.split(",") if part.strip()]
+    try:
+        return check_ratios(ratios)
+    except AntidoteError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class FrontierConfig(BaseModel):
     """Which ratios to evaluate, the accuracy budget of the automatic choice, and the controls to draw."""
 
@@ -36,19 +52,8 @@ class FrontierConfig(BaseModel):
         default=(), description="controls drawn at the same ratios: random (random scores), benign (calibrated on "
         "benign rows)")
 
-    @field_validator("controls", mode="before")
-    @classmethod
-    def _split_controls(cls, value):
-        values = [value] if isinstance(value, str) else value
-        return tuple(part.strip() for v in values for part in str(v).split(",") if part.strip())
-
-    @field_validator("ratios")
-    @classmethod
-    def _increasing(cls, ratios: tuple[float, ...]) -> tuple[float, ...]:
-        try:
-            return check_ratios(ratios)
-        except AntidoteError as exc:
-            raise ValueError(str(exc)) from None
+    _split_controls = field_validator("controls", mode="before")(split_names)
+    _increasing = field_validator("ratios", mode="before")(increasing_ratios)
 
 
 class FrontierPoint(BaseModel):
