@@ -44,9 +44,6 @@ class DefenseContext:
             raise AttributeError(name)
         return self._inputs.get(name)
 
-    def given(self) -> set[str]:
-        return set(self._inputs)
-
 
 class Defense(BaseModel):
     """Base of every defense. Subclasses set the class variables, declare their settings as fields, and override
@@ -89,10 +86,6 @@ class Defense(BaseModel):
     def apply(self, model, context: DefenseContext) -> DefenseOutcome:
         """Change `model` in place (post-fine-tuning defenses)."""
         return DefenseOutcome()
-
-    def missing(self, given: set[str]) -> list[tuple[str, ...]]:
-        """The inputs it needs that are not in `given` (each a tuple of alternatives)."""
-        return [options for options in self.inputs() if not given & set(options)]
 
 
 class TrainingDefense(Defense):

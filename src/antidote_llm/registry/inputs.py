@@ -42,10 +42,6 @@ class DefenseInput:
     def key(self) -> str:
         return " and ".join(self.keys)
 
-    def where(self) -> str:
-        """How a user supplies it, for error messages."""
-        return " or ".join(filter(None, (self.flag, f"{self.key} in the experiment")))
-
 
 INPUTS: dict[str, DefenseInput] = {}
 
