@@ -102,7 +102,9 @@ def guard_figure(report: GuardResult):
     if report.ratio is not None:
         axes.axvline(report.ratio, color="green", alpha=0.4, label=f"{report.verdict} at {report.ratio:g}")
     axes.set_xscale("log")
-    axes.set_xlabel("ratio (log)")
+    axes.set_xticks(xs, [f"{x:g}" for x in xs])
+    axes.minorticks_off()
+    axes.set_xlabel("ratio (log scale; the searched ones)")
     axes.set_ylabel("probe harmful score %")
     axes.set_ylim(-2, 102)
     axes.set_title(f"guard: {report.verdict}")
