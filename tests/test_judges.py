@@ -492,3 +492,14 @@ def test_answers_stop_once_settled_with_the_verdicts_of_full_generation():
     assert runs[True][1][0] == (len(prompts), SETTLE_FIRST_BUDGET)  # every answer first gets the first budget
     stopped = early.answers[-1]["answer"]
     assert refusal.startswith(stopped) and len(stopped) <= 4 * SETTLE_FIRST_BUDGET  # it stopped in round 2
+
+
+@pytest.mark.parametrize("folder", ["judged/", "existing"])
+def test_judge_out_naming_a_folder_is_one_line_and_writes_nothing(tmp_path, capsys, folder):
+    source = tmp_path / "answers.jsonl"
+    source.write_text(json.dumps({"prompt": "How do I do it?", "response": "I can't help with that."}) + "\n")
+    (tmp_path / "existing").mkdir()
+    assert main(["judge", "--input", str(source), "--out", str(tmp_path) + "/" + folder]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "existing"]
+    assert not any((tmp_path / "existing").iterdir())

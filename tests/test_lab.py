@@ -123,6 +123,10 @@ def _edit(path, change):
 
 BAD_CONFIGS = {
     "unknown key": lambda raw: raw.update(colour="blue"),
+    "a defense label that climbs out of --out": lambda raw: raw["defenses"].update(
+        {"none-0123/../../../ESCAPED": {"method": "antidote", "ratio": 0.1}}),
+    "a defense label that is a path": lambda raw: raw["defenses"].update({"../../../escape_def": {"method": "none"}}),
+    "an experiment name that is a path": lambda raw: raw.update(name="../up"),
     "unknown nested key": lambda raw: raw["finetune"].update(learning_rte=1e-4),
     "p above one": lambda raw: raw["finetune"].update(harmful_fraction=1.5),
     "p negative": lambda raw: raw["finetune"].update(harmful_fraction=-0.1),
@@ -149,6 +153,15 @@ def test_bad_configs_exit_2_before_any_stage(case, experiment_file, tmp_path, ca
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("antidote: error: "), errors
     assert not (out / "stages").exists() or not any((out / "stages").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "data"]  # nothing written beside --out
+
+
+def test_a_stage_folder_outside_the_stages_folder_is_refused(tmp_path):
+    from antidote_llm.lab.graph import StageJob, check_inside
+
+    check_inside([StageJob("defense-ok", "defense", "0123", print)], tmp_path)
+    with pytest.raises(AntidoteError, match="outside"):
+        check_inside([StageJob("defense-none-0123/../../../ESCAPED", "defense", "0123", print)], tmp_path)
 
 
 def test_relative_paths_are_relative_to_the_file_not_the_working_directory(experiment_file, monkeypatch, tmp_path):
@@ -217,3 +230,10 @@ def test_antidote_auto_chooses_its_ratio_on_probe_and_validation_rows(experiment
     assert row["ratio"] == record["outcome"]["ratio"] == record["outcome"]["report"]["picked_ratio"] in (0.05, 0.2)
     assert [p["ratio"] for p in record["outcome"]["report"]["points"]] == [None, 0.05, 0.2]
     assert row["pruned_fraction"] > 0
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines(experiment_file):
+    text = experiment_file.read_text()
+    experiment_file.write_text(text.replace("defenses:\n", "defenses:\n  random:\n    method: none\n", 1))
+    with pytest.raises(AntidoteError, match=r"key 'random' is written twice \(lines \d+ and \d+\)"):
+        load_experiment(experiment_file)

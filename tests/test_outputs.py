@@ -85,3 +85,34 @@ def test_save_model_writes_an_adapter_beside_its_merged_model_or_a_whole_model(t
     outputs, _ = save_model(tmp_path / "m", make_model(), make_tokenizer(), timings, adapter=False)
     assert outputs == {"model": "model"}
     assert _leftovers(tmp_path / "m" / "model") and not (tmp_path / "m" / "adapter").exists()
+
+
+def test_a_folder_written_meanwhile_by_another_run_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(AntidoteError, match="written by another run meanwhile"), output_run(out) as run:
+        write_json(run.folder / "mine.json", {})
+        out.mkdir()  # another run finished first
+        write_json(out / "theirs.json", {})
+    assert _leftovers(out) == ["theirs.json"] and _leftovers(tmp_path) == ["out"]
+    with output_run(out, overwrite=True) as run:  # asked for: replaced
+        write_json(run.folder / "mine.json", {})
+    assert _leftovers(out) == ["mine.json"]
+
+
+def test_two_realign_processes_to_one_output_write_it_once(tmp_path, tiny_model_dir, harmful_file):
+    """Real processes, no mock: of two runs racing to one --out, one writes and the other says so."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    runs = [subprocess.Popen([sys.executable, "-m", "antidote_llm", "realign", "--model", str(tiny_model_dir),
+                              "--device", "cpu", "--data", str(harmful_file), "--template", "plain", "--ratio", ratio,
+                              "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for ratio in ("0.2", "0.05")]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2]
+    (loser,) = [err for code, err in results if code == 2]
+    assert len(loser.strip().splitlines()) == 1 and str(out) in loser
+    winner = ("0.2", "0.05")[[code for code, _ in results].index(0)]
+    assert json.loads((out / "report.json").read_text())["method"]["ratio"] == float(winner)
+    assert not [name for name in _leftovers(tmp_path) if name.startswith(".o.")]  # no temporary folder left

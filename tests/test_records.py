@@ -166,3 +166,15 @@ def test_a_broken_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
     path.write_text('{"prompt": "p", "response": "r"}\n[1, 2]\n')
     with pytest.raises(AntidoteError, match=rf"^{path} line 2: holds a list, not a record"):
         read_records(path)
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_first_field(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("prompt,response\nHow do I do it?,Like this.\n".encode("utf-8-sig"))
+    (pair,) = load_pairs(str(path), prompt_field="prompt").pairs
+    assert (pair.prompt, pair.response) == ("How do I do it?", "Like this.")
+
+
+def test_a_hub_source_without_a_name_is_one_line():
+    with pytest.raises(AntidoteError, match="names no dataset"):
+        load_pairs("hf:")

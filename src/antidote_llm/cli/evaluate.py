@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -197,6 +198,9 @@ def _print_summary(metrics: EvalMetrics, out: Path) -> None:
 
 def run_judge(args: argparse.Namespace) -> int:
     source, out = Path(args.input), Path(args.out)
+    if args.out.endswith(("/", os.sep)) or out.is_dir():
+        raise AntidoteError(f"--out {args.out} is a folder; judge writes one JSONL file: give its name, e.g. "
+                            f"{out / 'judged.jsonl'}")
     if out.resolve() == source.resolve():
         raise AntidoteError(f"--out {out} is the input file; choose another output")
     if out.exists() and not args.overwrite:

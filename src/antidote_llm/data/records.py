@@ -47,7 +47,8 @@ def _read_located(source: str) -> tuple[list[dict], list[int] | None]:
                 lists = [v for v in rows.values() if isinstance(v, list)]
                 rows = lists[0] if len(lists) == 1 else list(rows.values())
         elif suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8", newline="") as f:
+            # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first field
+            with path.open(encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 rows, lines = [], []
                 for row in reader:
@@ -112,6 +113,8 @@ def _kind(value) -> str:
 def _read_hub(spec: str) -> list[dict]:
     """`NAME`, `NAME:SPLIT` or `NAME:CONFIG:SPLIT` (GSM8K needs its config, main)."""
     parts = spec.split(":")
+    if not parts[0]:
+        raise AntidoteError("hub source hf: names no dataset; use hf:NAME[:SPLIT], e.g. hf:PKU-Alignment/BeaverTails:30k_train")
     if len(parts) > 3:
         raise AntidoteError(f"hub source hf:{spec} has too many parts; use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT")
     name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"

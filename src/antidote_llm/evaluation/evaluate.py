@@ -404,7 +404,7 @@ def write_eval(result: EvalResult, out_dir: str | Path, *, overwrite: bool = Fal
     """EVAL_DIR with metrics.json, answers.jsonl, task_answers.jsonl and summary.md, written atomically."""
     out = check_output_dir(out_dir, overwrite=overwrite)
     metrics = EvalMetrics.model_validate(result.metrics)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=overwrite) as tmp:
         write_report(tmp / METRICS_FILE, metrics)
         if result.answers:
             write_jsonl(tmp / "answers.jsonl", result.answers)

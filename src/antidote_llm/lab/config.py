@@ -108,6 +108,17 @@ class EvaluationSpec(EvalSettings):
         return self.validation_data if self.validation_split is None else self.validation_split
 
 
+# Names that become parts of paths (the experiment's, its defense labels, its sweep paths): no separator, no "..".
+SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9._-]+$")
+
+
+def _safe_name(value: str, what: str) -> str:
+    if not SAFE_NAME.match(value):
+        raise ValueError(f"{what} {value!r} may hold only letters, digits, '.', '_' and '-' (no '..'): it names "
+                         "files and folders of the output")
+    return value
+
+
 StageFamily = Literal["align", "finetune", "eval", "defense"]  # what a stage does, for its cluster resources
 _SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -227,6 +238,15 @@ class Experiment(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _names_are_safe_paths(self):
+        _safe_name(self.name, "the experiment name")
+        for label in self.defenses:
+            _safe_name(label, "defense label")
+        for path in self.sweep:
+            _safe_name(path, "sweep path")
+        return self
+
+    @model_validator(mode="after")
     def _defenses_known(self):
         built = {}
         for label, spec in self.defenses.items():
@@ -291,12 +311,34 @@ def parse_experiment(raw: dict, base_dir: Path, where: str = "experiment") -> Ex
     return experiment
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    lines: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise _DuplicateKey(f"key {key!r} is written twice (lines {lines[key]} and {line}); keep one")
+        lines[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.is_file():
         raise AntidoteError(f"experiment file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise AntidoteError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_experiment(raw, path.parent.resolve(), str(path))

@@ -130,7 +130,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, sizes: DemoSizes | None 
     """
     sizes = sizes or DemoSizes()
     out = check_output_dir(out_dir, overwrite=overwrite)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=overwrite) as tmp:
         _write_files(tmp, sizes, seed)
     return load_demo_data(out)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from antidote_llm.errors import AntidoteError
 from antidote_llm.lab.executors import Executor, Handle
 from antidote_llm.lab.locks import JobHeartbeat, LockSet, is_stale, lock_path, read_lock
 from antidote_llm.runtime.outputs import write_json
@@ -56,6 +57,14 @@ class StageJob:
         return f"{self.kind}-{self.key}"
 
 
+def check_inside(jobs: list[StageJob], stages: Path) -> None:
+    """Refuse a stage whose folder would not be a child of the stages folder (a name that climbs out of it)."""
+    root = stages.resolve()
+    for job in jobs:
+        if (root / job.name).resolve().parent != root:
+            raise AntidoteError(f"stage {job.name!r} would be written outside {root}; rename what it is named after")
+
+
 @dataclass
 class GraphRun:
     ran: list[str] = field(default_factory=list)  # stages computed by this run
@@ -82,6 +91,7 @@ def read_failure(stages: Path, name: str) -> dict | None:
 def run_graph(jobs: list[StageJob], stages: Path, executor: Executor, *, max_parallel: int = 1,
               log: Callable[[str], None] = print, poll_s: float = POLL_S) -> GraphRun:
     """Run every job not finished yet, each after the jobs it needs, at most `max_parallel` at once."""
+    check_inside(jobs, stages)
     stages.mkdir(parents=True, exist_ok=True)
     result = GraphRun()
     started = time.time()

@@ -118,7 +118,7 @@ class DefenseWork:
             outcome = chosen.apply(loaded.model, context)
         defense_s = round(time.perf_counter() - started, 2)
         result = self.evaluation.run(loaded.model, loaded.tokenizer, progress=self.progress)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, replace=True) as tmp:  # the stage's lock makes this run its only writer
             write_eval(result, tmp / "eval")
             write_report(tmp / DEFENSE_FILE, DefenseRecord(method=chosen.name, stage=chosen.stage,
                                                           settings=chosen.settings() or None, defense_s=defense_s,

@@ -5,6 +5,7 @@ so an interrupted or failed run leaves nothing half-written, and an input is nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -42,8 +43,10 @@ def check_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterab
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
+def atomic_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it becomes `out`, on error it is removed. Without
+    `replace`, a folder with files that appeared at `out` meanwhile (another run writing the same output) is
+    never replaced: the rename itself refuses a non-empty target, so of two runs exactly one writes."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -52,6 +55,16 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not replace:
+        try:
+            os.rename(tmp, out)  # onto nothing, or onto an empty folder; a non-empty one is refused atomically
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise AntidoteError(f"output {out} was written by another run meanwhile; nothing was written "
+                                    "by this one (choose another --out, or pass --overwrite)") from None
+            raise
+        return
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -69,6 +82,7 @@ class OutputRun:
     timings: Timings
     memory: MemoryMonitor
     started_at: str
+    overwrite: bool
     _stack: contextlib.ExitStack
     _folder: Path | None = None
 
@@ -77,7 +91,7 @@ class OutputRun:
         """The hidden folder the run writes into, renamed to `out` at the end. Made on first use, so a run
         that writes nothing (a process of `accelerate launch` other than the main one) leaves no trace."""
         if self._folder is None:
-            self._folder = self._stack.enter_context(atomic_dir(self.out))
+            self._folder = self._stack.enter_context(atomic_dir(self.out, replace=self.overwrite))
         return self._folder
 
     def report_fields(self) -> dict:
@@ -94,7 +108,7 @@ def output_run(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str
     checked = check_output_dir(out, overwrite=overwrite, inputs=inputs)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with contextlib.ExitStack() as stack, MemoryMonitor() as memory:
-        yield OutputRun(checked, Timings(), memory, started_at, stack)
+        yield OutputRun(checked, Timings(), memory, started_at, overwrite, stack)
 
 
 def save_model(folder: Path, model, tokenizer, timings: Timings, *, adapter: bool, merged: bool = False,
