@@ -237,3 +237,14 @@ def test_a_key_written_twice_is_refused_naming_both_lines(experiment_file):
     experiment_file.write_text(text.replace("defenses:\n", "defenses:\n  random:\n    method: none\n", 1))
     with pytest.raises(AntidoteError, match=r"key 'random' is written twice \(lines \d+ and \d+\)"):
         load_experiment(experiment_file)
+
+
+def test_a_misspelled_required_key_names_the_misspelling_too(experiment_file):
+    _edit(experiment_file, lambda raw: raw["finetune"].update(samplez=raw["finetune"].pop("samples")))
+    with pytest.raises(AntidoteError, match=r"finetune.samples: Field required; unknown key finetune.samplez"):
+        load_experiment(experiment_file)
+
+
+def test_a_lab_output_that_cannot_be_written_is_refused_before_any_stage(experiment_file, capsys):
+    assert main(["lab", "run", str(experiment_file), "--out", "/proc/antidote-lab-test", "--quiet"]) == 2
+    assert "cannot write in /proc" in capsys.readouterr().err

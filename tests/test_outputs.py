@@ -116,3 +116,13 @@ def test_two_realign_processes_to_one_output_write_it_once(tmp_path, tiny_model_
     winner = ("0.2", "0.05")[[code for code, _ in results].index(0)]
     assert json.loads((out / "report.json").read_text())["method"]["ratio"] == float(winner)
     assert not [name for name in _leftovers(tmp_path) if name.startswith(".o.")]  # no temporary folder left
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work():
+    from pathlib import Path
+
+    from antidote_llm.runtime.outputs import check_output_dir
+
+    read_only = Path("/proc/antidote-test-output")  # /proc takes no files, even from root
+    with pytest.raises(AntidoteError, match="cannot write in /proc"):
+        check_output_dir(read_only)

@@ -10,12 +10,17 @@ class AntidoteError(Exception):
 
 def validation_message(exc) -> str:
     """One line from a pydantic ValidationError: the first problem, where it is, and what was given."""
-    first = exc.errors()[0]
+    errors = exc.errors()
+    first = errors[0]
     where = ".".join(str(part) for part in first.get("loc", ())) or "config"
     given = first.get("input")
     shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
-    more = f"; {len(exc.errors()) - 1} more problem(s)" if len(exc.errors()) > 1 else ""
-    return f"{where}: {first['msg']}{shown}{more}"
+    # a misspelled key shows as a missing one and an unknown one: name the unknown one too
+    unknown = [".".join(map(str, e.get("loc", ()))) for e in errors[1:] if e["type"] == "extra_forbidden"]
+    named = f"; unknown key {', '.join(unknown)} (misspelled?)" if unknown and first["type"] != "extra_forbidden" else ""
+    rest = len(errors) - 1 - len(unknown if named else [])
+    more = f"; {rest} more problem(s)" if rest else ""
+    return f"{where}: {first['msg']}{shown}{named}{more}"
 
 
 def validated(model_cls, values: dict):

@@ -18,6 +18,7 @@ from antidote_llm.lab.executors import make_executor
 from antidote_llm.lab.graph import StageJob, run_graph, stage_states
 from antidote_llm.lab.plan import STAGES_DIR, plan_experiment
 from antidote_llm.lab.results import write_results
+from antidote_llm.runtime.outputs import check_writable
 
 
 @dataclass
@@ -40,6 +41,7 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
     if max_parallel < 1:
         raise AntidoteError(f"--max-parallel must be at least 1, got {max_parallel}")
     out = Path(out_dir).resolve()
+    check_writable(out)
     runner = make_executor(executor, out, experiment.cluster, max_parallel=max_parallel)
     plan = plan_experiment(experiment, out, progress=progress)
     for index, setting in enumerate(plan.settings, 1):

@@ -39,7 +39,19 @@ def check_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterab
             raise AntidoteError(f"output {out} exists and is not a folder; choose another --out")
         if any(out.iterdir()) and not overwrite:
             raise AntidoteError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
+    check_writable(out.parent)
     return out
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before any work, an output whose nearest existing folder cannot be written (read-only, no rights):
+    otherwise the error would come only after the whole run, at the final rename."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise AntidoteError(f"cannot write in {existing} ({exc.strerror}); choose another --out") from None
 
 
 @contextlib.contextmanager
