@@ -248,3 +248,49 @@ def test_a_misspelled_required_key_names_the_misspelling_too(experiment_file):
 def test_a_lab_output_that_cannot_be_written_is_refused_before_any_stage(experiment_file, capsys):
     assert main(["lab", "run", str(experiment_file), "--out", "/proc/antidote-lab-test", "--quiet"]) == 2
     assert "cannot write in /proc" in capsys.readouterr().err
+
+
+def test_a_damaged_cache_is_reported_and_computed_again(experiment_file, tmp_path):
+    """Real processes: a run, then four kinds of damage to its stages, then the same command again."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "antidote_llm", "lab", "run", str(experiment_file), "--out", str(out), "--quiet"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    before = json.loads((out / "results.json").read_text())["rows"]
+    stages = out / "stages"
+
+    def stage(kind):
+        (folder,) = [p for p in stages.glob(f"{kind}-*") if p.is_dir()]
+        return folder
+
+    metrics = stage("eval-base") / "metrics.json"
+    metrics.write_text(metrics.read_text()[:20])  # truncated
+    (stage("defense-none") / "eval" / "metrics.json").unlink()  # deleted
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    report = second.stdout + second.stderr
+    assert "[damaged] eval-base" in report and "metrics.json was changed" in report
+    assert "[damaged] defense-none" in report and "eval/metrics.json is missing" in report
+
+    adapter = stage("finetune") / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])  # truncated
+    weights = next((stage("align") / "merged").glob("*.safetensors"))
+    tensors = load_file(weights)
+    save_file({name: torch.full_like(t, 1e30) if t.is_floating_point() else t for name, t in tensors.items()},
+              str(weights), metadata={"format": "pt"})  # a valid file with other values
+    third = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr
+    report = third.stdout + third.stderr
+    assert "[damaged] align" in report and "merged/model.safetensors was changed" in report
+    assert "[damaged] finetune" in report and "needs align-" in report  # made from the recomputed alignment
+    after = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["defense"], r["harmful_score"], r["finetune_accuracy"]) for r in after] == \
+        [(r["defense"], r["harmful_score"], r["finetune_accuracy"]) for r in before]
+    fourth = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert "[damaged]" not in fourth.stdout + fourth.stderr and "[cached]" in fourth.stdout + fourth.stderr

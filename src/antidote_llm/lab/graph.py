@@ -1,7 +1,9 @@
 """The stage graph: stage jobs with their dependencies, run by an executor, cached on disk, one run per stage.
 
-A stage's folder in the stages folder appears only when the stage has finished (it is written atomically),
-and is the one source of truth: a finished stage is never run again. A run takes a stage's lock
+A stage's folder in the stages folder appears only when the stage has finished (it is written atomically);
+then its completion record (done.json in it: the sha256 of every other file) is written last. A stage is done
+only when its folder matches its record: a folder damaged since (a file truncated, deleted or rewritten) is
+reported, naming the file, and computed again, with every stage that needs it. A run takes a stage's lock
 (locks.py) before running it, so two runs of one experiment at once never run a stage twice; a run that
 finds a stage locked waits for it. A failing stage leaves a failure marker (NAME.failed, with its error and
 log path); stages that need it are skipped, the others go on. A later run retries failed stages.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from antidote_llm.lab.locks import JobHeartbeat, LockSet, is_stale, lock_path, r
 from antidote_llm.runtime.outputs import write_json
 
 FAILED_SUFFIX = ".failed"
+DONE_FILE = "done.json"
 POLL_S = 0.5
 
 
@@ -74,6 +79,47 @@ class GraphRun:
 
 def failure_path(stages: Path, name: str) -> Path:
     return stages / f"{name}{FAILED_SUFFIX}"
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    hashes = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / DONE_FILE):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        hashes[str(path.relative_to(folder))] = digest.hexdigest()
+    return hashes
+
+
+def record_done(stages: Path, name: str) -> None:
+    """Write the completion record of a finished stage: what its folder holds, file by file."""
+    write_json(stages / name / DONE_FILE, {"files": _file_hashes(stages / name)})
+
+
+def damage(stages: Path, name: str) -> str | None:
+    """Why the stage's folder is not the finished stage (None: it is): no record, or a file that differs."""
+    record = stages / name / DONE_FILE
+    try:
+        expected = json.loads(record.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its completion record {record.name} is missing or unreadable"
+    found = _file_hashes(stages / name)
+    for file, digest in expected.items():
+        if file not in found:
+            return f"{file} is missing"
+        if found[file] != digest:
+            return f"{file} was changed since the stage finished"
+    extra = sorted(set(found) - set(expected))
+    return f"{extra[0]} was added since the stage finished" if extra else None
+
+
+def _set_aside(stages: Path, name: str) -> None:
+    """Remove a damaged stage (folder and record), so the stage runs again."""
+    folder = stages / name
+    aside = stages / f".{name}.damaged-{os.getpid()}"
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _failure_text(record: dict) -> str:
@@ -131,7 +177,7 @@ def _start(job, stages, executor, locks, result, done, running, waiting, started
     if not all(need in done for need in job.needs):
         return "wait"
     folder = stages / job.name
-    if folder.is_dir():
+    if folder.is_dir() and _problem(job, stages, result) is None:
         done.add(job.name)
         log(f"[cached] {job.kind} {job.key}")
         return "done"
@@ -146,11 +192,15 @@ def _start(job, stages, executor, locks, result, done, running, waiting, started
             waiting.add(job.name)
             log(f"[waiting] {job.kind} {job.key}: another run is computing it")
         return "wait"
-    if folder.is_dir():  # finished by another run between the look and the lock
-        locks.release(lock)
-        done.add(job.name)
-        log(f"[cached] {job.kind} {job.key}")
-        return "done"
+    if folder.is_dir():  # under the lock: finished by another run meanwhile, or damaged
+        problem = _problem(job, stages, result)
+        if problem is None:
+            locks.release(lock)
+            done.add(job.name)
+            log(f"[cached] {job.kind} {job.key}")
+            return "done"
+        log(f"[damaged] {job.kind} {job.key}: {problem}; computing it again")
+        _set_aside(stages, job.name)
     log(f"[run] {job.kind} {job.key}")
     started_s = time.perf_counter()
     try:
@@ -161,6 +211,13 @@ def _start(job, stages, executor, locks, result, done, running, waiting, started
         return "failed"
     running[job.name] = (job, handle, started_s)
     return "run"
+
+
+def _problem(job: StageJob, stages: Path, result: GraphRun) -> str | None:
+    """Why a stage's folder is not the finished stage (None: it is): it does not match its record, or a stage it
+    needs was computed again by this run (it was made from what that stage held before)."""
+    recomputed = next((need for need in job.needs if need in result.ran), None)
+    return damage(stages, job.name) if recomputed is None else f"it needs {recomputed}, computed again"
 
 
 def _collect(running, stages, locks, result, done, log) -> bool:
@@ -175,6 +232,7 @@ def _collect(running, stages, locks, result, done, log) -> bool:
         if error is None and not (stages / name).is_dir():
             error = "the job ended without writing its stage folder"
         if error is None:
+            record_done(stages, name)
             done.add(name)
             result.ran.append(name)
             failure_path(stages, name).unlink(missing_ok=True)
@@ -201,7 +259,8 @@ def stage_states(jobs: list[StageJob], stages: Path) -> list[tuple[StageJob, str
     rows = []
     for job in jobs:
         if (stages / job.name).is_dir():
-            rows.append((job, "done", ""))
+            problem = damage(stages, job.name)
+            rows.append((job, "done", "") if problem is None else (job, "pending", f"damaged: {problem}"))
             continue
         lock = lock_path(stages, job.name)
         found = read_lock(lock)
