@@ -229,3 +229,18 @@ def test_the_lab_runs_guard_on_a_seeded_split_of_the_evaluation_file(experiment_
     experiment_file.write_text(yaml.safe_dump(raw))
     with pytest.raises(AntidoteError, match="not both"):
         load_experiment(experiment_file)
+
+
+def test_a_control_is_evaluated_at_the_chosen_ratio_and_the_model_keeps_the_repair(behaviour):
+    behaviour(safe_from=zeroed_share(0.05))
+    model = add_lora(make_model())
+    outcome = run_guard(model, make_tokenizer(), RealignConfig(ratio=0.05, score="wanda", targets=("adapter-a",)),
+                        GuardConfig(controls=("random",)), PAIRS, _probe())
+    (control,) = outcome.result.controls
+    assert control.selection == "random" and control.ratio == 0.05 and control.accuracy is not None
+    assert outcome.result.verdict == "repaired"
+    other = add_lora(make_model())  # the same repair without the control: the control left no trace
+    run_guard(other, make_tokenizer(), RealignConfig(ratio=0.05, score="wanda", targets=("adapter-a",)),
+              GuardConfig(), PAIRS, _probe())
+    reference = dict(other.named_parameters())
+    assert all(torch.equal(p, reference[n]) for n, p in model.named_parameters())
