@@ -162,6 +162,8 @@ def test_cli_writes_the_repaired_adapter_only_when_repaired(behaviour, lineage, 
     assert verdict["inputs"]["validation"]["rows"] == 200 and len(verdict["inputs"]["probe_prompts"]["sha256"]) == 64
     markdown = (lineage / "repaired" / "verdict.md").read_text()
     assert markdown.startswith("# Guard verdict: repaired") and "[" in markdown and "guard.png" in markdown
+    (chosen,) = [line for line in markdown.splitlines() if line.startswith("| wanda at 0.05 |")]
+    assert "| 80.0 [" in chosen and "not measured" not in chosen  # the chosen ratio's row shows its accuracy
 
     behaviour(safe_from=1.1)
     assert _cli(lineage, lineage / "rejected") == 3

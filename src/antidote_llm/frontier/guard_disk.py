@@ -53,7 +53,8 @@ def verdict_markdown(report: GuardReport) -> str:
         "| model | probe harmful score % [95% CI] | meets target | validation accuracy % [95% CI] | pruned % |",
         "|---|---|---|---|---|",
         _line(report.fine_tuned),
-        *(_line(point) for point in report.search),
+        *(_line(report.candidate if report.candidate and point.ratio == report.ratio else point)
+          for point in report.search),  # the candidate's row with the accuracy measured at it
         *(_line(point) for point in report.controls),
         "",
     ]
