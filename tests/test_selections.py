@@ -102,7 +102,7 @@ def test_the_refusal_score_is_weight_times_the_gradient_of_both_losses():
 @pytest.mark.parametrize("score", ["wanda", "magnitude", "random"])
 def test_contrast_rows_without_the_refusal_score_are_refused(score):
     config = RealignConfig(ratio=0.1, targets="adapter", score=score)
-    with pytest.raises(AntidoteError, match="used by --score refusal only"):
+    with pytest.raises(AntidoteError, match="used by --score refusal and --compensate only"):
         realign(add_lora(make_model()), make_tokenizer(), config, PAIRS, contrast_data=USER_ROWS, progress=False)
 
 
@@ -126,7 +126,7 @@ def test_cli_reads_the_contrast_rows_as_the_task_training_rows(files):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--contrast-data", "USER", "--task", "sst2"], "used by --score refusal only"),
+    (["--contrast-data", "USER", "--task", "sst2"], "used by --score refusal and --compensate only"),
     (["--task", "sst2"], "--task names the task"),
     (["--score", "refusal", "--contrast-data", "USER", "--task", "sst2", "--offload"], "--offload supports"),
 ])

@@ -46,9 +46,9 @@ def run_guard(args: argparse.Namespace) -> int:
                             "--task and --validation-data")
     if args.source is None and selection.needs_data:
         raise AntidoteError(f"--score {selection.score} scores on calibration rows: give --data ({CALIBRATION_HELP})")
-    if selection.score == "refusal" and not args.contrast_data:
-        raise AntidoteError("--score refusal weighs the refusals against the user's own rows: give --contrast-data "
-                            "(the user's fine-tuning rows of --task)")
+    if selection.uses_user_rows and not args.contrast_data:
+        use = "--score refusal weighs the refusals against" if selection.score == "refusal" else "--compensate re-fits on"
+        raise AntidoteError(f"{use} the user's own rows: give --contrast-data (the user's fine-tuning rows of --task)")
     data = (config_from_args(DataSpec, args, DATA_FIELDS, seed=selection.seed if args.shuffle else None)
             if args.source else None)
     report = guard_to_disk(model_source(args), selection, decision, args.out, data=data, probe=probe,

@@ -51,7 +51,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_contrast_arguments(group) -> None:
     group.add_argument("--contrast-data", metavar="SRC", help="the user's own fine-tuning rows, for --score refusal (it "
-                       "keeps their loss low); read as --task's training rows when --task is given")
+                       "keeps their loss low) and --compensate (it re-fits on them); read as --task's training rows when "
+                       "--task is given")
     group.add_argument("--contrast-samples", type=int, help="rows of --contrast-data to use (default: all)")
     group.add_argument("--contrast-skip", type=int, default=0, help="skip the first N rows of --contrast-data")
 

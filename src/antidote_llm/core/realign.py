@@ -19,7 +19,12 @@ from torch import nn
 
 from antidote_llm.core import scoring
 from antidote_llm.core.report import DataReport, MethodReport, ProtectionReport, RealignReport, realign_report
-from antidote_llm.core.statistics import collect_loss_gradients, collect_statistics, make_batches
+from antidote_llm.core.statistics import (
+    collect_grams,
+    collect_loss_gradients,
+    collect_statistics,
+    make_batches,
+)
 from antidote_llm.core.targets import (
     NAMED_SETS,
     Target,
@@ -75,6 +80,13 @@ class RealignConfig(BaseModel):
         "data are never pruned (needs benign rows)")
     action: Literal["zero", "revert"] = Field(
         default="zero", description="zero the selected weights, or revert them to the aligned model's values (full fine-tunes)")
+    compensate: bool = Field(
+        default=False, description="beyond the paper (IRR's recipe): after zeroing, re-fit the kept weights of every "
+        "pruned row by least squares so the module's outputs on the user's own rows (--contrast-data) change least")
+    steps: int = Field(
+        default=1, ge=1, le=64, description="beyond the paper: score and prune in this many rounds up to the largest "
+        "ratio, scoring again the model as pruned so far (a first-order score is accurate for small changes only); "
+        "each round costs one more scoring pass")
 
     _split_targets = field_validator("targets", mode="before")(split_targets)
 
@@ -86,13 +98,30 @@ class RealignConfig(BaseModel):
     def needs_data(self) -> bool:
         return self.score in ("wanda", "refusal")
 
+    @property
+    def uses_user_rows(self) -> bool:
+        """Whether the user's own rows (--contrast-data) enter: the refusal score weighs against them, the
+        compensation re-fits on them."""
+        return self.score == "refusal" or self.compensate
+
     def check_inputs(self, *, has_data: bool, has_protect_data: bool, has_aligned: bool, has_contrast: bool = False) -> None:
         """Refuse a missing or unused input before any model is loaded."""
         if self.needs_data and not has_data:
             raise AntidoteError(f"score {self.score!r} needs calibration data; pass --data or use --score magnitude")
-        if has_contrast and self.score != "refusal":
-            raise AntidoteError("--contrast-data (the user's own rows) is used by --score refusal only; add it or drop "
+        if has_contrast and not self.uses_user_rows:
+            raise AntidoteError("--contrast-data (the user's own rows) is used by --score refusal and --compensate only; "
+                                "add one of them or drop --contrast-data")
+        if self.compensate and not has_contrast:
+            raise AntidoteError("--compensate re-fits the kept weights on the user's own rows: give them with "
                                 "--contrast-data")
+        if self.compensate and self.action != "zero":
+            raise AntidoteError("--compensate re-fits the weights left after zeroing; it does not combine with --action "
+                                "revert")
+        if self.steps > 1 and not self.needs_data:
+            raise AntidoteError(f"--steps scores again the model as pruned so far; score {self.score!r} does not "
+                                "change with pruning: use --steps 1")
+        if self.steps > 1 and self.protect_ratio is not None:
+            raise AntidoteError("--steps does not combine with --protect-ratio yet; drop one of them")
         if self.protect_ratio is not None and not has_protect_data:
             raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
         if has_protect_data and self.protect_ratio is None:
@@ -199,6 +228,54 @@ def compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, pr
     return signals, tokens
 
 
+def _iterated_levels(model, tokenizer, targets: Sequence[Target], pairs, contrast_pairs, config: RealignConfig,
+                     ratios: Sequence[float], progress: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """Nested levels (Linear layout) from `config.steps` rounds up to the largest ratio. Each round scores the model
+    as pruned so far, counts every weight selected before as selected (so selections stay nested), selects the
+    ratios that fall in the round from its scores, and zeroes the selection at the round's end for the next one.
+    The model's weights are restored before returning. All scores live at once (one per target weight)."""
+    bounds = [ratios[-1] * (step + 1) / config.steps for step in range(config.steps)]
+    bounds[-1] = ratios[-1]
+    original = {t.param_name: t.weight.detach().clone() for t in targets}
+    generator = torch.Generator().manual_seed(config.seed)
+    chosen: dict[str, torch.Tensor] = {}
+    per_ratio: list[dict[str, torch.Tensor]] = []
+    tokens = 0
+    try:
+        for step, bound in enumerate(bounds):
+            signals, tokens = compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
+            scores = {t.param_name: score_target(t, signals, config, generator) for t in targets}
+            for name, mask in chosen.items():
+                scores[name].masked_fill_(mask.to(scores[name].device), float("inf"))
+            low = bounds[step - 1] if step else 0.0
+            per_ratio += [scoring.select(scores, ratio, config.granularity) for ratio in ratios if low < ratio <= bound]
+            if step + 1 < config.steps:
+                chosen = scoring.select(scores, bound, config.granularity)
+                prune_targets(targets, {t.param_name: t.from_linear(chosen[t.param_name]) for t in targets}, "zero", None)
+    finally:
+        with torch.no_grad():
+            for target in targets:
+                target.weight.copy_(original[target.param_name])
+    return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in per_ratio[0]}, tokens
+
+
+def compensation_grams(model, tokenizer, targets: Sequence[Target], pairs: Sequence[Pair], config: RealignConfig,
+                       progress: bool) -> dict[str, torch.Tensor]:
+    """The Gram matrix of every target's inputs over all tokens of the user's rows, what `compensate` fits on."""
+    if not pairs:
+        raise AntidoteError("--compensate needs the user's own rows and --contrast-data has none")
+    batches = calibration_batches(tokenizer, pairs, config.model_copy(update={"tokens": "all"}))
+    return collect_grams(model, batches, targets, progress=progress, desc="compensation statistics")
+
+
+def pruned_weight(target: Target, original: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """The target's weight (its own layout) with `mask` zeroed; with the user's rows' `gram`, the kept weights of
+    each pruned row re-fitted by least squares (scoring.compensate)."""
+    if gram is None:
+        return original.masked_fill(mask.to(original.device), 0)
+    return target.from_linear(scoring.compensate(target.to_linear(original), target.to_linear(mask), gram))
+
+
 def prune_targets(
     targets: Sequence[Target], masks: dict[str, torch.Tensor], action: str, aligned: dict[str, torch.Tensor] | None,
 ) -> None:
@@ -247,10 +324,20 @@ class NestedSelection:
     method: MethodReport
     contrast: DataReport | None
     timings: dict[str, float]
+    # per parameter, the Gram matrix of its inputs on the user's rows when the kept weights are re-fitted
+    compensation: dict[str, torch.Tensor] | None = None
 
     def masks(self, index: int) -> dict[str, torch.Tensor]:
         """Bool masks (True = pruned) at `ratios[index]`."""
         return {name: scoring.level_mask(level, index) for name, level in self.levels.items()}
+
+    def prune(self, index: int) -> None:
+        """Prune the targets, in place, as selected at `ratios[index]`: zeroed, and re-fitted when compensating."""
+        masks, grams = self.masks(index), self.compensation or {}
+        with torch.no_grad():
+            for target in self.targets:
+                name = target.param_name
+                target.weight.copy_(pruned_weight(target, target.weight.detach(), masks[name], grams.get(name)))
 
     def report(self, index: int) -> RealignReport:
         return realign_report(
@@ -286,11 +373,19 @@ def select_nested(
     check_finite(targets)
     pairs, data_info = _pairs(data) if data is not None else ((), None)
     contrast_pairs, contrast_info = _pairs(contrast_data) if contrast_data is not None else ((), None)
-    with timings.measure("scoring_s"):
-        signals, tokens = compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
-    with timings.measure("selection_s"):
-        levels = select_levels(targets, signals, config, ratios)
-        selected = {name: scoring.selected_counts(level, len(ratios)) for name, level in levels.items()}
+    if config.steps == 1:
+        with timings.measure("scoring_s"):
+            signals, tokens = compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
+        with timings.measure("selection_s"):
+            levels = select_levels(targets, signals, config, ratios)
+    else:
+        with timings.measure("scoring_s"):
+            levels, tokens = _iterated_levels(model, tokenizer, targets, pairs, contrast_pairs, config, ratios, progress)
+    selected = {name: scoring.selected_counts(level, len(ratios)) for name, level in levels.items()}
+    compensation = None
+    if config.compensate:
+        with timings.measure("compensation_s"):
+            compensation = compensation_grams(model, tokenizer, targets, contrast_pairs, config, progress)
     protection = None
     if config.protect_ratio is not None:
         with timings.measure("protection_s"):
@@ -309,7 +404,7 @@ def select_nested(
         selected=selected, data=None if data_info is None else DataReport(**data_info, tokens=tokens),
         protection=protection, contrast=None if contrast_info is None else DataReport(**contrast_info),
         method=method_report(config, has_adapter),
-        timings=dict(timings),
+        timings=dict(timings), compensation=compensation,
     )
 
 
@@ -355,7 +450,10 @@ def realign(
     selection = select_nested(model, tokenizer, config, data, protect_data=protect_data, contrast_data=contrast_data,
                               progress=progress)
     masks = selection.masks(0)
-    prune_targets(selection.targets, masks, config.action, aligned_values)
+    if config.action == "zero":
+        selection.prune(0)
+    else:
+        prune_targets(selection.targets, masks, config.action, aligned_values)
     return RealignResult(masks=masks, report=selection.report(0))
 
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from antidote_llm.core.scoring import ChannelStats, squared_sum
 from antidote_llm.core.targets import Target, decoder_layers
 from antidote_llm.data.templates import Encoded, pad_ids
+from antidote_llm.errors import AntidoteError
 
 
 @dataclass
@@ -129,20 +130,27 @@ def _target_hooks(targets: Sequence[Target], stats: dict[str, ChannelStats], sta
 
 
 @contextlib.contextmanager
-def _hooks(model: nn.Module, targets: Sequence[Target], stats: dict[str, ChannelStats], state: list) -> Iterator[None]:
-    handles = []
-    try:
-        stop = _stop_point(model, targets)
-        if stop is not None:
-            def raise_stop(module, args, output):
-                raise _StopForward
+def _stop_after_targets(model: nn.Module, targets: Sequence[Target]) -> Iterator[None]:
+    """Stop each forward pass (_StopForward) once the last target has run, where that is before the LM head."""
+    stop = _stop_point(model, targets)
+    if stop is None:
+        yield
+        return
 
-            handles.append(stop.register_forward_hook(raise_stop))
-        with _target_hooks(targets, stats, state):
-            yield
+    def raise_stop(module, args, output):
+        raise _StopForward
+
+    handle = stop.register_forward_hook(raise_stop)
+    try:
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _hooks(model: nn.Module, targets: Sequence[Target], stats: dict[str, ChannelStats], state: list) -> Iterator[None]:
+    with _stop_after_targets(model, targets), _target_hooks(targets, stats, state):
+        yield
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -169,6 +177,46 @@ def collect_statistics(
                     use_cache=False,
                 )
     return stats
+
+
+def collect_grams(
+    model: nn.Module, batches: Iterable[Batch], targets: Sequence[Target], *, progress: bool = True,
+    desc: str = "input Gram matrices",
+) -> dict[str, torch.Tensor]:
+    """H = sum_x x x^T (fp32, [in, in]) of every target's inputs over the counted tokens, one forward pass per
+    batch: what a least-squares re-fit of the target's kept weights needs (scoring.compensate). Targets fed the
+    same input (q, k, v) share one product per batch."""
+    grams = {t.param_name: torch.zeros(t.in_features, t.in_features, dtype=torch.float32, device=t.weight.device)
+             for t in targets}
+    counted: list[torch.Tensor] = [None]
+    last: list = [None, None]  # the last input seen and its product
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            if last[0] is not x:
+                flat = x.reshape(-1, x.shape[-1])[counted[0].to(x.device)].float()
+                last[0], last[1] = x, flat.T @ flat
+            grams[name] += last[1]
+        return hook
+
+    for target in targets:
+        if target.layout != "linear":
+            raise AntidoteError(f"compensation re-fits Linear weights; {target.param_name} is {target.layout}: "
+                                "choose Linear targets or drop the compensation")
+    device = input_device(model)
+    handles = [t.module.register_forward_pre_hook(hook_for(t.param_name)) for t in targets]
+    try:
+        with _stop_after_targets(model, targets), torch.inference_mode():
+            for batch in tqdm(list(batches), desc=desc, unit="batch", disable=not progress):
+                counted[0], last[0], last[1] = batch.count_mask.reshape(-1), None, None
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                          use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
 
 
 def collect_loss_gradients(

@@ -21,9 +21,11 @@ class Guard(Defense, GuardSettings):
         selection, _ = split_settings(self)
         needed = [("validation",)]
         if selection.score == "refusal":
-            needed += [("safe",), ("user_rows",)]
+            needed.append(("safe",))
         elif selection.needs_data:
             needed.append(("harmful",))
+        if selection.uses_user_rows:
+            needed.append(("user_rows",))
         if "benign" in self.controls:
             needed.append(("benign",))
         return tuple(needed)
@@ -39,7 +41,7 @@ class Guard(Defense, GuardSettings):
         refusal = selection.score == "refusal"
         outcome = run_guard(model, context.tokenizer, selection, decision, context.safe if refusal else context.harmful,
                             context.validation, benign=context.benign,
-                            contrast_data=context.user_rows if refusal else None)
+                            contrast_data=context.user_rows if selection.uses_user_rows else None)
         result = outcome.result
         changed = outcome.selection.report(outcome.index).totals.pruned_fraction if outcome.index is not None else 0.0
         return DefenseOutcome(report=result.model_dump(mode="json"), changed_fraction=changed,

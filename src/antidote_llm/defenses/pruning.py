@@ -13,8 +13,6 @@ from antidote_llm.frontier import FrontierConfig, pick_operating_point, prune_at
 from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
 
 Calibration = Literal["harmful", "benign", "safe"]  # the input whose rows a pruning defense scores on
-# The refusal score's inputs: refusals to harmful prompts (the lab's safe_data) and the user's own rows.
-REFUSAL_INPUTS = (("safe",), ("user_rows",))
 
 
 def _rows(config: RealignConfig, context: DefenseContext, calibration: Calibration) -> dict:
@@ -26,7 +24,7 @@ def _rows(config: RealignConfig, context: DefenseContext, calibration: Calibrati
     return {
         "data": getattr(context, calibration),
         "protect_data": context.benign if config.protect_ratio is not None else None,
-        "contrast_data": context.user_rows if config.score == "refusal" else None,
+        "contrast_data": context.user_rows if config.uses_user_rows else None,
     }
 
 
@@ -34,8 +32,8 @@ def _pruning_inputs(config: RealignConfig, calibration: Calibration) -> tuple[tu
     needed = [(calibration,)] if config.needs_data else []
     if config.protect_ratio is not None:
         needed.append(("benign",))
-    if config.score == "refusal":
-        needed += REFUSAL_INPUTS
+    if config.uses_user_rows:
+        needed.append(("user_rows",))
     return tuple(dict.fromkeys(needed))
 
 

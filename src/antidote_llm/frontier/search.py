@@ -96,16 +96,26 @@ def _point(selection: str, ratio: float | None, pruned_fraction: float, metrics:
 
 class NestedPruning:
     """Puts the model at any ratio of a nested selection, and back, without a copy of the model: the values of
-    the selected weights (a ratio's worth of the targets) are kept aside once."""
+    the selected weights (a ratio's worth of the targets) are kept aside once. A compensated selection changes
+    kept weights too, so its targets are kept whole."""
 
     def __init__(self, selection: NestedSelection):
+        self.selection = selection
         self.weights = {t.param_name: t.weight for t in selection.targets}
         self.levels = {n: level.to(self.weights[n].device) for n, level in selection.levels.items()}
-        self.kept = {n: self.weights[n].detach()[level > 0].clone() for n, level in self.levels.items()}
+        self.whole = selection.compensation is not None
+        self.kept = {n: self.weights[n].detach()[level > 0].clone() if not self.whole else self.weights[n].detach().clone()
+                     for n, level in self.levels.items()}
 
     def prune_to(self, index: int | None) -> None:
         """Zero the weights pruned at `ratios[index]` and restore every other selected weight (None: restore all)."""
         with torch.no_grad():
+            if self.whole:
+                for n, original in self.kept.items():
+                    self.weights[n].copy_(original)
+                if index is not None:
+                    self.selection.prune(index)
+                return
             for n, level in self.levels.items():
                 selected = level > 0
                 values = self.kept[n].clone()
@@ -186,8 +196,5 @@ def run_frontier(
 
 
 def prune_at(selection: NestedSelection, index: int) -> None:
-    """Zero, in place, the weights the selection prunes at `ratios[index]`."""
-    masks = selection.masks(index)
-    with torch.no_grad():
-        for target in selection.targets:
-            target.weight.masked_fill_(masks[target.param_name].to(target.weight.device), 0)
+    """Prune, in place, as the selection does at `ratios[index]`."""
+    selection.prune(index)

@@ -1,0 +1,190 @@
+"""Beyond the paper, issue 19: prune then compensate (a least-squares re-fit of the kept weights on the user's
+rows) and the iterated refusal score, against brute-force computations; their inputs refused when missing."""
+
+import json
+
+import pytest
+import torch
+
+from antidote_llm.cli.main import main
+from antidote_llm.core import scoring
+from antidote_llm.core.realign import (
+    RealignConfig,
+    calibration_batches,
+    compute_signals,
+    realign,
+    score_target,
+    select_nested,
+)
+from antidote_llm.core.statistics import collect_grams
+from antidote_llm.core.targets import resolve_targets
+from antidote_llm.errors import AntidoteError
+from antidote_llm.frontier.search import NestedPruning
+from conftest import add_lora, make_model, make_tokenizer
+from test_selections import PAIRS, REFUSALS, USER_ROWS, files  # noqa: F401, F811 - a fixture
+
+
+def _problem(seed=0, rows=5, inputs=12, tokens=40):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, inputs, generator=generator)
+    x = torch.randn(tokens, inputs, generator=generator)
+    pruned = torch.rand(rows, inputs, generator=generator) < 0.3
+    pruned[1] = False  # a row with nothing pruned stays as it was
+    return weight, x, pruned
+
+
+def test_compensation_equals_a_brute_force_least_squares_solve_per_row():
+    """Each pruned row's kept weights are the least-squares fit min ||X (w' - w)|| with w'_P = 0."""
+    weight, x, pruned = _problem()
+    result = scoring.compensate(weight, pruned, x.T @ x, damping=0.0)
+    for row in range(weight.shape[0]):
+        keep, drop = ~pruned[row], pruned[row]
+        expected = weight[row].clone()
+        expected[drop] = 0
+        if drop.any():
+            # X_K delta_K = X_P w_P: the kept columns make up for what the pruned ones contributed
+            solution = torch.linalg.lstsq(x[:, keep].double(), (x[:, drop] @ weight[row, drop]).double().unsqueeze(1))
+            expected[keep] += solution.solution.squeeze(1).float()
+        torch.testing.assert_close(result[row], expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(result[1], weight[1]) and not result[pruned].any()
+
+
+def test_compensation_changes_the_outputs_less_than_zeroing_and_damping_moves_it_toward_zeroing():
+    weight, x, pruned = _problem(seed=1)
+    x = x[:, :6] @ torch.randn(6, x.shape[1], generator=torch.Generator().manual_seed(2))  # correlated channels
+    zeroed = weight.masked_fill(pruned, 0)
+    change = {name: torch.linalg.norm((w - weight) @ x.T) for name, w in {
+        "zeroed": zeroed, "exact": scoring.compensate(weight, pruned, x.T @ x, damping=0.0),
+        "damped": scoring.compensate(weight, pruned, x.T @ x), "heavy": scoring.compensate(weight, pruned, x.T @ x, 1e6)}.items()}
+    assert change["exact"] <= change["damped"] < change["zeroed"] * 0.5
+    torch.testing.assert_close(change["heavy"], change["zeroed"], rtol=1e-3, atol=1e-3)
+
+
+def test_input_grams_equal_the_inputs_seen_by_a_hook():
+    model, tokenizer = add_lora(make_model()), make_tokenizer()
+    targets = resolve_targets(model, ("adapter-a",))
+    config = RealignConfig(ratio=0.1, batch_size=3)
+    seen = {t.param_name: [] for t in targets}
+    handles = [t.module.register_forward_pre_hook(lambda m, a, name=t.param_name: seen[name].append(a[0].detach()))
+               for t in targets]
+    with torch.no_grad():
+        for pair in USER_ROWS:  # one row at a time: no padding to leave out
+            batch = calibration_batches(tokenizer, [pair], config)[0]
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for handle in handles:
+        handle.remove()
+    grams = collect_grams(model, calibration_batches(tokenizer, USER_ROWS, config), targets, progress=False)
+    for name, inputs in seen.items():
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+        torch.testing.assert_close(grams[name], flat.T @ flat, rtol=1e-4, atol=1e-4)
+
+
+def test_a_compensated_realign_keeps_the_user_rows_outputs_closer_and_the_pruned_weights_zero():
+    config = RealignConfig(ratio=0.2, targets="adapter-a", score="refusal")
+    plain = realign(add_lora(make_model()), make_tokenizer(), config, REFUSALS, contrast_data=USER_ROWS, progress=False)
+    model = add_lora(make_model())
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    compensated = realign(model, make_tokenizer(), config.model_copy(update={"compensate": True}), REFUSALS,
+                          contrast_data=USER_ROWS, progress=False)
+    assert compensated.report.method.model_extra["compensate"] is True
+    fresh = add_lora(make_model())
+    grams = collect_grams(fresh, calibration_batches(make_tokenizer(), USER_ROWS, config),
+                          resolve_targets(fresh, ("adapter-a",)), progress=False)
+    params = dict(model.named_parameters())
+    for name, mask in plain.masks.items():
+        assert torch.equal(compensated.masks[name], mask)  # the same selection: compensation only re-fits
+        assert not params[name][mask].any()
+        before = original[name]
+        change = {"compensated": params[name].detach() - before, "zeroed": before.masked_fill(mask, 0) - before}
+        energy = {k: float(torch.einsum("oi,ij,oj->", d, grams[name], d)) for k, d in change.items()}
+        assert energy["compensated"] < energy["zeroed"], name
+
+
+def test_nested_pruning_of_a_compensated_selection_walks_the_ratios_and_restores_the_model():
+    model, tokenizer = add_lora(make_model()), make_tokenizer()
+    config = RealignConfig(ratio=0.05, targets="adapter-a", score="refusal", compensate=True)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    selection = select_nested(model, tokenizer, config, REFUSALS, ratios=(0.05, 0.2), contrast_data=USER_ROWS,
+                              progress=False)
+    pruning = NestedPruning(selection)
+    pruning.prune_to(1)
+    at_large = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruning.prune_to(0)
+    alone = add_lora(make_model())
+    realign(alone, tokenizer, config, REFUSALS, contrast_data=USER_ROWS, progress=False)
+    for name, parameter in alone.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name], parameter)
+    assert any(not torch.equal(at_large[n], original[n]) for n in original)
+    pruning.prune_to(None)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+
+
+def _brute_force_two_rounds(ratio: float) -> dict[str, torch.Tensor]:
+    """Score, prune half the ratio, score the pruned model again, select the rest among the weights left."""
+    model, tokenizer = add_lora(make_model()), make_tokenizer()
+    config = RealignConfig(ratio=ratio, targets="adapter-a", score="refusal")
+    targets = resolve_targets(model, ("adapter-a",))
+    generator = torch.Generator().manual_seed(0)
+    signals, _ = compute_signals(model, tokenizer, targets, REFUSALS, USER_ROWS, config, False)
+    first = scoring.select({t.param_name: score_target(t, signals, config, generator) for t in targets}, ratio / 2, "row")
+    with torch.no_grad():
+        for t in targets:
+            t.weight.masked_fill_(first[t.param_name], 0)
+    signals, _ = compute_signals(model, tokenizer, targets, REFUSALS, USER_ROWS, config, False)
+    scores = {t.param_name: score_target(t, signals, config, generator).masked_fill(first[t.param_name], float("inf"))
+              for t in targets}
+    return scoring.select(scores, ratio, "row")
+
+
+def test_two_rounds_score_the_pruned_model_again_and_leave_it_as_it_was():
+    model = add_lora(make_model())
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = RealignConfig(ratio=0.1, targets="adapter-a", score="refusal", steps=2)
+    selection = select_nested(model, make_tokenizer(), config, REFUSALS, ratios=(0.05, 0.1, 0.4),
+                              contrast_data=USER_ROWS, progress=False)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+    expected = _brute_force_two_rounds(0.4)
+    masks = selection.masks(2)
+    for name, mask in expected.items():
+        assert torch.equal(masks[name], mask), name  # lora_A is a Linear: its own layout is the Linear one
+    one_round = select_nested(add_lora(make_model()), make_tokenizer(), config.model_copy(update={"steps": 1}),
+                              REFUSALS, ratios=(0.05, 0.1, 0.4), contrast_data=USER_ROWS, progress=False)
+    assert any(not torch.equal(one_round.masks(2)[n], masks[n]) for n in masks)  # the second round changed something
+    for index in (0, 1):  # the ratios inside the first round come from its scores, as one-shot selection
+        assert all(torch.equal(one_round.masks(index)[n], selection.masks(index)[n]) for n in masks)
+    for smaller, larger in ((0, 1), (1, 2)):
+        assert all(not (selection.masks(smaller)[n] & ~selection.masks(larger)[n]).any() for n in masks)
+
+
+@pytest.mark.parametrize(("settings", "contrast", "message"), [
+    ({"compensate": True}, None, "--compensate re-fits the kept weights on the user's own rows"),
+    ({"compensate": True, "action": "revert"}, USER_ROWS, "does not combine with --action revert"),
+    ({"score": "magnitude", "steps": 2}, None, "use --steps 1"),
+    ({"score": "refusal", "steps": 2, "protect_ratio": 0.1}, USER_ROWS, "--steps does not combine with --protect-ratio"),
+])
+def test_missing_or_unsupported_inputs_are_refused(settings, contrast, message):
+    config = RealignConfig(ratio=0.1, targets="adapter-a", **settings)
+    with pytest.raises(AntidoteError, match=message):
+        config.check_inputs(has_data=True, has_protect_data=config.protect_ratio is not None, has_aligned=True,
+                            has_contrast=contrast is not None)
+
+
+def test_cli_compensation_without_the_user_rows_is_one_line_and_writes_nothing(files, capsys):  # noqa: F811
+    tmp, base, adapter, data, user = files
+    args = ["realign", "--model", str(base), "--adapter", str(adapter), "--data", str(data), "--ratio", "0.1",
+            "--targets", "adapter-a", "--compensate", "--quiet"]
+    assert main([*args, "--out", str(tmp / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--contrast-data" in err[0], err
+    assert not (tmp / "bad").exists()
+    assert main([*args, "--contrast-data", str(user), "--task", "sst2", "--steps", "2", "--score", "refusal",
+                 "--out", str(tmp / "good")]) == 0
+    report = json.loads((tmp / "good" / "report.json").read_text())
+    assert report["method"]["compensate"] is True and report["method"]["steps"] == 2
+    assert "compensation_s" in report["timings"]
+
+
+def test_compensation_refuses_an_embedding_target():
+    with pytest.raises(AntidoteError, match="compensation re-fits Linear weights"):
+        realign(make_model(), make_tokenizer(), RealignConfig(ratio=0.1, targets="*embed_tokens", compensate=True),
+                PAIRS, contrast_data=USER_ROWS, progress=False)
