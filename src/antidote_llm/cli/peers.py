@@ -47,11 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_samples_flag(spec), dest=f"{_dest(spec)}_samples", type=int,
                                help=f"rows of {spec.flag} to use (default: {spec.samples or 'all'})")
     declared = set(SHARED_FIELDS)
-    for method in methods:  # a field two peers share (safe-delta's and another's scale) is one flag
+    for method in methods:  # a field two peers share (safelora's and safemerge's threshold) is one flag
         settings = defense(method)
         own = [name for name in settings.model_fields if name not in declared]
+        _note_shared(parser, method, settings, [name for name in settings.model_fields
+                                                if name in declared and name not in SHARED_FIELDS])
         declared.update(own)
         add_config_options(parser.add_argument_group(f"--method {method}"), settings, own)
+
+
+def _note_shared(parser: argparse.ArgumentParser, method: str, settings, names: list[str]) -> None:
+    """A flag an earlier peer declared, read by `method` too: its help also gives `method`'s default."""
+    actions = {action.dest: action for action in parser._actions}
+    for name in names:
+        default = settings.model_fields[name].get_default(call_default_factory=True)
+        actions[name].help += f"; --method {method} too (default: {default})"
 
 
 def _peer_fields(method: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The typed report of a post-fine-tuning peer (SafeLoRA, RESTA, Safe Delta): what changed in every module."""
+"""The typed report of a post-fine-tuning peer (SafeLoRA, SafeMERGE, RESTA, Safe Delta): what changed in every module."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ class ModuleChange(Report):
     # SafeLoRA
     cosine: float | None = None  # cos(C dW, dW); None where V = 0 (no safety subspace known: left alone)
     projected: bool | None = None
+    # SafeMERGE (cosine as SafeLoRA's)
+    merged: bool | None = None  # the update replaced by its merge with the safety LoRA's
     # RESTA
     safety_norm: float | None = None  # ||beta (W_aligned - W_unaligned)||_F
     # Safe Delta

@@ -70,14 +70,16 @@ def projected_cosine(c: torch.Tensor, delta: torch.Tensor) -> float | None:
     return float(torch.nn.functional.cosine_similarity(projected.flatten(), delta.flatten(), dim=0))
 
 
-def select_modules(cosines: dict[str, float], select: str, layers: int, threshold: float) -> set[str]:
+def select_modules(cosines: dict[str, float], select: str, layers: int, threshold: float,
+                   strict: bool = False) -> set[str]:
     """The modules to project. number: the authors' rule, tau' = the K-th smallest cosine and every module with
-    cosine <= tau' (ties can add more than K); threshold: cosine <= tau."""
+    cosine <= tau' (ties can add more than K); threshold: cosine <= tau, or cosine < tau when `strict`
+    (SafeMERGE's rule)."""
     if not cosines:
         return set()
     if select == "number":
-        threshold = sorted(cosines.values())[min(layers, len(cosines)) - 1]
-    return {name for name, cos in cosines.items() if cos <= threshold}
+        threshold, strict = sorted(cosines.values())[min(layers, len(cosines)) - 1], False
+    return {name for name, cos in cosines.items() if (cos < threshold if strict else cos <= threshold)}
 
 
 # --- the plumbing ---------------------------------------------------------------------------------------
@@ -111,27 +113,34 @@ def _alignment_updates(modules: dict, context: DefenseContext):
     return {name: (lambda name=name: read(name)) for name in found}
 
 
+def alignment_cosines(modules: dict, context: DefenseContext, projector: str, timings: Timings):
+    """SafeLoRA's test of every LoRA module: (module name -> cos(C dW, dW), and a function giving a module's C
+    or None). Modules with V = 0, no V, or dW = 0 have no cosine. C is d_out x d_out per module (64 MB each at
+    4096): made on the fly, again for the chosen modules, never all kept at once."""
+    with timings.measure("reference_s"):
+        v_by_module = _alignment_updates(modules, context)
+
+    def projector_of(name: str) -> torch.Tensor | None:
+        v = v_by_module.get(name)
+        device = adapters.aligned_weight(modules[name]).device
+        return None if v is None else projection_matrix(v().to(device), projector)
+
+    with timings.measure("cosines_s"):
+        cosines = {}
+        for name, layer in modules.items():
+            c = projector_of(name)
+            cos = None if c is None else projected_cosine(c, adapters.update(layer))
+            if cos is not None:
+                cosines[name] = cos
+    return cosines, projector_of
+
+
 def apply_safelora(model, config: SafeLoRA, context: DefenseContext) -> DefenseOutcome:
     adapters.require_adapter(model, "safelora")
     timings = Timings()
     modules = adapters.lora_modules(model)
-    with timings.measure("reference_s"):
-        v_by_module = _alignment_updates(modules, context)
-    def projector(name: str) -> torch.Tensor | None:
-        v = v_by_module.get(name)
-        device = adapters.aligned_weight(modules[name]).device
-        return None if v is None else projection_matrix(v().to(device), config.projector)
-
-    # C is d_out x d_out per module (64 MB each at 4096): made on the fly, again for the chosen modules,
-    # never all kept at once
-    with timings.measure("cosines_s"):
-        cosines = {}
-        for name, layer in modules.items():
-            c = projector(name)
-            cos = None if c is None else projected_cosine(c, adapters.update(layer))
-            if cos is not None:
-                cosines[name] = cos
-        chosen = select_modules(cosines, config.select, config.layers, config.threshold)
+    cosines, projector = alignment_cosines(modules, context, config.projector, timings)
+    chosen = select_modules(cosines, config.select, config.layers, config.threshold)
     with timings.measure("projection_s"):
         report = {}
         for name, layer in modules.items():

@@ -96,7 +96,8 @@ def _method_key(method: MethodRun | None) -> list:
              {name: rows.sha256 for name, rows in sorted(method.extra.items())}]]
 
 
-def _available_inputs(setting: SettingPlan, unalign_job: StageJob | None) -> dict[str, tuple[object, object]]:
+def _available_inputs(setting: SettingPlan, align_job: StageJob | None, unalign_job: StageJob | None
+                      ) -> dict[str, tuple[object, object]]:
     """Every defense input the lab can supply for this setting: name -> (value, what identifies it in stage keys)."""
     data, exp = setting.data, setting.exp
     available = {name: (rows, rows.sha256) for name, rows in data.inputs.items()}
@@ -105,6 +106,8 @@ def _available_inputs(setting: SettingPlan, unalign_job: StageJob | None) -> dic
         available["validation"] = (data.validation, data.validation_key)
     if exp.alignment is not None:
         available["base_model"] = (setting.base_source, setting.base_key)
+    if align_job is not None:  # the alignment stage's LoRA (SafeMERGE's safety LoRA)
+        available["alignment_adapter"] = (str(setting.stages / align_job.name / "adapter"), align_job.key)
     if unalign_job is not None:
         available["unaligned_model"] = (str(setting.stages / unalign_job.name / "adapter"), unalign_job.key)
     return available
@@ -112,6 +115,13 @@ def _available_inputs(setting: SettingPlan, unalign_job: StageJob | None) -> dic
 
 def _reads(chosen: Defense) -> set[str]:
     return {name for options in chosen.inputs() for name in options}
+
+
+def _supplied(chosen: Defense, available: dict) -> list[str]:
+    """The inputs the lab gives a defense: of each set of alternatives, the first it can supply (SafeLoRA's V
+    from the base model even where the alignment adapter exists too)."""
+    found = [next((name for name in options if name in available), None) for options in chosen.inputs()]
+    return sorted({name for name in found if name is not None})
 
 
 def plan_setting(setting: SettingPlan, jobs: dict[str, StageJob]) -> list[Row]:
@@ -136,14 +146,14 @@ def plan_setting(setting: SettingPlan, jobs: dict[str, StageJob]) -> list[Row]:
     unalign_job = setting.unalign(align_key, aligned, align_needs) if needs_unalign and exp.unalign else None
     if unalign_job is not None:
         jobs.setdefault(unalign_job.name, unalign_job)
-    available = _available_inputs(setting, unalign_job)
+    available = _available_inputs(setting, align_job, unalign_job)
     for label, chosen in defenses.items():
         own_align, own_finetune, own_finetuned = align_job, finetune_job, finetuned
         if isinstance(chosen, TrainingDefense):
             own_align, _, _, own_finetune, own_finetuned = setting.chain(jobs, setting.method_run(chosen))
             inputs = {}
         else:
-            inputs = {name: available[name] for name in sorted(_reads(chosen)) if name in available}
+            inputs = {name: available[name] for name in _supplied(chosen, available)}
         key = stage_key("defense", own_finetune.key, chosen.name, chosen.settings(), setting.data.eval_key, exp.seed,
                         [[name, identity] for name, (_, identity) in inputs.items()])
         work = DefenseWork(own_finetuned, chosen, setting.data.evaluation, setting.progress,

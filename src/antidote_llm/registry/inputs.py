@@ -74,8 +74,9 @@ for _spec in (
                  flag="--contrast-data", cli=False),
     DefenseInput("base_model", "the unaligned model the aligned one was trained from (V = aligned - base)", "model",
                  ("alignment",), flag="--base-model"),
-    DefenseInput("alignment_adapter", "the alignment LoRA, instead of the base model (V = its update)", "adapter",
-                 ("alignment_adapter",), flag="--alignment-adapter"),
+    DefenseInput("alignment_adapter", "the alignment LoRA: SafeLoRA's V = its update (instead of the base model); "
+                 "SafeMERGE's safety LoRA and V; the lab's alignment stage writes it", "adapter",
+                 ("alignment",), flag="--alignment-adapter"),
     DefenseInput("unaligned_model", "the aligned model made unsafe (antidote unalign): its adapter/ folder or a "
                  "model folder", "adapter", ("unalign",), flag="--unaligned-model"),
     DefenseInput("safe", "safe calibration rows (harmful prompt, safe answer)", "rows", ("safe_data",),
