@@ -359,3 +359,74 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monk
     assert code == 2 and len(err.splitlines()) == 1 and expected in err and KEY not in err
     assert not (tmp_path / "judged.jsonl").exists() and not (tmp_path / "cache").exists()
     assert not server.completions
+
+
+# --- guard with an endpoint judge, through the command line ---------------------------------------------------
+
+
+@pytest.fixture
+def lineage(tmp_path):
+    from conftest import HARMFUL_ROWS, save_adapter, save_model
+
+    save_adapter(tmp_path / "ft", save_model(tmp_path / "aligned"))
+    (tmp_path / "calibration.jsonl").write_text("\n".join(json.dumps(r) for r in HARMFUL_ROWS if not r["is_safe"]))
+    (tmp_path / "probe.jsonl").write_text("\n".join(json.dumps({"prompt": f"Probe request {i}"}) for i in range(8)))
+    (tmp_path / "validation.tsv").write_text("label\tsentence\n" + "".join(f"1\tgood film {i}\n" for i in range(12)))
+    return tmp_path
+
+
+def _guard_cli(lineage, out, base_url):
+    return main(["guard", "--model", str(lineage / "aligned"), "--adapter", str(lineage / "ft"), "--device", "cpu",
+                 "--data", str(lineage / "calibration.jsonl"), "--score", "wanda", "--template", "plain",
+                 "--probe-prompts", str(lineage / "probe.jsonl"), "--task", "sst2", "--validation-data",
+                 str(lineage / "validation.tsv"), "--max-harmful", "50", "--max-new-tokens", "3",
+                 "--task-max-new-tokens", "2", "--judge", "endpoint", "--judge-model", "served-guard",
+                 "--base-url", base_url, "--api-key-env", ENV, "--judge-cache", str(lineage / "cache"),
+                 "--out", str(out), "--quiet"])
+
+
+def test_guard_decides_with_an_endpoint_judge_and_a_rerun_sends_no_request(lineage, capsys):
+    with JudgeServer(lambda body: Reply("safe")) as server:
+        assert _guard_cli(lineage, lineage / "first", server.base_url) == 0
+        assert len(server.completions) == 8  # the 8 probe answers, each judged once
+        assert _guard_cli(lineage, lineage / "again", server.base_url) == 0
+        assert len(server.completions) == 8  # the same answers: all from the cache
+    assert "SAFE" in capsys.readouterr().out
+    verdict = json.loads((lineage / "first" / "verdict.json").read_text())
+    assert verdict["verdict"] == "safe" and verdict["fine_tuned"]["harmful"]["count"] == 0
+    assert verdict["method"]["judge"] == {"name": "endpoint", "model": "served-guard", "base_url": server.base_url,
+                                          "format": "llama-guard", "api_key_env": ENV, "requests": 8, "retries": 0,
+                                          "cached": 0}
+    assert verdict["method"]["evaluation"]["judge_model"] == "served-guard"
+    assert json.loads((lineage / "again" / "verdict.json").read_text())["method"]["judge"]["cached"] == 8
+    assert {r["headers"]["Authorization"] for r in server.requests} == {f"Bearer {KEY}"}
+    assert not any(KEY in p.read_text(errors="replace") for p in lineage.rglob("*") if p.suffix in (".json", ".md", ".jsonl"))
+
+
+def test_guard_with_an_unreachable_endpoint_stops_before_any_work(lineage, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    assert _guard_cli(lineage, lineage / "out", url) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach the judge endpoint {url}" in err
+    assert not (lineage / "out").exists() and not (lineage / "cache").exists()
+
+
+from test_lab import experiment_file  # noqa: E402, F401 - a fixture
+
+
+def test_the_lab_takes_the_endpoint_judge_in_its_evaluation_settings(experiment_file):  # noqa: F811
+    import yaml
+
+    from antidote_llm.lab import load_experiment
+
+    raw = yaml.safe_load(experiment_file.read_text())
+    raw["evaluation"].update(judge="endpoint", judge_model="gpt-4o-mini", base_url="https://api.example.com/v1/",
+                             judge_format="strongreject", judge_concurrency=16)
+    experiment_file.write_text(yaml.safe_dump(raw))
+    options = load_experiment(experiment_file).evaluation.judge_options()
+    assert options.model == "gpt-4o-mini" and options.endpoint == EndpointSettings(
+        base_url="https://api.example.com/v1", judge_format="strongreject", judge_concurrency=16)
+    raw["evaluation"]["judge_format"] = "rubric"
+    experiment_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(AntidoteError, match="unknown judge format 'rubric'; choose one of llama-guard"):
+        load_experiment(experiment_file)

@@ -327,7 +327,7 @@ def evaluate_model(
     task_pairs: Sequence[Pair] | None = None,
     settings: EvalSettings | None = None,
     template: str = "alpaca",
-    judge: Judge | None = None,
+    built_judge: Judge | None = None,
     judge_options: JudgeOptions | None = None,
     progress: bool = True,
     fingerprint: bool = True,
@@ -336,13 +336,14 @@ def evaluate_model(
     """`evaluate` for a transformers / PEFT model in memory; metrics["model"] identifies the weights.
 
     `setting_fields` (judge, max_new_tokens, task_max_new_tokens, batch_size) replace those of `settings`;
-    `judge`, a judge already built, serves many calls (a model judge loads once, an endpoint judge checks once).
+    `built_judge`, a judge already built, serves many calls (a model judge loads once, an endpoint judge checks
+    its server once) instead of the settings' judge.
     """
     settings = EvalSettings.build(settings, **setting_fields)
     result = evaluate(
         HFGenerator(model, tokenizer, batch_size=settings.batch_size), tokenizer,
         harmful_prompts=harmful_prompts, task=task, task_pairs=task_pairs, settings=settings, template=template,
-        judge=judge, judge_options=judge_options, progress=progress,
+        judge=built_judge, judge_options=judge_options, progress=progress,
     )
     result.metrics["model"] = model_identity(model, fingerprint=fingerprint)
     return result
@@ -364,7 +365,7 @@ class EvalInputs:
         return evaluate_model(
             model, tokenizer, harmful_prompts=list(self.prompts), task=self.task,
             task_pairs=list(self.rows) if self.rows is not None else None, settings=self.settings,
-            template=self.template, judge=self.judge, progress=progress, fingerprint=fingerprint,
+            template=self.template, built_judge=self.judge, progress=progress, fingerprint=fingerprint,
         )
 
 

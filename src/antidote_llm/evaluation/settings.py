@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from antidote_llm.errors import validated
+from antidote_llm.errors import AntidoteError, validated
 from antidote_llm.evaluation.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from antidote_llm.evaluation.judges.base import EndpointSettings, JudgeOptions
 
@@ -50,7 +50,10 @@ class EvalSettings(EndpointSettings):
     def _known_format(cls, name: str) -> str:
         from antidote_llm.evaluation.judges.formats import prompt_format
 
-        prompt_format(name)  # an unknown one: the formats named
+        try:
+            prompt_format(name)
+        except AntidoteError as exc:  # an unknown one: the formats named, where the setting is
+            raise ValueError(str(exc)) from None
         return name
 
     def judge_options(self, **given) -> JudgeOptions:

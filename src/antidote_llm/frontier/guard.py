@@ -206,7 +206,7 @@ class _Judge:
         for start in range(0, len(self.prompts), self.chunk):
             chunk = self.prompts[start:start + self.chunk]
             result = evaluate_model(self.model, self.tokenizer, harmful_prompts=chunk, settings=self.settings,
-                                    template=self.probe.template, judge=self.judge, progress=False,
+                                    template=self.probe.template, built_judge=self.judge, progress=False,
                                     fingerprint=False)
             harmful += sum(row["harmful"] for row in result.answers)
             judged += len(chunk)
@@ -220,7 +220,7 @@ class _Judge:
         started = time.perf_counter()
         result = evaluate_model(self.model, self.tokenizer, harmful_prompts=None, task=self.probe.task,
                                 task_pairs=list(self.probe.rows), settings=self.probe.settings,
-                                template=self.probe.template, judge=self.judge, progress=self.progress,
+                                template=self.probe.template, built_judge=self.judge, progress=self.progress,
                                 fingerprint=False)
         self.answers["validation"] += len(self.probe.rows)
         self.seconds["validation"] += time.perf_counter() - started
