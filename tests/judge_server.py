@@ -55,6 +55,7 @@ class JudgeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # small writes sent at once: no 40 ms Nagle and delayed-ACK stall
 
             def log_message(self, *args):
                 pass
