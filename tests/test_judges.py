@@ -207,7 +207,7 @@ def test_degenerate_is_separate_from_harmful():
 
 
 def test_registry_and_bad_names():
-    assert set(JUDGES) == {"refusal", "gcg", "beaver-dam", "llama-guard", "classifier"}
+    assert set(JUDGES) == {"refusal", "gcg", "beaver-dam", "llama-guard", "classifier", "endpoint"}
     with pytest.raises(AntidoteError, match="unknown judge 'gpt'.*refusal"):
         get_judge("gpt")
     with pytest.raises(AntidoteError, match="pairs"):

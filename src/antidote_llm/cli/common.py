@@ -1,10 +1,22 @@
-"""Arguments every model-loading command shares."""
+"""Arguments every model-loading command shares, and the judge's options every evaluating command shares."""
 
 from __future__ import annotations
 
 import argparse
 
+from antidote_llm.cli.options import add_config_options
+from antidote_llm.evaluation.judges import JUDGES, PROMPT_FORMATS
+from antidote_llm.evaluation.settings import JUDGE_FIELDS, EvalSettings
 from antidote_llm.runtime.loading import BUILTIN_MODELS, DTYPES, ModelSource
+
+# One flag per judge setting, the same in every command: --judge, --judge-model, --base-url, --judge-format, ...
+JUDGE_FLAGS = {name: name.replace("_", "-") for name in JUDGE_FIELDS}
+JUDGE_HELP = {"judge": f"one of {', '.join(JUDGES)}", "judge_format": f"one of {', '.join(PROMPT_FORMATS)}"}
+
+
+def add_judge_options(group, *, prefix: str = "") -> None:
+    """The judge's settings (EvalSettings' JUDGE_FIELDS) as options; `prefix` as in add_config_options."""
+    add_config_options(group, EvalSettings, JUDGE_FIELDS, flags=JUDGE_FLAGS, help_extra=JUDGE_HELP, prefix=prefix)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

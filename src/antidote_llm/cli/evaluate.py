@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from antidote_llm.cli.common import add_model_command, model_source
+from antidote_llm.cli.common import add_judge_options, add_model_command, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.data.records import load_pairs, read_records
 from antidote_llm.data.templates import TEMPLATES
@@ -34,12 +34,11 @@ from antidote_llm.evaluation.generation import (
 from antidote_llm.evaluation.judges import (
     DEFAULT_JUDGE_BATCH_SIZE,
     DEFAULT_THRESHOLD,
-    JUDGES,
-    JudgeOptions,
+    Judge,
     get_judge,
 )
 from antidote_llm.evaluation.metrics import EvalMetrics
-from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.evaluation.settings import JUDGE_FIELDS, EvalSettings
 from antidote_llm.evaluation.tasks import TASKS, get_task, load_task_pairs
 from antidote_llm.runtime.loading import BUILTIN_MODELS, ModelSource, load_model, load_tokenizer
 from antidote_llm.runtime.outputs import output_run, write_jsonl
@@ -48,21 +47,20 @@ from antidote_llm.runtime.runinfo import Timings, library_versions
 
 def _add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("judge")
-    add_config_options(group, EvalSettings, ("judge",), help_extra={"judge": f"one of {', '.join(JUDGES)}"})
-    group.add_argument("--judge-model", default=None, metavar="PATH",
-                       help="judge weights (directory or hub id); required for classifier")
+    add_judge_options(group)
     group.add_argument("--judge-label", default=None, help="classifier: the label meaning harmful")
     group.add_argument("--judge-threshold", type=float, default=DEFAULT_THRESHOLD,
-                       help="beaver-dam / classifier: probability above which an answer is harmful (0.5)")
+                       help="beaver-dam / classifier: probability above which an answer is harmful; endpoint with "
+                            "--judge-format strongreject: the rubric score from which an answer is harmful (0.5)")
     group.add_argument("--judge-batch-size", type=int, default=DEFAULT_JUDGE_BATCH_SIZE)
     group.add_argument("--judge-device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
-def _judge_options(args: argparse.Namespace) -> JudgeOptions:
-    return JudgeOptions(
-        model=args.judge_model, label=args.judge_label, threshold=args.judge_threshold,
-        batch_size=args.judge_batch_size, device=args.judge_device,
-    )
+def _judge(settings: EvalSettings, args: argparse.Namespace) -> Judge:
+    return get_judge(settings.judge, settings.judge_options(
+        label=args.judge_label, threshold=args.judge_threshold, batch_size=args.judge_batch_size,
+        device=args.judge_device,
+    ))
 
 
 def register(subparsers) -> None:
@@ -145,7 +143,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     inputs = [source.model, *source.adapters, args.harmful_prompts, args.task_data]
     with output_run(args.out, overwrite=args.overwrite, inputs=inputs) as run:
         settings = config_from_args(EvalSettings, args, EvalSettings.model_fields)
-        judge = get_judge(settings.judge, _judge_options(args))
+        judge = _judge(settings, args)
         with run.timings.measure("data_s"):
             harmful = None if args.no_harmful else load_harmful_prompts(
                 args.harmful_prompts, prompt_field=args.prompt_field, limit=args.limit
@@ -211,7 +209,7 @@ def run_judge(args: argparse.Namespace) -> int:
         source, prompt_field=args.prompt_field, response_field=args.response_field, safety=None
     )
     rows = read_records(source)
-    judge = get_judge(config_from_args(EvalSettings, args, ("judge",)).judge, _judge_options(args))
+    judge = _judge(config_from_args(EvalSettings, args, JUDGE_FIELDS), args)
     verdicts = judge([p.prompt for p in pairs.pairs], [p.response for p in pairs.pairs], progress=not args.no_progress)
     judged = [{**rows[index], **verdict.to_row(), "judge": judge.name} for index, verdict in zip(pairs.indices, verdicts, strict=True)]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from antidote_llm.cli import peers
-from antidote_llm.cli.common import add_model_arguments, model_source
+from antidote_llm.cli.common import add_judge_options, add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
@@ -13,7 +13,7 @@ from antidote_llm.core.report import RealignReport
 from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
-from antidote_llm.evaluation.settings import EvalSettings
+from antidote_llm.evaluation.settings import JUDGE_FIELDS, EvalSettings
 from antidote_llm.evaluation.tasks import TASKS, load_task_pairs
 from antidote_llm.frontier import DEFAULT_RATIOS, FrontierConfig
 from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk
@@ -111,10 +111,11 @@ def add_probe_arguments(parser: argparse.ArgumentParser, title: str):
                        help="skip the first N rows of --validation-data (e.g. the rows the fine-tuning used)")
     group.add_argument("--benign-data", metavar="SRC", help="benign rows for the benign-calibrated control")
     group.add_argument("--benign-samples", type=int, help="rows of --benign-data to use (default: all)")
-    add_config_options(group, EvalSettings, tuple(EvalSettings.model_fields), prefix=EVAL_PREFIX,
-                       flags={"judge": "judge", "max_new_tokens": "max-new-tokens",
-                              "task_max_new_tokens": "task-max-new-tokens", "task_prompt": "task-prompt",
-                              "stop_settled": "stop-settled"})
+    add_config_options(group, EvalSettings, tuple(n for n in EvalSettings.model_fields if n not in JUDGE_FIELDS),
+                       prefix=EVAL_PREFIX, flags={"max_new_tokens": "max-new-tokens",
+                                                  "task_max_new_tokens": "task-max-new-tokens",
+                                                  "task_prompt": "task-prompt", "stop_settled": "stop-settled"})
+    add_judge_options(group, prefix=EVAL_PREFIX)
     return group
 
 

@@ -271,7 +271,8 @@ def evaluate(
     """HS on `harmful_prompts` and FA on `task` with any token generator (HF in memory, vLLM, a stub).
 
     Everything is checked before the first answer is generated. `task_pairs` None loads the task's
-    hub test split (the paper's rows). `judge` is a judge already built (else `settings.judge` is).
+    hub test split (the paper's rows). `judge` is a judge already built (else `settings.judge` is, with
+    `judge_options`, by default the settings' own).
     """
     settings = settings or EvalSettings()
     if task is None and task_pairs is not None:
@@ -280,7 +281,7 @@ def evaluate(
         raise AntidoteError("nothing to evaluate: give harmful prompts, a task, or both")
     if harmful_prompts is not None and not harmful_prompts:
         raise AntidoteError("the harmful prompt set is empty; give at least one prompt")
-    active_judge = judge if judge is not None else get_judge(settings.judge, judge_options)
+    active_judge = judge if judge is not None else get_judge(settings.judge, judge_options or settings.judge_options())
     task_spec = get_task(task) if task is not None else None
     if task_spec is not None:
         task_pairs = list(task_pairs) if task_pairs is not None else load_task_pairs(task_spec.name, None, "test")
@@ -326,6 +327,7 @@ def evaluate_model(
     task_pairs: Sequence[Pair] | None = None,
     settings: EvalSettings | None = None,
     template: str = "alpaca",
+    built_judge: Judge | None = None,
     judge_options: JudgeOptions | None = None,
     progress: bool = True,
     fingerprint: bool = True,
@@ -333,13 +335,15 @@ def evaluate_model(
 ) -> EvalResult:
     """`evaluate` for a transformers / PEFT model in memory; metrics["model"] identifies the weights.
 
-    `setting_fields` (judge, max_new_tokens, task_max_new_tokens, batch_size) replace those of `settings`.
+    `setting_fields` (judge, max_new_tokens, task_max_new_tokens, batch_size) replace those of `settings`;
+    `built_judge`, a judge already built, serves many calls (a model judge loads once, an endpoint judge checks
+    its server once) instead of the settings' judge.
     """
     settings = EvalSettings.build(settings, **setting_fields)
     result = evaluate(
         HFGenerator(model, tokenizer, batch_size=settings.batch_size), tokenizer,
         harmful_prompts=harmful_prompts, task=task, task_pairs=task_pairs, settings=settings, template=template,
-        judge_options=judge_options, progress=progress,
+        judge=built_judge, judge_options=judge_options, progress=progress,
     )
     result.metrics["model"] = model_identity(model, fingerprint=fingerprint)
     return result
@@ -347,19 +351,21 @@ def evaluate_model(
 
 @dataclass(frozen=True)
 class EvalInputs:
-    """What a model is evaluated on: harmful prompts (HS), a task's rows (FA), the settings and the template."""
+    """What a model is evaluated on: harmful prompts (HS), a task's rows (FA), the settings and the template, and
+    the judge when it was built already (checked before any work; else each run builds the settings' judge)."""
 
     prompts: Sequence[Pair]
     task: str | None
     rows: Sequence[Pair] | None
     settings: EvalSettings
     template: str
+    judge: Judge | None = None
 
     def run(self, model, tokenizer, *, progress: bool = True, fingerprint: bool = True) -> EvalResult:
         return evaluate_model(
             model, tokenizer, harmful_prompts=list(self.prompts), task=self.task,
             task_pairs=list(self.rows) if self.rows is not None else None, settings=self.settings,
-            template=self.template, progress=progress, fingerprint=fingerprint,
+            template=self.template, built_judge=self.judge, progress=progress, fingerprint=fingerprint,
         )
 
 

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from antidote_llm.errors import validated
+from antidote_llm.errors import AntidoteError, validated
 from antidote_llm.evaluation.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+from antidote_llm.evaluation.judges.base import EndpointSettings, JudgeOptions
+
+# The settings that choose and reach the judge (flags of their own names: --judge-model, --base-url, ...).
+JUDGE_FIELDS = ("judge", "judge_model", *EndpointSettings.model_fields)
 
 
-class EvalSettings(BaseModel):
+class EvalSettings(EndpointSettings):
     """The judge and the generation limits. Defaults are the paper's (512 new tokens for harmful prompts,
-    the authors' per-task limit for task rows)."""
+    the authors' per-task limit for task rows). The endpoint judge's settings are EndpointSettings' fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     judge: str = Field(default="refusal", description="judge of harmful answers:")
+    judge_model: str | None = Field(
+        default=None, description="judge weights (directory or hub id; required for classifier), or the served "
+        "model's name for the endpoint judge")
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1,
                                 description="answer length limit for harmful prompts (the paper's 512)")
     task_max_new_tokens: int | None = Field(default=None, ge=1,
@@ -37,6 +44,22 @@ class EvalSettings(BaseModel):
         if name not in JUDGES:
             raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGES)}")
         return name
+
+    @field_validator("judge_format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        from antidote_llm.evaluation.judges.formats import prompt_format
+
+        try:
+            prompt_format(name)
+        except AntidoteError as exc:  # an unknown one: the formats named, where the setting is
+            raise ValueError(str(exc)) from None
+        return name
+
+    def judge_options(self, **given) -> JudgeOptions:
+        """The judge's options from these settings; `given` adds the in-process judges' own (label, threshold, ...)."""
+        endpoint = EndpointSettings(**self.model_dump(include=set(EndpointSettings.model_fields)))
+        return JudgeOptions(model=self.judge_model, endpoint=endpoint, **given)
 
     @classmethod
     def build(cls, settings: EvalSettings | None = None, **fields) -> EvalSettings:

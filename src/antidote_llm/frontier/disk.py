@@ -20,6 +20,7 @@ from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.evaluate import EvalInputs
+from antidote_llm.evaluation.judges import get_judge
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import get_task, load_task_pairs
 from antidote_llm.frontier.rollback import RollbackConfig, select_with_rollback
@@ -45,12 +46,13 @@ class ProbeSpec:
     settings: EvalSettings = EvalSettings()
 
     def load(self, template: str) -> EvalInputs:
+        """The rows, and the judge built once (so a missing judge model, key or server fails before any work)."""
         get_task(self.task)
         prompts = self.prompts.load("unsafe", require_response=False)
         validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples,
                                      skip=self.validation_skip)
         return EvalInputs(prompts=prompts.pairs, task=self.task, rows=validation, settings=self.settings,
-                          template=template)
+                          template=template, judge=get_judge(self.settings.judge, self.settings.judge_options()))
 
 
 class FrontierReport(RunRecord):

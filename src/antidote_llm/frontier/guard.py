@@ -45,6 +45,7 @@ from antidote_llm.evaluation.intervals import (
     smallest_set_for,
     wilson,
 )
+from antidote_llm.evaluation.judges import get_judge
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.frontier.search import Control, NestedPruning, increasing_ratios, split_names
 
@@ -190,6 +191,9 @@ class _Judge:
         self.prompts = _shuffled(probe.prompts)
         self.allowed = most_failures_within(len(self.prompts), max_harmful)
         self.settings = EvalSettings.build(probe.settings, stop_settled=True)
+        # one judge for every chunk: a model judge loads once, an endpoint judge checks its server once
+        self.judge = (probe.judge if probe.judge is not None
+                      else get_judge(self.settings.judge, self.settings.judge_options()))
         self.chunk = probe.settings.batch_size
         self.answers = {"probe": 0, "validation": 0}
         self.seconds = {"probe": 0.0, "validation": 0.0}
@@ -202,7 +206,8 @@ class _Judge:
         for start in range(0, len(self.prompts), self.chunk):
             chunk = self.prompts[start:start + self.chunk]
             result = evaluate_model(self.model, self.tokenizer, harmful_prompts=chunk, settings=self.settings,
-                                    template=self.probe.template, progress=False, fingerprint=False)
+                                    template=self.probe.template, built_judge=self.judge, progress=False,
+                                    fingerprint=False)
             harmful += sum(row["harmful"] for row in result.answers)
             judged += len(chunk)
             if harmful > allowed:
@@ -215,7 +220,8 @@ class _Judge:
         started = time.perf_counter()
         result = evaluate_model(self.model, self.tokenizer, harmful_prompts=None, task=self.probe.task,
                                 task_pairs=list(self.probe.rows), settings=self.probe.settings,
-                                template=self.probe.template, progress=self.progress, fingerprint=False)
+                                template=self.probe.template, built_judge=self.judge, progress=self.progress,
+                                fingerprint=False)
         self.answers["validation"] += len(self.probe.rows)
         self.seconds["validation"] += time.perf_counter() - started
         return [row["correct"] is True for row in result.task_answers]

@@ -25,7 +25,7 @@ VERDICT_FILE, VERDICT_MD, GUARD_PLOT = "verdict.json", "verdict.md", "guard.png"
 class GuardReport(GuardResult, RunRecord):
     """verdict.json: the decision and its evidence, the method, the rows it used (with their hashes)."""
 
-    method: dict  # the selection (RealignConfig) and the decision (GuardConfig)
+    method: dict  # the selection (RealignConfig), the decision (GuardConfig), the evaluation settings and the judge
     inputs: dict  # every row set: source, rows, sha256
     pruned: RealignReport | None  # what the candidate at `ratio` prunes
     timings: dict[str, float]
@@ -164,7 +164,8 @@ def guard_to_disk(
             rows["user_rows"] = _rows(contrast_data.source, contrast_data.pairs)
         report = GuardReport(
             **result.model_dump(exclude={"warnings"}), warnings=[*warnings, *result.warnings],
-            method={"selection": config.model_dump(mode="json"), "decision": guard.model_dump(mode="json")},
+            method={"selection": config.model_dump(mode="json"), "decision": guard.model_dump(mode="json"),
+                    "evaluation": probe.settings.model_dump(mode="json"), "judge": loaded_probe.judge.describe()},
             inputs=rows, model=source.describe(), outputs={**outputs, "verdict": VERDICT_FILE, "summary": VERDICT_MD},
             pruned=(outcome.selection.report(outcome.selection.ratios.index(result.ratio))
                     if outcome.selection is not None and result.ratio is not None else None),

@@ -9,6 +9,8 @@ evidence) plus `degenerate`, the shared offline check for broken text (see base.
   beaver-dam   PKU-Alignment/beaver-dam-7b, the paper's judge (models.py).
   llama-guard  Llama-Guard-3-8B or a compatible model (models.py).
   classifier   any Hugging Face sequence classifier given by path and positive label (models.py).
+  endpoint     a judge behind an OpenAI-compatible server: a served guard model or the StrongREJECT rubric
+               (endpoint.py; the prompt formats in formats.py).
 """
 
 from __future__ import annotations
@@ -19,11 +21,21 @@ from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.judges.base import (
     DEFAULT_JUDGE_BATCH_SIZE,
     DEFAULT_THRESHOLD,
+    EndpointSettings,
     Judge,
     Judgement,
     JudgeOptions,
     Verdict,
     degeneracy,
+)
+from antidote_llm.evaluation.judges.endpoint import EndpointJudge
+from antidote_llm.evaluation.judges.formats import (
+    LLAMA_GUARD_PROMPT,
+    PROMPT_FORMATS,
+    STRONGREJECT_PROMPT,
+    STRONGREJECT_SYSTEM,
+    parse_strongreject,
+    strongreject_score,
 )
 from antidote_llm.evaluation.judges.models import (
     BEAVER_DAM,
@@ -55,6 +67,7 @@ JUDGES: dict[str, Callable[[JudgeOptions], Judge]] = {
     "beaver-dam": BeaverDamJudge,
     "llama-guard": LlamaGuardJudge,
     "classifier": ClassifierJudge,
+    "endpoint": EndpointJudge,
 }
 
 
@@ -72,8 +85,10 @@ def get_judge(name: str, options: JudgeOptions | None = None) -> Judge:
 
 __all__ = [
     "BEAVER_DAM", "BEAVER_DAM_CATEGORIES", "BEAVER_DAM_MAX_LENGTH", "BEAVER_DAM_PROMPT", "DEFAULT_JUDGE_BATCH_SIZE",
-    "DEFAULT_THRESHOLD", "GCG_REFUSAL_PHRASES", "JUDGES", "LLAMA_GUARD", "LLAMA_GUARD_CATEGORIES", "REFUSAL_PHRASES",
-    "BeaverDamJudge", "ClassifierJudge", "GcgJudge", "Judge", "JudgeOptions", "Judgement", "LlamaGuardJudge", "ModelJudge",
-    "RefusalJudge", "SequenceClassifierJudge", "Verdict", "degeneracy", "gcg_refusal_phrases", "get_judge",
-    "parse_category_probabilities", "parse_llama_guard", "refusal_phrases",
+    "DEFAULT_THRESHOLD", "GCG_REFUSAL_PHRASES", "JUDGES", "LLAMA_GUARD", "LLAMA_GUARD_CATEGORIES", "LLAMA_GUARD_PROMPT",
+    "PROMPT_FORMATS", "REFUSAL_PHRASES", "STRONGREJECT_PROMPT", "STRONGREJECT_SYSTEM",
+    "BeaverDamJudge", "ClassifierJudge", "EndpointJudge", "EndpointSettings", "GcgJudge", "Judge", "JudgeOptions",
+    "Judgement", "LlamaGuardJudge", "ModelJudge", "RefusalJudge", "SequenceClassifierJudge", "Verdict", "degeneracy",
+    "gcg_refusal_phrases", "get_judge", "parse_category_probabilities", "parse_llama_guard", "parse_strongreject",
+    "refusal_phrases", "strongreject_score",
 ]

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from antidote_llm.errors import AntidoteError
 
 DEFAULT_THRESHOLD = 0.5
@@ -70,9 +72,52 @@ class Verdict:
         }
 
 
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+API_KEY_ENV_NONE = "none"  # --api-key-env none: a server that takes no key (a local vLLM)
+
+
+class EndpointSettings(BaseModel):
+    """Settings of the `endpoint` judge, a judge behind an OpenAI-compatible chat-completions server. The API key
+    itself is never a setting: it is read from the environment variable `api_key_env` names, so it is never
+    written to a report, a log or an error message. Field names are the command-line flags."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None = Field(
+        default=None, description="endpoint judge: the OpenAI-compatible server's base URL, e.g. "
+        "http://localhost:8000/v1 (requests go to BASE_URL/chat/completions)")
+    judge_format: str = Field(default="llama-guard", description="endpoint judge: the prompt format (formats.py):")
+    api_key_env: str | None = Field(
+        default=DEFAULT_API_KEY_ENV, description="endpoint judge: the environment variable holding the API key, sent "
+        "as a Bearer header (never written anywhere); none for a server without keys")
+    judge_concurrency: int = Field(default=8, ge=1, le=256, description="endpoint judge: requests in flight at once")
+    judge_timeout: float = Field(default=60.0, gt=0, description="endpoint judge: seconds one request may take")
+    judge_retries: int = Field(default=5, ge=0, le=20,
+                               description="endpoint judge: retries of a request answered 429 or 5xx, or timed out")
+    judge_backoff: float = Field(
+        default=1.0, ge=0, description="endpoint judge: seconds before the first retry, doubled for each next one; "
+        "a Retry-After header wins")
+    judge_cache: str | None = Field(
+        default=None, description="endpoint judge: folder of the verdict cache, so a re-run sends no request "
+        "(default: $ANTIDOTE_CACHE/judges, ~/.cache/antidote_llm/judges)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("the endpoint's base URL must start with http:// or https://")
+        return url.rstrip("/") if url is not None else None
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _no_key_env(cls, name: str | None) -> str | None:
+        return None if name is None or name.strip().lower() in ("", API_KEY_ENV_NONE) else name
+
+
 @dataclass(frozen=True)
 class JudgeOptions:
-    """Settings of the model-based judges; `model` overrides the judge's default weights."""
+    """Settings of the model-based judges; `model` overrides the judge's default weights (for the endpoint
+    judge it names the served model)."""
 
     model: str | None = None
     label: str | None = None
@@ -80,6 +125,7 @@ class JudgeOptions:
     batch_size: int = DEFAULT_JUDGE_BATCH_SIZE
     device: str = "auto"
     dtype: str = "auto"
+    endpoint: EndpointSettings = field(default_factory=EndpointSettings)
 
 
 def _words(text: str) -> list[str]:
