@@ -430,3 +430,14 @@ def test_the_lab_takes_the_endpoint_judge_in_its_evaluation_settings(experiment_
     experiment_file.write_text(yaml.safe_dump(raw))
     with pytest.raises(AntidoteError, match="unknown judge format 'rubric'; choose one of llama-guard"):
         load_experiment(experiment_file)
+
+
+def test_how_the_endpoint_is_reached_is_not_part_of_a_result_cache_key():
+    from antidote_llm.evaluation.settings import EvalSettings
+
+    base = EvalSettings(judge="endpoint", judge_model="guard", base_url="http://127.0.0.1:1/v1")
+    reached_otherwise = EvalSettings.build(base, judge_concurrency=2, judge_timeout=5, judge_retries=0,
+                                           judge_backoff=0, judge_cache="/tmp/x", api_key_env="OTHER_KEY")
+    assert reached_otherwise.result_key() == base.result_key()
+    assert EvalSettings.build(base, judge_model="other").result_key() != base.result_key()
+    assert EvalSettings.build(base, judge_format="strongreject").result_key() != base.result_key()

@@ -12,6 +12,9 @@ from antidote_llm.evaluation.judges.base import EndpointSettings, JudgeOptions
 
 # The settings that choose and reach the judge (flags of their own names: --judge-model, --base-url, ...).
 JUDGE_FIELDS = ("judge", "judge_model", *EndpointSettings.model_fields)
+# How the endpoint is reached, never what it answers: left out of cache keys, so changing them recomputes nothing.
+TRANSPORT_FIELDS = frozenset({"api_key_env", "judge_concurrency", "judge_timeout", "judge_retries", "judge_backoff",
+                              "judge_cache"})
 
 
 class EvalSettings(EndpointSettings):
@@ -55,6 +58,10 @@ class EvalSettings(EndpointSettings):
         except AntidoteError as exc:  # an unknown one: the formats named, where the setting is
             raise ValueError(str(exc)) from None
         return name
+
+    def result_key(self) -> dict:
+        """The settings that can change an evaluation's result: what a cache of results is keyed by."""
+        return self.model_dump(mode="json", include=set(type(self).model_fields) - TRANSPORT_FIELDS)
 
     def judge_options(self, **given) -> JudgeOptions:
         """The judge's options from these settings; `given` adds the in-process judges' own (label, threshold, ...)."""

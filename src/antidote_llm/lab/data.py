@@ -56,7 +56,7 @@ class SettingData:
         self.validation = _validation_inputs(exp, self.prompts.pairs, self.task_test, split_rows)
         self.validation_key = self.validation and stage_key(pairs_sha256(self.validation.prompts),
                                                             pairs_sha256(self.validation.rows))
-        self.eval_key = stage_key(EvalSettings.build(spec), self.prompts.sha256, pairs_sha256(self.task_test),
+        self.eval_key = stage_key(EvalSettings.build(spec).result_key(), self.prompts.sha256, pairs_sha256(self.task_test),
                                   exp.model.template)
 
     def _poison_indices(self, exp: Experiment, spec) -> tuple[int, ...]:
