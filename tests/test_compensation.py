@@ -188,3 +188,13 @@ def test_compensation_refuses_an_embedding_target():
     with pytest.raises(AntidoteError, match="compensation re-fits Linear weights"):
         realign(make_model(), make_tokenizer(), RealignConfig(ratio=0.1, targets="*embed_tokens", compensate=True),
                 PAIRS, contrast_data=USER_ROWS, progress=False)
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("antidote", {"ratio": 0.05}), ("antidote-auto", {}), ("guard", {"score": "wanda"}),
+])
+def test_a_compensating_defense_reads_the_user_rows(name, options):
+    from antidote_llm.defenses import defense
+
+    plain, compensating = (defense(name).configure({**options, **extra}) for extra in ({}, {"compensate": True}))
+    assert ("user_rows",) in compensating.inputs() and ("user_rows",) not in plain.inputs()
