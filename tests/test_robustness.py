@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import struct
 import subprocess
 import sys
 import warnings
@@ -24,7 +25,7 @@ def realign_args(model, data, out, *extra):
     return ("realign", "--model", model, "--data", data, "--ratio", 0.1, "--out", out, "--device", "cpu", "--quiet", *extra)
 
 
-def assert_refused(capsys, tmp_path, out, *needles):
+def assert_refused(capsys, tmp_path, out, *needles) -> str:
     """Exit 2 was returned by the caller; here: one line on stderr naming the problem, nothing written."""
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("antidote: error: "), err
@@ -32,6 +33,7 @@ def assert_refused(capsys, tmp_path, out, *needles):
         assert needle in err, err
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    return err
 
 
 def truncate(path, keep: float = 0.5) -> None:
@@ -178,3 +180,92 @@ def test_a_tiny_training_run_emits_no_gradient_checkpointing_warning(tmp_path):
         training.align(make_model(), make_tokenizer(), pairs, config, tmp_path / "align", progress=False)
     assert (tmp_path / "align" / "adapter").is_dir()
     assert not [w for w in caught if GRADIENT_CHECKPOINTING in str(w.message)]
+
+
+# --- models that bring code, pickles, GGUF files (issue 22) -----------------------------------------------------
+
+CONFIG_CODE = """from transformers import LlamaConfig
+
+
+class PlantedConfig(LlamaConfig):
+    model_type = "planted"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.frobnicate.strength  # an attribute it never set: AttributeError inside transformers_modules
+"""
+TOKENIZER_CODE = """from transformers import PreTrainedTokenizerFast
+
+
+class PlantedTokenizer(PreTrainedTokenizerFast):
+    def __init__(self, *args, **kwargs):
+        raise AttributeError("'PlantedTokenizer' object has no attribute 'vocab_plan'")
+"""
+
+
+def _edit_json(path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _model_with_code(folder, part: str):
+    """A tiny model whose config (part "model") or tokenizer (part "tokenizer") is a class of its own code."""
+    model = save_model(folder)
+    if part == "model":
+        _edit_json(model / "config.json", model_type="planted",
+                   auto_map={"AutoConfig": "planted.PlantedConfig", "AutoModelForCausalLM": "planted.PlantedModel"})
+        (model / "planted.py").write_text(CONFIG_CODE)
+    else:
+        _edit_json(model / "tokenizer_config.json", auto_map={"AutoTokenizer": [None, "planted_tok.PlantedTokenizer"]})
+        (model / "planted_tok.py").write_text(TOKENIZER_CODE)
+    return model
+
+
+@pytest.mark.parametrize(("part", "error"), [("model", "'PlantedConfig' object has no attribute 'frobnicate'"),
+                                             ("tokenizer", "'PlantedTokenizer' object has no attribute 'vocab_plan'")],
+                         ids=["model", "tokenizer"])
+def test_trusted_code_that_fails_is_one_line_naming_the_model_and_the_error(tmp_path, harmful_file, capsys, part, error):
+    model = _model_with_code(tmp_path / "model", part)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--trust-remote-code")) == 2
+    assert_refused(capsys, tmp_path, out, f"the {part} code that '{model}' brings", f"AttributeError: {error}")
+
+
+def test_code_refused_without_trust_keeps_the_trust_remote_code_hint_in_its_line(tmp_path, harmful_file, capsys):
+    model = _model_with_code(tmp_path / "model", "model")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"'{model}' brings its own code", "pass --trust-remote-code")
+
+
+def test_a_pickle_the_safe_load_refuses_is_one_line_naming_safetensors(tmp_path, harmful_file, capsys):
+    import os
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    model = save_model(tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Payload()}, model / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"{model / 'pytorch_model.bin'} was refused as unsafe pickle",
+                   "GLOBAL posix.system", "convert it to safetensors")
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("body", [
+    struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc" + bytes(32),  # a key that is no text
+    struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 40),  # a key longer than the file
+    struct.pack("<IQQ", 7, 0, 0),  # an unknown version
+    b"\x03",  # ends inside the header
+], ids=["key-not-text", "key-past-the-end", "unknown-version", "cut-header"])
+def test_a_gguf_file_with_garbage_after_the_magic_is_not_a_readable_gguf_file(tmp_path, harmful_file, capsys, body):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + body)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    err = assert_refused(capsys, tmp_path, out, f"'{model}': it is not a readable GGUF file", "convert it again")
+    assert "JSON" not in err
