@@ -269,3 +269,22 @@ def test_a_gguf_file_with_garbage_after_the_magic_is_not_a_readable_gguf_file(tm
     assert run(capsys, *realign_args(model, harmful_file, out)) == 2
     err = assert_refused(capsys, tmp_path, out, f"'{model}': it is not a readable GGUF file", "convert it again")
     assert "JSON" not in err
+
+
+@pytest.mark.parametrize(("template", "needles"), [
+    ("{{ messages[0].content.__class__.__mro__ }}",
+     ("Jinja's sandbox refused it: access to attribute '__class__' of 'str' object is unsafe;",)),
+    ("{% for m in messages %}{{ m['content'] }}",
+     ("it has a syntax error (line 1): Unexpected end of template", "'endfor'")),
+], ids=["sandbox", "syntax"])
+def test_a_chat_template_jinja_refuses_is_one_line_naming_the_problem(tmp_path, harmful_file, capsys, template, needles):
+    from conftest import make_tokenizer
+
+    model = save_model(tmp_path / "model")
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(model)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--template", "chat")) == 2
+    assert_refused(capsys, tmp_path, out, "the chat template of the model cannot be used", *needles,
+                   "or use --template alpaca or plain")

@@ -59,9 +59,25 @@ def _chat(instruction: str, input: str, tokenizer) -> str:
             "template 'chat' needs a tokenizer with a chat template; use --template alpaca or plain"
         )
     content = f"{instruction}\n\n{input}" if input else instruction
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    return chat_text(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool, whose: str = "the model",
+              instead: str = "use --template alpaca or plain") -> str:
+    """`messages` through the tokenizer's chat template. A template that Jinja's sandbox refuses, that does not
+    parse, or that raises on these messages is the input's fault: one line naming the problem."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+    from jinja2.sandbox import SecurityError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        kind = ("Jinja's sandbox refused it" if isinstance(exc, SecurityError)
+                else "it has a syntax error" if isinstance(exc, TemplateSyntaxError) else "it raised an error")
+        where = f" (line {exc.lineno})" if isinstance(exc, TemplateSyntaxError) and exc.lineno else ""
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise AntidoteError(f"the chat template of {whose} cannot be used: {kind}{where}: {message}; fix the "
+                            f"chat_template in its tokenizer files, or {instead}") from None
 
 
 def _plain(instruction: str, input: str, tokenizer) -> str:
