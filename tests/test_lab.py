@@ -211,7 +211,7 @@ def test_defense_settings_cli_and_api_share_one_declaration(experiment_file):
     cli = config_from_args(RealignConfig, args, RealignConfig.model_fields)
     api = RealignConfig(ratio=0.1, template="plain")
     assert cli == api == RealignConfig(**lab.model_copy(update={"score": "wanda"}).model_dump())
-    assert lab.max_length == DEFAULT_MAX_LENGTH == 2048
+    assert lab.max_length is None and DEFAULT_MAX_LENGTH == 2048  # None: min(2048, the model's positions)
 
 
 

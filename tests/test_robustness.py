@@ -288,3 +288,45 @@ def test_a_chat_template_jinja_refuses_is_one_line_naming_the_problem(tmp_path, 
     assert run(capsys, *realign_args(model, harmful_file, out, "--template", "chat")) == 2
     assert_refused(capsys, tmp_path, out, "the chat template of the model cannot be used", *needles,
                    "or use --template alpaca or plain")
+
+
+# --- rows longer than the model's positions (issue 22) ----------------------------------------------------------
+
+def _short_gpt2(folder, positions: int = 64):
+    """A tiny GPT-2, whose learned position table has `positions` rows: a longer row indexes past it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=258, n_positions=positions, n_embd=32, n_layer=2, n_head=2, pad_token_id=256,
+                        eos_token_id=257, bos_token_id=257)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_realign_cuts_rows_to_the_model_positions_by_default_and_refuses_a_longer_max_length(tmp_path, harmful_file,
+                                                                                          capsys):
+    model = _short_gpt2(tmp_path / "gpt2")
+    assert len(HARMFUL_ROWS[0]["prompt"]) + len(HARMFUL_ROWS[0]["response"]) > 64  # bytes are tokens here
+    assert run(capsys, *realign_args(model, harmful_file, tmp_path / "out")) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["method"]["max_length"] == 64
+    out = tmp_path / "longer"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--max-length", 65)) == 2
+    assert_refused(capsys, tmp_path, out, "max_length 65 is longer than the model's 64 positions", "64 or less")
+
+
+def test_evaluate_ends_answers_at_the_model_positions_and_refuses_a_prompt_that_fills_them(tmp_path, capsys):
+    model = _short_gpt2(tmp_path / "gpt2")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "Hi?"}, {"prompt": "How do I do it?"}]))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", model, "--harmful-prompts", prompts, "--device", "cpu", "--no-progress"]
+    assert run(capsys, *argv, "--template", "plain", "--out", out) == 0  # 512 new tokens asked for, by default
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 and all(answer["answer"] for answer in answers)
+    out = tmp_path / "alpaca"  # the Alpaca preamble alone is longer than 64 tokens
+    assert run(capsys, *argv, "--out", out) == 2
+    assert_refused(capsys, tmp_path, out, "prompt 2 is 155 tokens long, and the model has 64 positions", "no room for an answer")

@@ -159,6 +159,20 @@ def encode_pair(
     return Encoded(input_ids=ids, prompt_len=min(prompt_len, len(ids)))
 
 
+DEFAULT_MAX_LENGTH = 2048  # the authors' tokenizer model_max_length (their Alpaca runs use 512)
+
+
+def fit_max_length(requested: int | None, positions: int | None) -> int:
+    """Tokens per row (prompt + answer): by default min(2048, the model's positions); a value given that is longer
+    than the model's positions is refused, since its rows would index past the position table."""
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    if positions is not None and requested > positions:
+        raise AntidoteError(f"max_length {requested} is longer than the model's {positions} positions; give "
+                            f"--max-length (max_length) {positions} or less, or leave it out for min(2048, {positions})")
+    return requested
+
+
 def pad_ids(tokenizer, rows: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of token-id rows padded to the longest by the tokenizer, on `side`.
 

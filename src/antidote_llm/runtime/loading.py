@@ -193,6 +193,18 @@ def load_base_model(source: ModelSource):
     return model, load_tokenizer(source.model, source.trust_remote_code)
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def model_positions(model) -> int | None:
+    """How many token positions `model` (a model or its config) has: its config's max_position_embeddings (GPT-2:
+    n_positions); None when the config names none. A row longer than that indexes past the position table."""
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = (getattr(config, key, None) for key in POSITION_KEYS)
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+
+
 def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
     """Refuse an adapter whose target modules or shapes do not match `model`, before any work."""
     adapter_dir = Path(adapter_dir)
