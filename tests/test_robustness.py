@@ -330,3 +330,34 @@ def test_evaluate_ends_answers_at_the_model_positions_and_refuses_a_prompt_that_
     out = tmp_path / "alpaca"  # the Alpaca preamble alone is longer than 64 tokens
     assert run(capsys, *argv, "--out", out) == 2
     assert_refused(capsys, tmp_path, out, "prompt 2 is 155 tokens long, and the model has 64 positions", "no room for an answer")
+
+
+# --- a full disk (issue 22) -------------------------------------------------------------------------------------
+
+def _full_disk(kind: str):
+    """safetensors' low-level file writer, as it fails on a full disk: part of the file written, then the error."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    def write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        if kind == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "oserror"])
+def test_a_full_disk_while_saving_is_one_line_and_removes_the_temporary_folder(tmp_path, harmful_file, capsys,
+                                                                              monkeypatch, kind):
+    import safetensors.torch
+
+    model = save_model(tmp_path / "model")
+    monkeypatch.setattr(safetensors.torch, "serialize_file", _full_disk(kind))
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"the disk holding {tmp_path} is full", "nothing was written",
+                   "free space or choose another --out")
