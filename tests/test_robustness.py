@@ -361,3 +361,15 @@ def test_a_full_disk_while_saving_is_one_line_and_removes_the_temporary_folder(t
     assert run(capsys, *realign_args(model, harmful_file, out)) == 2
     assert_refused(capsys, tmp_path, out, f"the disk holding {tmp_path} is full", "nothing was written",
                    "free space or choose another --out")
+
+
+# --- samples larger than the file (issue 22) -------------------------------------------------------------------
+
+def test_samples_larger_than_the_file_is_refused_naming_both_counts(tmp_path, harmful_file, capsys):
+    model = save_model(tmp_path / "model")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--samples", 500)) == 2
+    # the file holds 13 rows, one of them safe (is_safe true), which the harmful rows leave out
+    assert_refused(capsys, tmp_path, out, f"samples asks for 500 rows but {harmful_file} has 12 left "
+                   "(1 of its 13 rows skipped, excluded or filtered out); lower samples to 12 or less")
+    assert run(capsys, *realign_args(model, harmful_file, out, "--samples", 12)) == 0  # all there are: fine

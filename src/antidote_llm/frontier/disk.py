@@ -45,9 +45,9 @@ class ProbeSpec:
 
     def load(self, template: str) -> EvalInputs:
         get_task(self.task)
-        prompts = self.prompts.load("unsafe", require_response=False)
-        validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples,
-                                     skip=self.validation_skip)
+        prompts = self.prompts.load("unsafe", require_response=False, name="--probe-samples")
+        validation = load_task_pairs(self.task, self.validation, "train", samples=self.validation_samples,
+                                     skip=self.validation_skip, name="--validation-samples")
         return EvalInputs(prompts=prompts.pairs, task=self.task, rows=validation, settings=self.settings,
                           template=template)
 
