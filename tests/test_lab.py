@@ -313,3 +313,4 @@ def test_every_row_set_asked_for_more_rows_than_it_has_is_refused_naming_both_co
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle.format(data=experiment_file.parent) in err, err
     assert not (out / "stages").exists() or not any((out / "stages").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "data"]  # nothing written beside --out
