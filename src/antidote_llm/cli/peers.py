@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         readers = [m for m in methods if any(spec.name in options for options in defense(m).configure({}).inputs())]
         group.add_argument(spec.flag, dest=_dest(spec), help=f"{', '.join(readers) or 'no peer'}: {spec.help}")
         if spec.kind == "rows":
+            default = f"{spec.samples}, or all when fewer" if spec.samples else "all"
             group.add_argument(spec.samples_flag, dest=f"{_dest(spec)}_samples", type=int,
-                               help=f"rows of {spec.flag} to use (default: {f'{spec.samples}, or all when fewer' if spec.samples else 'all'})")
+                               help=f"rows of {spec.flag} to use (default: {default}; more than there are is refused)")
     declared = set(SHARED_FIELDS)
     for method in methods:  # a field two peers share (safe-delta's and another's scale) is one flag
         settings = defense(method)

@@ -169,7 +169,7 @@ def fit_max_length(requested: int | None, positions: int | None) -> int:
         return min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
     if positions is not None and requested > positions:
         raise AntidoteError(f"max_length {requested} is longer than the model's {positions} positions; give "
-                            f"--max-length (max_length) {positions} or less, or leave it out for min(2048, {positions})")
+                            f"--max-length (max_length) {positions} or less, or leave it out for min({DEFAULT_MAX_LENGTH}, {positions})")
     return requested
 
 
