@@ -211,7 +211,7 @@ def test_defense_settings_cli_and_api_share_one_declaration(experiment_file):
     cli = config_from_args(RealignConfig, args, RealignConfig.model_fields)
     api = RealignConfig(ratio=0.1, template="plain")
     assert cli == api == RealignConfig(**lab.model_copy(update={"score": "wanda"}).model_dump())
-    assert lab.max_length == DEFAULT_MAX_LENGTH == 2048
+    assert lab.max_length is None and DEFAULT_MAX_LENGTH == 2048  # None: min(2048, the model's positions)
 
 
 
@@ -294,3 +294,23 @@ def test_a_damaged_cache_is_reported_and_computed_again(experiment_file, tmp_pat
         [(r["defense"], r["harmful_score"], r["finetune_accuracy"]) for r in before]
     fourth = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert "[damaged]" not in fourth.stdout + fourth.stderr and "[cached]" in fourth.stdout + fourth.stderr
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda raw: raw["realign_data"].update(samples=1000),  # 2 of its 20 rows are the poison's
+     "realign_data.samples asks for 1000 rows but {data}/harmful.jsonl has 18 left (2 of its 20 rows skipped"),
+    (lambda raw: raw["evaluation"]["harmful_prompts"].update(samples=10),
+     "evaluation.harmful_prompts.samples asks for 10 rows but {data}/eval.jsonl has 3 rows"),
+    (lambda raw: raw["evaluation"].update(task_samples=10),
+     "evaluation.task_samples asks for 10 rows but {data}/test.tsv has 4 rows"),
+    (lambda raw: raw["finetune"].update(samples=1000), "fine-tuning mix of n=1000 at p=0.25 needs 250 harmful rows but 20"),
+], ids=["realign_data", "harmful_prompts", "task_samples", "finetune"])
+def test_every_row_set_asked_for_more_rows_than_it_has_is_refused_naming_both_counts(
+        experiment_file, tmp_path, capsys, change, needle):
+    _edit(experiment_file, change)
+    out = tmp_path / "runs"
+    assert main(["lab", "run", str(experiment_file), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle.format(data=experiment_file.parent) in err, err
+    assert not (out / "stages").exists() or not any((out / "stages").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "data"]  # nothing written beside --out

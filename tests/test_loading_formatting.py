@@ -149,3 +149,26 @@ def test_device_and_dtype_choices():
     if not torch.cuda.is_available():
         with pytest.raises(AntidoteError, match="CUDA"):
             loading.resolve_device("cuda")
+
+
+def test_max_length_defaults_to_the_model_positions_up_to_2048_and_refuses_more():
+    from transformers import GPT2Config, LlamaConfig
+
+    from antidote_llm.data.templates import fit_max_length
+    from antidote_llm.runtime.loading import model_positions
+
+    assert model_positions(GPT2Config(n_positions=64)) == 64
+    assert model_positions(LlamaConfig(max_position_embeddings=8192)) == 8192
+    assert [fit_max_length(None, p) for p in (64, 8192, None)] == [64, 2048, 2048]
+    assert [fit_max_length(64, p) for p in (64, None)] == [64, 64]
+    with pytest.raises(AntidoteError, match="max_length 65 is longer than the model's 64 positions"):
+        fit_max_length(65, 64)
+
+
+def test_answers_end_at_the_model_positions_after_the_longest_prompt():
+    from antidote_llm.evaluation.generation import fit_new_tokens
+
+    assert fit_new_tokens([[1] * 10, [1] * 40], 512, 64) == 24
+    assert fit_new_tokens([[1] * 10], 8, 64) == 8 and fit_new_tokens([[1] * 10], 512, None) == 512
+    with pytest.raises(AntidoteError, match="prompt 2 is 64 tokens long, and the model has 64 positions"):
+        fit_new_tokens([[1], [1] * 64], 4, 64)

@@ -126,3 +126,30 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work():
     read_only = Path("/proc/antidote-test-output")  # /proc takes no files, even from root
     with pytest.raises(AntidoteError, match="cannot write in /proc"):
         check_output_dir(read_only)
+
+
+def _left_by_a_killed_run(folder, age_s: float):
+    """A hidden temporary folder with a half-written file, last touched `age_s` ago (as kill -9 leaves one)."""
+    import os
+    import time
+
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "model.safetensors").write_bytes(b"\0" * 10)
+    when = time.time() - age_s
+    for path in (folder / "model" / "model.safetensors", folder / "model", folder):
+        os.utime(path, (when, when))
+    return folder
+
+
+def test_temporary_folders_a_killed_run_left_over_a_day_ago_are_removed_by_the_next_write(tmp_path):
+    day = 24 * 3600
+    stale = _left_by_a_killed_run(tmp_path / ".out.tmp-k1ll3d", 2 * day)
+    recent = _left_by_a_killed_run(tmp_path / ".out.tmp-l1v3", day / 2)  # may belong to a run still going
+    other = _left_by_a_killed_run(tmp_path / ".other.tmp-k1ll3d", 2 * day)  # another output's
+    touched = _left_by_a_killed_run(tmp_path / ".out.tmp-t0uch", 2 * day)
+    (touched / "model" / "more.safetensors").write_bytes(b"\0")  # a file written just now: a live run's
+    with output_run(tmp_path / "out") as run:
+        write_json(run.folder / "result.json", {"ok": True})
+    assert not stale.exists()
+    assert recent.exists() and other.exists() and touched.exists()
+    assert _leftovers(tmp_path) == sorted([".other.tmp-k1ll3d", ".out.tmp-l1v3", ".out.tmp-t0uch", "out"])

@@ -447,3 +447,17 @@ def test_interpolate_keeps_gamma_of_the_update_exactly(lineage, gamma):
         torch.testing.assert_close(weight, aligned[name] + gamma * (before[name] - aligned[name]), rtol=1e-5, atol=1e-6)
     assert outcome.changed_fraction == (0.0 if gamma == 1.0 else pytest.approx(1.0))
     assert chosen.configure({"gamma": gamma}).knob() == f"gamma={gamma:g}"
+
+
+def test_a_row_count_left_at_its_default_takes_what_there_is_and_one_given_is_taken_exactly(tmp_path):
+    """Safe Delta's default 128 safe rows: fewer in the file is fine; --safe-samples above the file's count is not."""
+    from antidote_llm.data.spec import DataSpec
+    from antidote_llm.defenses.pipeline import load_inputs
+
+    safe = tmp_path / "safe.json"
+    safe.write_text(json.dumps([{"prompt": f"harm {i}?", "response": "I cannot help.", "is_safe": True} for i in range(4)]))
+    like = ModelSource("unused")
+    assert len(load_inputs({"safe": DataSpec(source=str(safe))}, like)["safe"]) == 4
+    assert len(load_inputs({"safe": DataSpec(source=str(safe), samples=3)}, like)["safe"]) == 3
+    with pytest.raises(AntidoteError, match=f"--safe-samples asks for 5 rows but {safe} has 4 rows"):
+        load_inputs({"safe": DataSpec(source=str(safe), samples=5)}, like)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import struct
 import subprocess
 import sys
 import warnings
@@ -24,7 +25,7 @@ def realign_args(model, data, out, *extra):
     return ("realign", "--model", model, "--data", data, "--ratio", 0.1, "--out", out, "--device", "cpu", "--quiet", *extra)
 
 
-def assert_refused(capsys, tmp_path, out, *needles):
+def assert_refused(capsys, tmp_path, out, *needles) -> str:
     """Exit 2 was returned by the caller; here: one line on stderr naming the problem, nothing written."""
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("antidote: error: "), err
@@ -32,6 +33,7 @@ def assert_refused(capsys, tmp_path, out, *needles):
         assert needle in err, err
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    return err
 
 
 def truncate(path, keep: float = 0.5) -> None:
@@ -178,3 +180,196 @@ def test_a_tiny_training_run_emits_no_gradient_checkpointing_warning(tmp_path):
         training.align(make_model(), make_tokenizer(), pairs, config, tmp_path / "align", progress=False)
     assert (tmp_path / "align" / "adapter").is_dir()
     assert not [w for w in caught if GRADIENT_CHECKPOINTING in str(w.message)]
+
+
+# --- models that bring code, pickles, GGUF files (issue 22) -----------------------------------------------------
+
+CONFIG_CODE = """from transformers import LlamaConfig
+
+
+class PlantedConfig(LlamaConfig):
+    model_type = "planted"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.frobnicate.strength  # an attribute it never set: AttributeError inside transformers_modules
+"""
+TOKENIZER_CODE = """from transformers import PreTrainedTokenizerFast
+
+
+class PlantedTokenizer(PreTrainedTokenizerFast):
+    def __init__(self, *args, **kwargs):
+        raise AttributeError("'PlantedTokenizer' object has no attribute 'vocab_plan'")
+"""
+
+
+def _edit_json(path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _model_with_code(folder, part: str):
+    """A tiny model whose config (part "model") or tokenizer (part "tokenizer") is a class of its own code."""
+    model = save_model(folder)
+    if part == "model":
+        _edit_json(model / "config.json", model_type="planted",
+                   auto_map={"AutoConfig": "planted.PlantedConfig", "AutoModelForCausalLM": "planted.PlantedModel"})
+        (model / "planted.py").write_text(CONFIG_CODE)
+    else:
+        _edit_json(model / "tokenizer_config.json", auto_map={"AutoTokenizer": [None, "planted_tok.PlantedTokenizer"]})
+        (model / "planted_tok.py").write_text(TOKENIZER_CODE)
+    return model
+
+
+@pytest.mark.parametrize(("part", "error"), [("model", "'PlantedConfig' object has no attribute 'frobnicate'"),
+                                             ("tokenizer", "'PlantedTokenizer' object has no attribute 'vocab_plan'")],
+                         ids=["model", "tokenizer"])
+def test_trusted_code_that_fails_is_one_line_naming_the_model_and_the_error(tmp_path, harmful_file, capsys, part, error):
+    model = _model_with_code(tmp_path / "model", part)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--trust-remote-code")) == 2
+    assert_refused(capsys, tmp_path, out, f"the {part} code that '{model}' brings", f"AttributeError: {error}")
+
+
+def test_code_refused_without_trust_keeps_the_trust_remote_code_hint_in_its_line(tmp_path, harmful_file, capsys):
+    model = _model_with_code(tmp_path / "model", "model")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"'{model}' brings its own code", "pass --trust-remote-code")
+
+
+def test_a_pickle_the_safe_load_refuses_is_one_line_naming_safetensors(tmp_path, harmful_file, capsys):
+    import os
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    model = save_model(tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Payload()}, model / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"{model / 'pytorch_model.bin'} was refused as unsafe pickle",
+                   "GLOBAL posix.system", "convert it to safetensors")
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("body", [
+    struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc" + bytes(32),  # a key that is no text
+    struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 40),  # a key longer than the file
+    struct.pack("<IQQ", 7, 0, 0),  # an unknown version
+    b"\x03",  # ends inside the header
+], ids=["key-not-text", "key-past-the-end", "unknown-version", "cut-header"])
+def test_a_gguf_file_with_garbage_after_the_magic_is_not_a_readable_gguf_file(tmp_path, harmful_file, capsys, body):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + body)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    err = assert_refused(capsys, tmp_path, out, f"'{model}': it is not a readable GGUF file", "convert it again")
+    assert "JSON" not in err
+
+
+@pytest.mark.parametrize(("template", "needles"), [
+    ("{{ messages[0].content.__class__.__mro__ }}",
+     ("Jinja's sandbox refused it: access to attribute '__class__' of 'str' object is unsafe;",)),
+    ("{% for m in messages %}{{ m['content'] }}",
+     ("it has a syntax error (line 1): Unexpected end of template", "'endfor'")),
+], ids=["sandbox", "syntax"])
+def test_a_chat_template_jinja_refuses_is_one_line_naming_the_problem(tmp_path, harmful_file, capsys, template, needles):
+    from conftest import make_tokenizer
+
+    model = save_model(tmp_path / "model")
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(model)
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--template", "chat")) == 2
+    assert_refused(capsys, tmp_path, out, "the chat template of the model cannot be used", *needles,
+                   "or use --template alpaca or plain")
+
+
+# --- rows longer than the model's positions (issue 22) ----------------------------------------------------------
+
+def _short_gpt2(folder, positions: int = 64):
+    """A tiny GPT-2, whose learned position table has `positions` rows: a longer row indexes past it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=258, n_positions=positions, n_embd=32, n_layer=2, n_head=2, pad_token_id=256,
+                        eos_token_id=257, bos_token_id=257)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_realign_cuts_rows_to_the_model_positions_by_default_and_refuses_a_longer_max_length(tmp_path, harmful_file,
+                                                                                          capsys):
+    model = _short_gpt2(tmp_path / "gpt2")
+    assert len(HARMFUL_ROWS[0]["prompt"]) + len(HARMFUL_ROWS[0]["response"]) > 64  # bytes are tokens here
+    assert run(capsys, *realign_args(model, harmful_file, tmp_path / "out")) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["method"]["max_length"] == 64
+    out = tmp_path / "longer"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--max-length", 65)) == 2
+    assert_refused(capsys, tmp_path, out, "max_length 65 is longer than the model's 64 positions", "64 or less")
+
+
+def test_evaluate_ends_answers_at_the_model_positions_and_refuses_a_prompt_that_fills_them(tmp_path, capsys):
+    model = _short_gpt2(tmp_path / "gpt2")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "Hi?"}, {"prompt": "How do I do it?"}]))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", model, "--harmful-prompts", prompts, "--device", "cpu", "--no-progress"]
+    assert run(capsys, *argv, "--template", "plain", "--out", out) == 0  # 512 new tokens asked for, by default
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 and all(answer["answer"] for answer in answers)
+    out = tmp_path / "alpaca"  # the Alpaca preamble alone is longer than 64 tokens
+    assert run(capsys, *argv, "--out", out) == 2
+    assert_refused(capsys, tmp_path, out, "prompt 2 is 155 tokens long, and the model has 64 positions", "no room for an answer")
+
+
+# --- a full disk (issue 22) -------------------------------------------------------------------------------------
+
+def _full_disk(kind: str):
+    """safetensors' low-level file writer, as it fails on a full disk: part of the file written, then the error."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    def write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        if kind == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "oserror"])
+def test_a_full_disk_while_saving_is_one_line_and_removes_the_temporary_folder(tmp_path, harmful_file, capsys,
+                                                                              monkeypatch, kind):
+    import safetensors.torch
+
+    model = save_model(tmp_path / "model")
+    monkeypatch.setattr(safetensors.torch, "serialize_file", _full_disk(kind))
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out)) == 2
+    assert_refused(capsys, tmp_path, out, f"the disk holding {tmp_path} is full", "nothing was written",
+                   "free space or choose another --out")
+
+
+# --- samples larger than the file (issue 22) -------------------------------------------------------------------
+
+def test_samples_larger_than_the_file_is_refused_naming_both_counts(tmp_path, harmful_file, capsys):
+    model = save_model(tmp_path / "model")
+    out = tmp_path / "out"
+    assert run(capsys, *realign_args(model, harmful_file, out, "--samples", 500)) == 2
+    # the file holds 13 rows, one of them safe (is_safe true), which the harmful rows leave out
+    assert_refused(capsys, tmp_path, out, f"samples asks for 500 rows but {harmful_file} has 12 left "
+                   "(1 of its 13 rows skipped, excluded or filtered out); lower samples to 12 or less")
+    assert run(capsys, *realign_args(model, harmful_file, out, "--samples", 12)) == 0  # all there are: fine

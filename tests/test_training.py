@@ -61,6 +61,12 @@ def test_truncation_keeps_the_boundary_and_drops_rows_without_answer(tokenizer):
             training.encode_rows(tokenizer, rows, tiny_config(max_length=5))
 
 
+def test_a_max_length_past_the_model_positions_is_refused_before_training(tmp_path):
+    with pytest.raises(AntidoteError, match="max_length 513 is longer than the model's 512 positions"):
+        run_align(tmp_path, max_length=513)  # the tiny model has 512
+    assert not (tmp_path / "align").exists()
+
+
 def test_collator_pads_right_and_masks_padding(tokenizer):
     collate = supervised_collator(tokenizer)
     batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])

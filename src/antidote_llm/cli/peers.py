@@ -31,10 +31,6 @@ def _dest(spec: DefenseInput) -> str:
     return spec.flag.removeprefix("--").replace("-", "_")
 
 
-def _samples_flag(spec: DefenseInput) -> str:
-    return spec.flag.removesuffix("-data") + "-samples"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     methods = peer_methods()
     parser.add_argument("--method", default=ANTIDOTE, choices=[ANTIDOTE, *methods],
@@ -44,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         readers = [m for m in methods if any(spec.name in options for options in defense(m).configure({}).inputs())]
         group.add_argument(spec.flag, dest=_dest(spec), help=f"{', '.join(readers) or 'no peer'}: {spec.help}")
         if spec.kind == "rows":
-            group.add_argument(_samples_flag(spec), dest=f"{_dest(spec)}_samples", type=int,
-                               help=f"rows of {spec.flag} to use (default: {spec.samples or 'all'})")
+            default = f"{spec.samples}, or all when fewer" if spec.samples else "all"
+            group.add_argument(spec.samples_flag, dest=f"{_dest(spec)}_samples", type=int,
+                               help=f"rows of {spec.flag} to use (default: {default}; more than there are is refused)")
     declared = set(SHARED_FIELDS)
     for method in methods:  # a field two peers share (safelora's and safemerge's threshold) is one flag
         settings = defense(method)
@@ -96,7 +93,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, str | DataSpec]:
         if value is None:
             continue
         if spec.kind == "rows":
-            value = DataSpec(source=value, samples=getattr(args, f"{_dest(spec)}_samples") or spec.samples,
+            value = DataSpec(source=value, samples=getattr(args, f"{_dest(spec)}_samples"),
                              prompt_field=args.prompt_field, response_field=args.response_field,
                              input_field=args.input_field)
         inputs[spec.name] = value

@@ -63,8 +63,10 @@ def contrast_rows(args: argparse.Namespace) -> PairSet | None:
     if not args.contrast_data:
         return None
     if args.task is None:
-        return DataSpec(source=args.contrast_data, samples=args.contrast_samples, skip=args.contrast_skip).load("all")
-    rows = load_task_pairs(args.task, args.contrast_data, "train", limit=args.contrast_samples, skip=args.contrast_skip)
+        return DataSpec(source=args.contrast_data, samples=args.contrast_samples, skip=args.contrast_skip).load(
+            "all", name="--contrast-samples")
+    rows = load_task_pairs(args.task, args.contrast_data, "train", samples=args.contrast_samples,
+                           skip=args.contrast_skip, name="--contrast-samples")
     return PairSet(pairs=tuple(rows), source=args.contrast_data,
                    indices=tuple(range(args.contrast_skip, args.contrast_skip + len(rows))))
 

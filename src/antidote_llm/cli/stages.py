@@ -104,7 +104,7 @@ def _method_run(args: argparse.Namespace, stage: str, config: training.TrainConf
         source = getattr(args, f"{_prefix(spec)}data")
         if source and spec.name in read:
             rows = config_from_args(DataSpec, args, EXTRA_FIELDS, prefix=_prefix(spec), source=source)
-            extra[spec.name] = rows.load(spec.safety)
+            extra[spec.name] = rows.load(spec.safety, name=spec.samples_flag)
         elif source:
             raise AntidoteError(f"defense {chosen.name!r} reads no {spec.flag} rows; drop {spec.flag}")
     run = MethodRun(chosen, extra)
@@ -155,11 +155,12 @@ def run_align(args: argparse.Namespace) -> int:
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite,
                            inputs=[source.model, *source.adapters, args.data, args.benign_data, args.harmful_data])
-    pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load("safe")
+    pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load(
+        "safe", name="--samples")
     benign = None
     if args.benign_data:
         benign = DataSpec(source=args.benign_data, samples=args.benign_samples,
-                          seed=config.seed if args.shuffle else None).load()
+                          seed=config.seed if args.shuffle else None).load(name="--benign-samples")
     result = AlignWork(source, pairs, benign, config, progress=not args.quiet, method=method)(out)
     if result.wrote:  # under accelerate launch, once
         print(_summary("align", result.report, args.out))
@@ -170,7 +171,8 @@ def run_unalign(args: argparse.Namespace) -> int:
     config = _config(args, "unalign")
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=[source.model, *source.adapters, args.data])
-    pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load("unsafe")
+    pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load(
+        "unsafe", name="--samples")
     result = UnalignWork(source, pairs, config, progress=not args.quiet)(out)
     print(_summary("unalign", result.report, args.out))
     print("  RESTA: antidote realign --method resta --unaligned-model " + str(out / "adapter"))
@@ -198,9 +200,10 @@ def run_finetune(args: argparse.Namespace) -> int:
                            inputs=[source.model, *source.adapters, args.task_data, args.harmful_data, args.guide_data])
     harmful = None
     if spec.harmful_rows:
-        harmful = _data(args, config, args.harmful_data, samples=spec.harmful_rows, skip=args.harmful_skip).load("unsafe")
+        harmful = _data(args, config, args.harmful_data, skip=args.harmful_skip).load("unsafe")
     task_pairs = _task_rows(args, spec.task_rows)
     training.check_mix_counts(spec, len(task_pairs), len(harmful) if harmful is not None else 0)
+    harmful = harmful.head(spec.harmful_rows) if harmful is not None else None
     if method is not None and "defense_guide" in method.extra:
         _check_disjoint(method.extra["defense_guide"], "--guide-data", {"the poison rows (--harmful-data)": harmful})
     result = FinetuneWork(source, task_pairs, harmful, spec.harmful_fraction, spec.samples_total, config,

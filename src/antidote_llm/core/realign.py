@@ -35,11 +35,10 @@ from antidote_llm.core.targets import (
     resolve_targets,
 )
 from antidote_llm.data.records import Pair, PairSet, Rows, as_pairs, describe_rows
-from antidote_llm.data.templates import encode_pair
+from antidote_llm.data.templates import DEFAULT_MAX_LENGTH, encode_pair, fit_max_length
 from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.loading import model_positions
 from antidote_llm.runtime.runinfo import Timings
-
-DEFAULT_MAX_LENGTH = 2048  # the authors' tokenizer model_max_length (their Alpaca runs use 512)
 
 
 def split_targets(value) -> tuple[str, ...]:
@@ -71,7 +70,9 @@ class RealignConfig(BaseModel):
     tokens: Literal["all", "response"] = Field(
         default="all", description="whose activations count: all tokens (the authors') or the response only")
     template: Literal["alpaca", "chat", "plain"] = Field(default="alpaca", description="prompt format the model was trained with")
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, gt=0, description="tokens per calibration row, longer rows are cut")
+    max_length: int | None = Field(
+        default=None, gt=0, description=f"tokens per calibration row, longer rows are cut (default: min({DEFAULT_MAX_LENGTH}, "
+        "the model's positions); a value past the model's positions is refused")
     batch_size: int = Field(default=8, gt=0, description="calibration rows per forward pass (rows sorted by length; "
                             "padding never counts)")
     seed: int = Field(default=0, description="seed of the random score")
@@ -89,6 +90,10 @@ class RealignConfig(BaseModel):
         "each round costs one more scoring pass")
 
     _split_targets = field_validator("targets", mode="before")(split_targets)
+
+    def fitted(self, model) -> RealignConfig:
+        """This config with max_length fitted to `model` (a model or its config; see fit_max_length)."""
+        return self.model_copy(update={"max_length": fit_max_length(self.max_length, model_positions(model))})
 
     def effective_targets(self, has_adapter: bool) -> tuple[str, ...]:
         """The targets with `auto` resolved (see targets.effective_targets)."""
@@ -367,6 +372,7 @@ def select_nested(
     """Score once and select at every ratio (default: `config.ratio`), changing nothing in the model.
     `contrast_data`: the user's own fine-tuning rows, whose loss the refusal score keeps low."""
     ratios = check_ratios(ratios if ratios is not None else (config.ratio,))
+    config = config.fitted(model)
     timings = Timings()
     has_adapter = hasattr(model, "peft_config")
     targets = resolve_targets(model, config.effective_targets(has_adapter))

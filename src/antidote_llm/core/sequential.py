@@ -247,6 +247,7 @@ def realign_sequential(
     with timings.measure("load_s"):
         tokenizer = load_tokenizer(source.model, source.trust_remote_code)
         model = _skeleton(folder, source, dtype, source.adapters[-1] if on_adapter else None)
+        config = config.fitted(model)
         base = model.get_base_model() if on_adapter else model
         stack, layers = decoder_layers(base)
         for adapter in adapters:

@@ -157,6 +157,10 @@ class PairSet:
     def describe(self) -> dict:
         return {"source": self.source, "rows": len(self.pairs), "sha256": self.sha256, "fields": self.fields}
 
+    def head(self, count: int) -> PairSet:
+        """The first `count` rows, with their positions."""
+        return PairSet(pairs=self.pairs[:count], source=self.source, indices=self.indices[:count], fields=self.fields)
+
 
 Rows = PairSet | Sequence[Pair]
 
@@ -200,13 +204,16 @@ def load_pairs(
     seed: int | None = None,
     exclude: Sequence[int] = (),
     require_response: bool = True,
+    limit: int | None = None,
+    name: str = "samples",
 ) -> PairSet:
     """Pairs from `source`, schema detected unless fields are given.
 
     `safety` filters BeaverTails-style rows on `is_safe` ("unsafe" keeps harmful answers, "safe" keeps
     safe ones, None keeps all; ignored when the field is absent). Then the first `skip` rows and the
     rows in `exclude` are dropped (to stay disjoint from poison rows), the rest shuffled with `seed` if
-    given, and the first `samples` kept.
+    given, and the first `samples` kept: exactly that many, more than are left is refused (see check_samples;
+    `name` is the setting that asked, for the message). `limit` is a cap instead: at most that many.
     """
     source = str(source)
     rows, lines = _read_located(source)
@@ -238,7 +245,8 @@ def load_pairs(
     if samples is not None:
         if samples <= 0:
             raise AntidoteError(f"samples must be positive, got {samples}")
-        indices = indices[:samples]
+        check_samples(samples, len(indices), len(rows), source, name)
+    indices = indices[:min(n for n in (samples, limit, len(indices)) if n is not None)]
     if not indices:
         raise AntidoteError(
             f"{source}: no rows left after filtering (skip={skip}, excluded={len(excluded)}, safety={safety}); "
@@ -260,6 +268,16 @@ def load_pairs(
         ))
     fields = {"prompt": prompt_key, "response": response_key, "input": input_key}
     return PairSet(pairs=tuple(pairs), source=source, indices=tuple(indices), fields=fields)
+
+
+def check_samples(samples: int, left: int, total: int, source: str, name: str = "samples") -> None:
+    """One rule for every row set: `samples` rows are taken, never fewer in silence; asking for more rows than the
+    set has left (`left` of the `total` in `source`, after skipping, excluding and filtering) is refused."""
+    if samples > left:
+        has = (f"{left} left ({total - left} of its {total} rows skipped, excluded or filtered out)" if left < total
+               else f"{left} rows")
+        raise AntidoteError(f"{name} asks for {samples} rows but {source} has {has}; lower {name} to {left} or less, "
+                            "or give more rows")
 
 
 def _where(source: str, lines: list[int] | None, position: int) -> str:

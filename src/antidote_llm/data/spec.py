@@ -28,10 +28,13 @@ class DataSpec(BaseModel):
         default=None, description="BeaverTails is_safe filter: safe, unsafe or all rows (default: the role's)"
     )
 
-    def load(self, default_safety: Safety = "all", exclude: Sequence[int] = (), require_response: bool = True) -> PairSet:
+    def load(self, default_safety: Safety = "all", exclude: Sequence[int] = (), require_response: bool = True,
+             name: str = "samples") -> PairSet:
+        """The rows; `samples` more than there are is refused, naming `name` (the setting, e.g. realign_data.samples)."""
         safety = self.safety or default_safety
         return load_pairs(
             self.source, prompt_field=self.prompt_field, response_field=self.response_field,
             input_field=self.input_field, samples=self.samples, skip=self.skip, seed=self.seed,
             safety=None if safety == "all" else safety, exclude=exclude, require_response=require_response,
+            name=name,
         )

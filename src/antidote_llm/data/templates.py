@@ -59,9 +59,25 @@ def _chat(instruction: str, input: str, tokenizer) -> str:
             "template 'chat' needs a tokenizer with a chat template; use --template alpaca or plain"
         )
     content = f"{instruction}\n\n{input}" if input else instruction
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    return chat_text(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool, whose: str = "the model",
+              instead: str = "use --template alpaca or plain") -> str:
+    """`messages` through the tokenizer's chat template. A template that Jinja's sandbox refuses, that does not
+    parse, or that raises on these messages is the input's fault: one line naming the problem."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+    from jinja2.sandbox import SecurityError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        kind = ("Jinja's sandbox refused it" if isinstance(exc, SecurityError)
+                else "it has a syntax error" if isinstance(exc, TemplateSyntaxError) else "it raised an error")
+        where = f" (line {exc.lineno})" if isinstance(exc, TemplateSyntaxError) and exc.lineno else ""
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise AntidoteError(f"the chat template of {whose} cannot be used: {kind}{where}: {message}; fix the "
+                            f"chat_template in its tokenizer files, or {instead}") from None
 
 
 def _plain(instruction: str, input: str, tokenizer) -> str:
@@ -141,6 +157,20 @@ def encode_pair(
     if max_length is not None:
         ids = ids[:max_length]
     return Encoded(input_ids=ids, prompt_len=min(prompt_len, len(ids)))
+
+
+DEFAULT_MAX_LENGTH = 2048  # the authors' tokenizer model_max_length (their Alpaca runs use 512)
+
+
+def fit_max_length(requested: int | None, positions: int | None) -> int:
+    """Tokens per row (prompt + answer): by default min(2048, the model's positions); a value given that is longer
+    than the model's positions is refused, since its rows would index past the position table."""
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    if positions is not None and requested > positions:
+        raise AntidoteError(f"max_length {requested} is longer than the model's {positions} positions; give "
+                            f"--max-length (max_length) {positions} or less, or leave it out for min({DEFAULT_MAX_LENGTH}, {positions})")
+    return requested
 
 
 def pad_ids(tokenizer, rows: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,12 +84,15 @@ def check_inputs(chosen: Defense, source: ModelSource, inputs: dict[str, PeerInp
 
 
 def load_inputs(inputs: dict[str, PeerInput], like: ModelSource) -> dict:
-    """The inputs as a defense reads them: rows loaded (filtered by the input's safety), models as sources."""
+    """The inputs as a defense reads them: rows loaded (filtered by the input's safety), models as sources. Rows
+    whose count is not given take the input's default count (e.g. Safe Delta's 128) when there are that many, else
+    all there are; a count given is taken exactly (more than there are is refused)."""
     loaded = {}
     for name, value in inputs.items():
         spec = input_spec(name)
         if spec.kind == "rows":
-            loaded[name] = value.load(spec.safety)
+            rows = value.load(spec.safety, name=spec.samples_flag)
+            loaded[name] = rows.head(spec.samples) if value.samples is None and spec.samples else rows
         elif spec.kind == "model":
             loaded[name] = ModelSource(value, dtype=like.dtype, device=like.device,
                                        trust_remote_code=like.trust_remote_code)

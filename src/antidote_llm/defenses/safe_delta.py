@@ -16,11 +16,11 @@ import torch
 from pydantic import Field
 
 import antidote_llm.defenses.adapters as adapters
-from antidote_llm.core.realign import DEFAULT_MAX_LENGTH
-from antidote_llm.data.templates import encode_pair
+from antidote_llm.data.templates import DEFAULT_MAX_LENGTH, encode_pair, fit_max_length
 from antidote_llm.defenses.report import module_change, post_report
 from antidote_llm.errors import AntidoteError
 from antidote_llm.registry import Defense, DefenseContext, DefenseOutcome, register
+from antidote_llm.runtime.loading import model_positions
 from antidote_llm.runtime.runinfo import Timings
 
 REFERENCE_ROWS = 4096  # the authors scale the budget by rows / 4096 (Llama-2-7B's width)
@@ -43,7 +43,8 @@ class SafeDelta(Defense):
     sub_block: int = Field(default=4, ge=1, description="columns accepted together before compensating the rest")
     exclude: float = Field(default=0.15, ge=0, lt=1, description="share of the most safety-sensitive entries never accepted")
     template: Literal["alpaca", "chat", "plain"] = Field(default="alpaca", description="prompt format of the calibration rows")
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, gt=0, description="tokens per calibration row")
+    max_length: int | None = Field(default=None, gt=0, description=f"tokens per calibration row (default: "
+                                   f"min({DEFAULT_MAX_LENGTH}, the model's positions); past them is refused)")
 
     def knob(self) -> str | None:
         return f"s={self.scale}"
@@ -176,8 +177,9 @@ def apply_safe_delta(model, config: SafeDelta, context: DefenseContext) -> Defen
     timings = Timings()
     prefix, layers = decoder_layers(model)
     device = next(model.parameters()).device
+    max_length = fit_max_length(config.max_length, model_positions(model))
     rows = [torch.tensor([encode_pair(context.tokenizer, config.template, p.prompt, p.response, p.input,
-                                      config.max_length).input_ids], device=device) for p in pairs]
+                                      max_length).input_ids], device=device) for p in pairs]
     report = {}
     with torch.no_grad(), model.disable_adapter():  # the calibration runs through the aligned model
         with timings.measure("calibration_s"):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from antidote_llm.data.templates import encode_prompt, pad_ids, render_prompt
 from antidote_llm.errors import AntidoteError
+from antidote_llm.runtime.loading import model_positions
 
 DEFAULT_MAX_NEW_TOKENS = 512  # the paper's limit for harmful-score answers
 DEFAULT_BATCH_SIZE = 16
@@ -98,9 +99,23 @@ class HFGenerator:
     def __call__(
         self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, progress: bool = False, desc: str = "generating"
     ) -> list[list[int]]:
+        max_new_tokens = fit_new_tokens(prompt_ids, max_new_tokens, model_positions(self.model))
         return batched_by_length(
             prompt_ids, lambda batch: self._batch(batch, max_new_tokens), self.batch_size, progress, desc
         )
+
+
+def fit_new_tokens(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, positions: int | None) -> int:
+    """The answer budget of one generation call: `max_new_tokens`, ended where the longest prompt reaches the model's
+    last position (a model cannot write past it; GPT-2's position table would be indexed past its end). A prompt
+    that fills every position leaves no room for an answer: refused."""
+    if positions is None or not prompt_ids:
+        return max_new_tokens
+    index, longest = max(enumerate(len(ids) for ids in prompt_ids), key=lambda item: item[1])
+    if longest >= positions:
+        raise AntidoteError(f"prompt {index + 1} is {longest} tokens long, and the model has {positions} positions, "
+                            "so there is no room for an answer; shorten the prompts or use a model with more positions")
+    return min(max_new_tokens, positions - longest)
 
 
 def batched_by_length(

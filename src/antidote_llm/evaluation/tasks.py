@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from antidote_llm.data.records import Pair, read_hub, read_records
+from antidote_llm.data.records import Pair, check_samples, read_hub, read_records
 from antidote_llm.data.templates import render_prompt, unrender_alpaca
 from antidote_llm.errors import AntidoteError
 
@@ -225,13 +225,15 @@ def _hub_rows(hub: HubSplit) -> list[dict]:
 
 
 def load_task_pairs(
-    task: str, source: str | None = None, split: str = "train", limit: int | None = None, skip: int = 0
+    task: str, source: str | None = None, split: str = "train", limit: int | None = None, skip: int = 0,
+    samples: int | None = None, name: str = "samples",
 ) -> list[Pair]:
     """Rows of `task` as (instruction, input, gold answer) pairs in the authors' format.
 
     `source` is a local file (the formats of shared/data/tasks, or any instruction/input/output rows) or
     `hf:NAME[:SPLIT]`; None loads the task's hub dataset for `split`. The first `skip` rows are dropped,
-    then the first `limit` kept; on the test split, limit None means the paper's size (Task.test_rows).
+    then the first `limit` kept (a cap); on the test split, limit None means the paper's size (Task.test_rows).
+    `samples` asks for exactly that many instead: more than there are is refused (check_samples, naming `name`).
     """
     spec = get_task(task)
     if split not in SPLITS:
@@ -245,6 +247,11 @@ def load_task_pairs(
         rows, skip, origin = _hub_rows(hub), skip + hub.skip, f"hub dataset {hub.name}"
     else:
         rows, origin = read_records(source), str(source)
+    if samples is not None:
+        if samples < 1:
+            raise AntidoteError(f"{name} must be positive, got {samples}")
+        check_samples(samples, max(len(rows) - skip, 0), len(rows), origin, name)
+        limit = samples
     if limit is None and split == "test":
         limit = spec.test_rows
     selected = rows[skip:skip + limit if limit is not None else None]

@@ -48,9 +48,9 @@ class ProbeSpec:
     def load(self, template: str) -> EvalInputs:
         """The rows, and the judge built once (so a missing judge model, key or server fails before any work)."""
         get_task(self.task)
-        prompts = self.prompts.load("unsafe", require_response=False)
-        validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples,
-                                     skip=self.validation_skip)
+        prompts = self.prompts.load("unsafe", require_response=False, name="--probe-samples")
+        validation = load_task_pairs(self.task, self.validation, "train", samples=self.validation_samples,
+                                     skip=self.validation_skip, name="--validation-samples")
         return EvalInputs(prompts=prompts.pairs, task=self.task, rows=validation, settings=self.settings,
                           template=template, judge=get_judge(self.settings.judge, self.settings.judge_options()))
 

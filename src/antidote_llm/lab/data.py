@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 from antidote_llm import training
-from antidote_llm.data.records import PairSet, pairs_sha256
+from antidote_llm.data.records import PairSet, check_samples, pairs_sha256
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation import tasks
 from antidote_llm.evaluation.evaluate import EvalInputs
@@ -16,40 +16,47 @@ from antidote_llm.lab.config import Experiment
 from antidote_llm.lab.graph import stage_key
 from antidote_llm.registry import INPUTS, DefenseInput
 
+TASK_SAMPLES = "evaluation.task_samples"
+
 
 class SettingData:
     """Every row set of one sweep point. `inputs`: the rows inputs the experiment gives, by input name."""
 
     def __init__(self, exp: Experiment):
         if exp.alignment is not None:
-            self.align_pairs = exp.alignment.data.load("safe")
-            self.align_benign = exp.alignment.benign.load() if exp.alignment.benign else None
+            self.align_pairs = exp.alignment.data.load("safe", name="alignment.data.samples")
+            self.align_benign = (exp.alignment.benign.load(name="alignment.benign.samples") if exp.alignment.benign
+                                 else None)
         ft = exp.finetune
         self.task_train = tasks.load_task_pairs(ft.task, ft.task_data, "train")
-        self.harmful = ft.harmful.load("unsafe")
+        self.harmful = ft.harmful.load("unsafe", name="finetune.harmful.samples")
         mix = training.mix_spec(ft.harmful_fraction, ft.samples)
         training.check_mix_counts(mix, len(self.task_train), len(self.harmful))
         # The fine-tuning takes the leading harmful rows, and the leading task rows.
-        self.poison = PairSet(pairs=self.harmful.pairs[:mix.harmful_rows], source=self.harmful.source,
-                              indices=self.harmful.indices[:mix.harmful_rows])
+        self.poison = self.harmful.head(mix.harmful_rows)
         user_rows = min(exp.user_rows, mix.task_rows)
         self.user_rows = PairSet(pairs=tuple(self.task_train[:user_rows]), source=ft.task_data or f"hub:{ft.task}",
                                  indices=tuple(range(user_rows)))
         spec = exp.evaluation
-        self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
+        self.prompts = spec.harmful_prompts.load("unsafe", require_response=False,
+                                                 name="evaluation.harmful_prompts.samples")
         self.inputs: dict[str, PairSet] = {}
         for name in _in_load_order(exp):
             self.inputs[name] = self._input_rows(exp, INPUTS[name])
         self.unalign_pairs = None
         if exp.unalign is not None:
-            self.unalign_pairs = _disjoint(exp.unalign.data.load("unsafe", exclude=self._poison_indices(exp, exp.unalign.data)),
+            self.unalign_pairs = _disjoint(exp.unalign.data.load("unsafe", exclude=self._poison_indices(exp, exp.unalign.data),
+                                                                 name="unalign.data.samples"),
                                            "unalignment rows", "unalign.data", poison=self.poison,
                                            harmful=self.inputs.get("harmful"), evaluation=self.prompts)
-        test_rows = tasks.load_task_pairs(ft.task, spec.task_data, "test",
-                                          limit=None if spec.validation_split else spec.task_samples)
+        test_rows = tasks.load_task_pairs(ft.task, spec.task_data, "test", name=TASK_SAMPLES,
+                                          samples=None if spec.validation_split else spec.task_samples)
         split_rows = None
         if spec.validation_split is not None:
             split_rows, test_rows = _split(test_rows, spec.validation_split, exp.seed)
+            if spec.task_samples is not None:
+                check_samples(spec.task_samples, len(test_rows), len(test_rows) + len(split_rows),
+                              spec.task_data or f"hub:{ft.task}", TASK_SAMPLES)
             test_rows = test_rows[:spec.task_samples]
         self.task_test = test_rows
         self.evaluation = EvalInputs(self.prompts.pairs, ft.task, self.task_test, spec, exp.model.template)
@@ -67,7 +74,8 @@ class SettingData:
     def _input_rows(self, exp: Experiment, spec: DefenseInput) -> PairSet:
         data = exp.setting(spec.keys[0])
         exclude = self._poison_indices(exp, data) if spec.skips_poison else ()
-        rows = data.load(spec.safety, exclude=exclude, require_response=spec.safety is not None)
+        rows = data.load(spec.safety, exclude=exclude, require_response=spec.safety is not None,
+                         name=f"{spec.keys[0]}.samples")
         others = {"poison": self.poison, "harmful": self.inputs.get("harmful"), "evaluation": self.prompts}
         return _disjoint(rows, f"rows of {spec.key}", spec.key, **{name: others[name] for name in spec.disjoint_from})
 
@@ -112,9 +120,10 @@ def _validation_inputs(exp: Experiment, test_prompts, test_rows, split_rows: lis
     wanted = any(("validation",) in exp.defense(label).inputs() for label in exp.defenses)
     if not wanted or not exp.has_input("validation"):
         return None
-    prompts = spec.probe_prompts.load("unsafe", require_response=False).pairs
+    prompts = spec.probe_prompts.load("unsafe", require_response=False, name="evaluation.probe_prompts.samples").pairs
     rows = split_rows if split_rows is not None else tasks.load_task_pairs(
-        exp.finetune.task, spec.validation_data, "train", limit=spec.validation_samples, skip=spec.validation_skip)
+        exp.finetune.task, spec.validation_data, "train", samples=spec.validation_samples, skip=spec.validation_skip,
+        name="evaluation.validation_samples")
     shared_prompts = {p.prompt for p in prompts} & {p.prompt for p in test_prompts}
     shared_rows = set(rows) & set(test_rows)
     if shared_prompts or shared_rows:

@@ -42,6 +42,11 @@ class DefenseInput:
     def key(self) -> str:
         return " and ".join(self.keys)
 
+    @property
+    def samples_flag(self) -> str:
+        """The CLI flag of its row count: `--safe-data` -> `--safe-samples`."""
+        return (self.flag or f"--{self.name}-data").removesuffix("-data") + "-samples"
+
 
 INPUTS: dict[str, DefenseInput] = {}
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,12 +135,14 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        refusal = _refusal("tokenizer", model, path, gguf, exc)
         # the tokenizers library raises a bare Exception for a broken tokenizer.json; other types are bugs
-        if not isinstance(exc, (OSError, ValueError)) and type(exc) is not Exception:
+        if refusal is None and (isinstance(exc, (OSError, ValueError)) or type(exc) is Exception):
+            refusal = AntidoteError(
+                f"cannot load the tokenizer of {model!r}: {_first_line(exc)}; check or replace its tokenizer files")
+        if refusal is None:
             raise
-        raise AntidoteError(
-            f"cannot load the tokenizer of {model!r}: {_first_line(exc)}; check or replace its tokenizer files"
-        ) from None
+        raise refusal from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -174,29 +178,31 @@ def load_base_model(source: ModelSource):
         kwargs["gguf_file"] = gguf
     if source.device_map:
         kwargs["device_map"] = source.device_map
-    from safetensors import SafetensorError
-
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise AntidoteError(f"cannot load model {source.model!r}: {_first_line(exc)}") from None
-    except SafetensorError as exc:  # a truncated or corrupt weights file; say which one
-        raise AntidoteError(
-            f"cannot load model {source.model!r}: {_damaged_file(path, exc)}; download or save the model again"
-        ) from None
-    except RuntimeError as exc:
-        if "mismatch" not in str(exc):
+    except Exception as exc:
+        refusal = _refusal("model", source.model, path, gguf, exc) or _model_refusal(source.model, path, exc)
+        if refusal is None:
             raise
-        raise AntidoteError(
-            f"cannot load model {source.model!r}: its weights do not have the shapes its config.json describes "
-            "(see the load report above); use the config.json saved with these weights"
-        ) from None
+        raise refusal from None
     if gguf:
         model = _dequantized(model)
     if not source.device_map:
         model = model.to(device)
     model.eval()
     return model, load_tokenizer(source.model, source.trust_remote_code)
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def model_positions(model) -> int | None:
+    """How many token positions `model` (a model or its config) has: its config's max_position_embeddings (GPT-2:
+    n_positions); None when the config names none. A row longer than that indexes past the position table."""
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = (getattr(config, key, None) for key in POSITION_KEYS)
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
 
 
 def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
@@ -239,6 +245,79 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path) -> None:
                     f"adapter {adapter_dir} does not fit the model: {key} has shape {list(shape)} "
                     f"but {module_name} maps {in_f} -> {out_f}"
                 )
+
+
+def _refusal(what: str, model: str, path: str, gguf: str | None, exc: Exception) -> AntidoteError | None:
+    """The one-line error for `exc`, raised while loading the `what` ("model" or "tokenizer") of `model` from
+    `path`, when the input is at fault in a way every loader shares; None otherwise."""
+    if _raised_in_remote_code(exc):
+        return AntidoteError(
+            f"the {what} code that {model!r} brings (run by --trust-remote-code) failed: {type(exc).__name__}: "
+            f"{_first_line(exc)}; fix that code, or use a model that needs none")
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return AntidoteError(
+            f"{model!r} brings its own code for its {what}, which runs only with --trust-remote-code; read that code "
+            "and pass --trust-remote-code if you trust it")
+    if isinstance(exc, pickle.UnpicklingError):  # torch's weights_only load: the safe outcome, said plainly
+        return AntidoteError(
+            f"{_pickle_file(path)} was refused as unsafe pickle: loading it would run code it names "
+            f"({_pickle_detail(exc)}); convert it to safetensors (only if you trust it) and load that")
+    if gguf and isinstance(exc, (OSError, ValueError, KeyError, IndexError, OverflowError, struct.error)):
+        return AntidoteError(
+            f"cannot load the {what} of {model!r}: it is not a readable GGUF file ({_first_line(_root(exc))}); "
+            "download or convert it again")
+    return None
+
+
+def _model_refusal(model: str, path: str, exc: Exception) -> AntidoteError | None:
+    """The one-line error for a model's weights or config that do not load; None for a bug."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError):  # a truncated or corrupt weights file; say which one
+        return AntidoteError(f"cannot load model {model!r}: {_damaged_file(path, exc)}; download or save the model again")
+    if isinstance(exc, RuntimeError) and "mismatch" in str(exc):
+        return AntidoteError(
+            f"cannot load model {model!r}: its weights do not have the shapes its config.json describes "
+            "(see the load report above); use the config.json saved with these weights")
+    if isinstance(exc, (OSError, ValueError)):
+        return AntidoteError(f"cannot load model {model!r}: {_first_line(exc)}")
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, outermost first."""
+    found = []
+    while exc is not None and exc not in found:
+        found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def _root(exc: BaseException) -> BaseException:
+    return _chain(exc)[-1]
+
+
+def _raised_in_remote_code(exc: BaseException) -> bool:
+    """Whether `exc` came out of a model repository's own code (transformers imports it as transformers_modules)."""
+    for link in _chain(exc):
+        frame = link.__traceback__
+        while frame is not None:
+            if frame.tb_frame.f_globals.get("__name__", "").startswith("transformers_modules"):
+                return True
+            frame = frame.tb_next
+    return False
+
+
+def _pickle_file(path: str) -> str:
+    """The pickle weights file of a model folder, for the message (a hub id names itself)."""
+    files = sorted(Path(path).glob("*.bin")) if Path(path).is_dir() else []
+    return str(files[0]) if len(files) == 1 else f"a pickle weights file (.bin) of {path}"
+
+
+def _pickle_detail(exc: BaseException) -> str:
+    """torch's reason, e.g. "unsupported GLOBAL posix.system", from its many-line message."""
+    lines = [line.strip().rstrip(".") for line in str(exc).splitlines() if "GLOBAL" in line]
+    return lines[0] if lines else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -54,18 +54,67 @@ def check_writable(folder: Path) -> None:
         raise AntidoteError(f"cannot write in {existing} ({exc.strerror}); choose another --out") from None
 
 
+STALE_TEMP_S = 24 * 3600.0  # a run writes its hidden folder in one go at its end: one untouched for a day is dead
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def stale_temporaries(out: Path, now: float, max_age_s: float = STALE_TEMP_S) -> list[Path]:
+    """The hidden folders that runs writing `out` made beside it (`.NAME.tmp-*`) and left behind, killed before
+    they could remove them (kill -9, a lost node): nothing in them changed for `max_age_s`."""
+    prefix = _temp_prefix(out)
+    try:
+        names = sorted(n for n in os.listdir(out.parent) if n.startswith(prefix))
+    except OSError:
+        return []
+    folders = [out.parent / name for name in names]
+    return [f for f in folders if f.is_dir() and not f.is_symlink() and now - _last_change(f) > max_age_s]
+
+
+def _last_change(folder: Path) -> float:
+    """The newest modification time in `folder`, its own included."""
+    newest = folder.lstat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) says the disk or the quota is full. safetensors reports it as a
+    SafetensorError whose text carries the OS error."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if type(exc).__name__ == "SafetensorError" and any(
+                s in str(exc) for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it becomes `out`, on error it is removed. Without
-    `replace`, a folder with files that appeared at `out` meanwhile (another run writing the same output) is
-    never replaced: the rename itself refuses a non-empty target, so of two runs exactly one writes."""
+    """Yield a temporary folder beside `out`; on success it becomes `out`, on error it is removed (a full disk is
+    said in one line). Without `replace`, a folder with files that appeared at `out` meanwhile (another run writing
+    the same output) is never replaced: the rename itself refuses a non-empty target, so of two runs exactly one
+    writes. Temporary folders of `out` that killed runs left (see stale_temporaries) are removed first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for stale in stale_temporaries(out, time.time()):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            raise AntidoteError(f"the disk holding {out.parent} is full (no space left while writing {out}); "
+                                "nothing was written and the partial output was removed; free space or choose "
+                                "another --out") from None
         raise
     if not replace:
         try:

@@ -16,9 +16,9 @@ import torch
 
 from antidote_llm.data.mix import build_mix, mix_spec
 from antidote_llm.data.records import Pair, Rows, as_pairs, describe_rows, pairs_sha256
-from antidote_llm.data.templates import encode_pair
+from antidote_llm.data.templates import encode_pair, fit_max_length
 from antidote_llm.errors import AntidoteError
-from antidote_llm.runtime.loading import merge_adapter
+from antidote_llm.runtime.loading import merge_adapter, model_positions
 from antidote_llm.runtime.outputs import OutputRun, output_run, save_model, write_json, write_report
 from antidote_llm.runtime.runinfo import Timings, library_versions
 from antidote_llm.training.config import TrainConfig
@@ -133,6 +133,7 @@ def _train(
 
     if method is not None:
         method.check(config.gradient_accumulation)
+    fit_max_length(config.max_length, model_positions(model))  # a row past the model's positions is refused
     with timings.measure("tokenize_s"):
         items, dropped = encode_rows(tokenizer, pairs, config)
         extra = {role: encode_rows(tokenizer, as_pairs(rows), config)[0] for role, rows in (method.extra if method else {}).items()}

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from antidote_llm.data.templates import chat_text
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.generation import HFGenerator, decode
 from antidote_llm.evaluation.judges.base import Judge, Judgement, JudgeOptions
@@ -256,9 +257,8 @@ class LlamaGuardJudge(ModelJudge):
     def prompt_ids(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[int]]:
         _, tokenizer = self.loaded()
         rendered = (
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False
-            )
+            chat_text(tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+                      add_generation_prompt=False, whose=f"judge model {self.path}", instead="use another judge model")
             for p, a in zip(prompts, answers, strict=True)
         )
         return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
