@@ -39,3 +39,7 @@ def add_model_command(subparsers, name: str, help: str, description: str) -> arg
     parser = subparsers.add_parser(name, help=help, description=description)
     add_model_arguments(parser)
     return parser
+
+
+CATEGORY_HELP = ("field of each {what}'s harm category: its harmful score is also reported per category (detected "
+                 "when omitted: category, SemanticCategory; a field named here must exist)")

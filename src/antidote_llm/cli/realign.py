@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from antidote_llm.cli import peers
-from antidote_llm.cli.common import add_model_arguments, model_source
+from antidote_llm.cli.common import CATEGORY_HELP, add_model_arguments, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
@@ -78,6 +78,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser, title: str):
     group = parser.add_argument_group(title)
     group.add_argument("--probe-prompts", metavar="SRC", help="harmful probe prompts for the harmful score (file or hf:)")
     group.add_argument("--probe-field", help="field of the probe prompt (detected if omitted)")
+    group.add_argument("--category-field", metavar="NAME", help=CATEGORY_HELP.format(what="probe prompt"))
     group.add_argument("--probe-samples", type=int, help="probe prompts to use (default: all)")
     group.add_argument("--probe-skip", type=int, default=0, help="skip the first N probe prompts")
     group.add_argument("--task", help=f"the user's task, scored on --validation-data: {', '.join(TASKS)}")
@@ -145,6 +146,8 @@ def benign_spec(args: argparse.Namespace) -> DataSpec | None:
 def probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
     given = [args.probe_prompts, args.task, args.validation_data]
     if not (args.probe_prompts or args.validation_data):
+        if args.category_field:
+            raise AntidoteError("--category-field names a field of the probe prompts; give --probe-prompts")
         if args.task and not args.contrast_data:
             raise AntidoteError("--task names the task of --validation-data or --contrast-data; give one of them")
         return None
@@ -152,7 +155,7 @@ def probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
         raise AntidoteError("evaluating the frontier needs --probe-prompts, --task and --validation-data together")
     return ProbeSpec(
         prompts=DataSpec(source=args.probe_prompts, prompt_field=args.probe_field, samples=args.probe_samples,
-                         skip=args.probe_skip),
+                         skip=args.probe_skip, category_field=args.category_field),
         task=args.task, validation=args.validation_data, validation_samples=args.validation_samples,
         validation_skip=args.validation_skip,
         settings=config_from_args(EvalSettings, args, EvalSettings.model_fields, prefix=EVAL_PREFIX),

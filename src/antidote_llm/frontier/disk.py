@@ -45,7 +45,7 @@ class ProbeSpec:
 
     def load(self, template: str) -> EvalInputs:
         get_task(self.task)
-        prompts = self.prompts.load("unsafe", require_response=False)
+        prompts = self.prompts.load("unsafe", require_response=False, categories=True)
         validation = load_task_pairs(self.task, self.validation, "train", limit=self.validation_samples,
                                      skip=self.validation_skip)
         return EvalInputs(prompts=prompts.pairs, task=self.task, rows=validation, settings=self.settings,

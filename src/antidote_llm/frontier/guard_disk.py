@@ -12,14 +12,15 @@ from antidote_llm.core.report import RealignReport
 from antidote_llm.core.targets import adapter_mode
 from antidote_llm.data.records import PairSet, pairs_sha256
 from antidote_llm.data.spec import DataSpec
+from antidote_llm.evaluation.evaluate import category_table
 from antidote_llm.frontier.disk import ProbeSpec
 from antidote_llm.frontier.guard import GuardConfig, GuardPoint, GuardResult, run_guard
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.outputs import output_run, write_report
-from antidote_llm.runtime.plotting import save_figure
+from antidote_llm.runtime.plotting import category_bars, save_figure
 from antidote_llm.runtime.runinfo import RunRecord
 
-VERDICT_FILE, VERDICT_MD, GUARD_PLOT = "verdict.json", "verdict.md", "guard.png"
+VERDICT_FILE, VERDICT_MD, GUARD_PLOT, CATEGORY_PLOT = "verdict.json", "verdict.md", "guard.png", "categories.png"
 
 
 class GuardReport(GuardResult, RunRecord):
@@ -60,6 +61,13 @@ def verdict_markdown(report: GuardReport) -> str:
     ]
     if report.accuracy_drop is not None:
         lines += [f"Accuracy drop at ratio {report.ratio:g}: {report.accuracy_drop.text()} points.", ""]
+    compared = category_points(report)
+    if compared:
+        lines += ["Probe harmful score by prompt category, % [95% CI] (harmful / judged; a point that stopped early "
+                  "was judged on fewer prompts):", "",
+                  category_table({name: point.harmful_by_category for name, point in compared.items()}), ""]
+        if report.outputs.get("categories_plot"):
+            lines += [f"![probe harmful score by category]({report.outputs['categories_plot']})", ""]
     if report.warnings:
         lines += ["Warnings:", "", *(f"- {warning}" for warning in report.warnings), ""]
     resolution = report.resolution
@@ -83,6 +91,27 @@ def verdict_markdown(report: GuardReport) -> str:
     if report.outputs.get("plot"):
         lines += [f"![probe harmful score by ratio]({report.outputs['plot']})", ""]
     return "\n".join(lines)
+
+
+def category_points(report: GuardResult) -> dict[str, GuardPoint]:
+    """The models compared per category, by column heading: the fine-tuned one and, when there is one, the model
+    at the chosen ratio (or the best candidate); empty when the probe prompts have no categories."""
+    if not report.fine_tuned.harmful_by_category:
+        return {}
+    points = {"fine-tuned (before)": report.fine_tuned}
+    if report.candidate is not None:
+        after = "after, repaired" if report.verdict == "repaired" else "best candidate, not shipped"
+        points[f"{report.candidate.selection} at {report.ratio:g} ({after})"] = report.candidate
+    return points
+
+
+def category_figure(report: GuardResult):
+    """The probe harmful score of each prompt category before and after the repair, with 95% intervals."""
+    compared = category_points(report)
+    names = list(dict.fromkeys(name for point in compared.values() for name in point.harmful_by_category))
+    series = {label: [(rate.value, rate.low, rate.high) if (rate := point.harmful_by_category.get(name)) else None
+                      for name in names] for label, point in compared.items()}
+    return category_bars(names, series, f"guard: {report.verdict}; probe harmful score by category (95% CI)")
 
 
 def guard_figure(report: GuardResult):
@@ -156,6 +185,9 @@ def guard_to_disk(
         if result.search:
             save_figure(guard_figure(result), run.folder / GUARD_PLOT)
             outputs["plot"] = GUARD_PLOT
+        if category_points(result):
+            save_figure(category_figure(result), run.folder / CATEGORY_PLOT)
+            outputs["categories_plot"] = CATEGORY_PLOT
         rows = {"probe_prompts": _rows(probe.prompts.source, loaded_probe.prompts),
                 "validation": _rows(probe.validation, loaded_probe.rows)}
         if pairs is not None:

@@ -36,7 +36,7 @@ class SettingData:
         self.user_rows = PairSet(pairs=tuple(self.task_train[:user_rows]), source=ft.task_data or f"hub:{ft.task}",
                                  indices=tuple(range(user_rows)))
         spec = exp.evaluation
-        self.prompts = spec.harmful_prompts.load("unsafe", require_response=False)
+        self.prompts = spec.harmful_prompts.load("unsafe", require_response=False, categories=True)
         self.inputs: dict[str, PairSet] = {}
         for name in _in_load_order(exp):
             self.inputs[name] = self._input_rows(exp, INPUTS[name])
@@ -112,7 +112,7 @@ def _validation_inputs(exp: Experiment, test_prompts, test_rows, split_rows: lis
     wanted = any(("validation",) in exp.defense(label).inputs() for label in exp.defenses)
     if not wanted or not exp.has_input("validation"):
         return None
-    prompts = spec.probe_prompts.load("unsafe", require_response=False).pairs
+    prompts = spec.probe_prompts.load("unsafe", require_response=False, categories=True).pairs
     rows = split_rows if split_rows is not None else tasks.load_task_pairs(
         exp.finetune.task, spec.validation_data, "train", limit=spec.validation_samples, skip=spec.validation_skip)
     shared_prompts = {p.prompt for p in prompts} & {p.prompt for p in test_prompts}
