@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from antidote_llm.cli import peers
-from antidote_llm.cli.common import CATEGORY_HELP, add_model_arguments, model_source
+from antidote_llm.cli.common import (
+    CATEGORY_HELP,
+    add_model_arguments,
+    add_push_arguments,
+    model_source,
+    push_repaired,
+)
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
@@ -17,6 +23,7 @@ from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import TASKS, load_task_pairs
 from antidote_llm.frontier import DEFAULT_RATIOS, FrontierConfig
 from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk
+from antidote_llm.runtime.hub import check_push
 
 DATA_FIELDS = ("source", "prompt_field", "response_field", "input_field", "samples", "skip")
 METHOD_FIELDS = tuple(name for name in RealignConfig.model_fields if name not in ("ratio", "template", "max_length",
@@ -111,6 +118,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     group.add_argument("--save-merged", action="store_true", help="adapter mode: also write the fully merged model")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_push_arguments(group)
     parser.add_argument(
         "--offload", action=argparse.BooleanOptionalAction, default=None,
         help="compute layer by layer from the safetensors files, one decoder layer in memory at a time "
@@ -178,6 +186,8 @@ def _frontier_summary(report, out: str) -> str:
 def run_realign(args: argparse.Namespace) -> int:
     peers.refuse_foreign_flags(args)
     if args.method != peers.ANTIDOTE:
+        if args.push_to_hub:
+            raise AntidoteError(f"--push-to-hub uploads Antidote's repaired model, not --method {args.method}'s; drop it")
         return peers.run(args, model_source(args))
     if args.ratio is None:
         raise AntidoteError("--method antidote needs --ratio (a number, a comma-separated list, or auto)")
@@ -188,7 +198,13 @@ def run_realign(args: argparse.Namespace) -> int:
         data = config_from_args(DataSpec, args, DATA_FIELDS, seed=config.seed if args.shuffle else None)
     protect = DataSpec(source=args.protect_data, samples=args.protect_samples) if args.protect_data else None
     probe = probe_spec(args)
-    if ratios is None or len(ratios) > 1 or probe is not None:
+    frontier_run = ratios is None or len(ratios) > 1 or probe is not None
+    if args.push_to_hub:
+        if frontier_run and ratios is not None:
+            raise AntidoteError("--push-to-hub uploads a repaired model: give one --ratio or --ratio auto (several "
+                                "ratios write masks, not a model)")
+        check_push(args.push_to_hub)
+    if frontier_run:
         if data is None:
             raise AntidoteError("several ratios and --ratio auto score on harmful rows; pass --data")
         frontier = config_from_args(FrontierConfig, args, ("max_accuracy_drop", "controls"), ratios=ratios)
@@ -198,6 +214,9 @@ def run_realign(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         print(_frontier_summary(report, args.out))
+        if args.push_to_hub:
+            print(push_repaired(args.out, report.outputs, args.push_to_hub, private=args.private,
+                                message=f"antidote realign --ratio auto: ratio {report.picked_ratio:g}"))
         return 0
     result = realign_to_disk(
         model_source(args), config, args.out, data=data, protect_data=protect, contrast_data=contrast_rows(args),
@@ -205,6 +224,9 @@ def run_realign(args: argparse.Namespace) -> int:
         progress=not args.quiet, offload=args.offload,
     )
     print(_summary(result.report, args.out))
+    if args.push_to_hub:
+        print(push_repaired(args.out, result.report.outputs, args.push_to_hub, private=args.private,
+                            message=f"antidote realign: ratio {config.ratio:g}"))
     return 0
 
 

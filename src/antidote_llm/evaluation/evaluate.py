@@ -380,8 +380,7 @@ def category_table(columns: dict[str, dict[str, Rate]]) -> str:
     names = list(dict.fromkeys(name for rates in columns.values() for name in rates))
     lines = ["| prompt category | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name in names:
-        cells = [f"{rates[name].text()} ({rates[name].count}/{rates[name].of})" if name in rates else "n/a"
-                 for rates in columns.values()]
+        cells = [rates[name].counted() if name in rates else "n/a" for rates in columns.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -29,6 +29,10 @@ class Rate(BaseModel):
     def text(self) -> str:
         return f"{self.value:.1f} [{self.low:.1f}, {self.high:.1f}]"
 
+    def counted(self) -> str:
+        """`text` with the counts: 12.5 [4.1, 32.0] (3/24)."""
+        return f"{self.text()} ({self.count}/{self.of})"
+
 
 def rates_by_category(categories: Sequence[tuple[str, ...]], harmful: Sequence[bool]) -> dict[str, Rate]:
     """The harmful share of the prompts of each category, by name; a prompt of several categories counts in each,

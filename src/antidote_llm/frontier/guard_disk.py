@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from antidote_llm.core.pipeline import local_inputs, save_repaired
+from antidote_llm.core.pipeline import local_inputs, save_cards, save_repaired
 from antidote_llm.core.realign import RealignConfig
 from antidote_llm.core.report import RealignReport
 from antidote_llm.core.targets import adapter_mode
@@ -16,6 +16,7 @@ from antidote_llm.evaluation.evaluate import category_table
 from antidote_llm.frontier.disk import ProbeSpec
 from antidote_llm.frontier.guard import GuardConfig, GuardPoint, GuardResult, run_guard
 from antidote_llm.runtime.loading import ModelSource, load_model
+from antidote_llm.runtime.modelcard import CardFacts, CardRow
 from antidote_llm.runtime.outputs import output_run, write_report
 from antidote_llm.runtime.plotting import category_bars, save_figure
 from antidote_llm.runtime.runinfo import RunRecord
@@ -91,6 +92,34 @@ def verdict_markdown(report: GuardReport) -> str:
     if report.outputs.get("plot"):
         lines += [f"![probe harmful score by ratio]({report.outputs['plot']})", ""]
     return "\n".join(lines)
+
+
+def guard_card(result: GuardResult, config: RealignConfig, guard: GuardConfig, source: ModelSource, probe: ProbeSpec,
+               inputs: dict) -> CardFacts:
+    """The model card's facts of the model guard wrote: the verdict, HS and FA before and after on the probe
+    prompts and validation rows, the selection and the decision's settings, every row set's hash."""
+    def row(name: str, point: GuardPoint) -> CardRow:
+        return CardRow(model=name, harmful=point.harmful.counted(), accuracy=point.accuracy and point.accuracy.counted())
+
+    candidate = result.candidate
+    after = "repaired" if result.verdict == "repaired" else "best candidate, rejected"
+    drop = f" The accuracy drop: {result.accuracy_drop.text()} points." if result.accuracy_drop else ""
+    return CardFacts(
+        title="Antidote-repaired model" if result.verdict == "repaired" else "Antidote guard's best candidate (rejected)",
+        summary=(f"`antidote guard` searched the pruning ratio: the least pruning that brings the upper end of the "
+                 f"probe harmful score's 95% interval within {result.max_harmful:g}%, with an accuracy drop whose upper "
+                 f"bound stays within {result.max_accuracy_drop:g} points; it chose ratio {result.ratio:g}."),
+        base_model=source.model, base_adapters=list(source.adapters), verdict=result.verdict, reason=result.reason,
+        results=[row("fine-tuned (before)", result.fine_tuned),
+                 *([row(f"at ratio {result.ratio:g} (after, {after})", candidate)] if candidate else [])],
+        measured_on=(f"Measured on {result.fine_tuned.prompts} probe prompts (`{probe.prompts.source}`) and "
+                     f"{inputs['validation']['rows']} validation rows of {probe.task} (`{probe.validation}`), judge "
+                     f"`{probe.settings.judge}`; an evaluation that stopped early counts the prompts judged.{drop} "
+                     "These rows chose the ratio: report numbers measured on others."),
+        method={"method": "antidote guard", **config.model_dump(mode="json", exclude={"ratio"}),
+                **guard.model_dump(mode="json"), "chosen_ratio": result.ratio},
+        data=inputs,
+    )
 
 
 def category_points(report: GuardResult) -> dict[str, GuardPoint]:
@@ -178,22 +207,23 @@ def guard_to_disk(
             outcome = run_guard(loaded.model, loaded.tokenizer, config, guard, pairs, loaded_probe, benign=benign_rows,
                                 contrast_data=contrast_data, progress=progress)
         result = outcome.result
-        outputs: dict = {}
-        if outcome.index is not None:
-            outputs.update(save_repaired(loaded, outcome.selection.masks(outcome.index), run.folder, save_merged,
-                                         run.timings))
-        if result.search:
-            save_figure(guard_figure(result), run.folder / GUARD_PLOT)
-            outputs["plot"] = GUARD_PLOT
-        if category_points(result):
-            save_figure(category_figure(result), run.folder / CATEGORY_PLOT)
-            outputs["categories_plot"] = CATEGORY_PLOT
         rows = {"probe_prompts": _rows(probe.prompts.source, loaded_probe.prompts),
                 "validation": _rows(probe.validation, loaded_probe.rows)}
         if pairs is not None:
             rows["calibration"] = _rows(data.source, pairs.pairs)
         if contrast_data is not None:
             rows["user_rows"] = _rows(contrast_data.source, contrast_data.pairs)
+        outputs: dict = {}
+        if outcome.index is not None:
+            outputs.update(save_repaired(loaded, outcome.selection.masks(outcome.index), run.folder, save_merged,
+                                         run.timings))
+            outputs = save_cards(run.folder, outputs, guard_card(result, config, guard, source, probe, rows))
+        if result.search:
+            save_figure(guard_figure(result), run.folder / GUARD_PLOT)
+            outputs["plot"] = GUARD_PLOT
+        if category_points(result):
+            save_figure(category_figure(result), run.folder / CATEGORY_PLOT)
+            outputs["categories_plot"] = CATEGORY_PLOT
         report = GuardReport(
             **result.model_dump(exclude={"warnings"}), warnings=[*warnings, *result.warnings],
             method={"selection": config.model_dump(mode="json"), "decision": guard.model_dump(mode="json")},
