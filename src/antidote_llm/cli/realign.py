@@ -20,9 +20,9 @@ from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.settings import EvalSettings
-from antidote_llm.evaluation.tasks import TASKS, load_task_pairs
+from antidote_llm.evaluation.tasks import TASKS
 from antidote_llm.frontier import DEFAULT_RATIOS, FrontierConfig
-from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk
+from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk, user_rows
 from antidote_llm.runtime.hub import check_push
 
 DATA_FIELDS = ("source", "prompt_field", "response_field", "input_field", "samples", "skip")
@@ -67,11 +67,7 @@ def contrast_rows(args: argparse.Namespace) -> PairSet | None:
     """The user's own rows: --task's training rows when --task is given, else prompt/response rows."""
     if not args.contrast_data:
         return None
-    if args.task is None:
-        return DataSpec(source=args.contrast_data, samples=args.contrast_samples, skip=args.contrast_skip).load("all")
-    rows = load_task_pairs(args.task, args.contrast_data, "train", limit=args.contrast_samples, skip=args.contrast_skip)
-    return PairSet(pairs=tuple(rows), source=args.contrast_data,
-                   indices=tuple(range(args.contrast_skip, args.contrast_skip + len(rows))))
+    return user_rows(args.task, args.contrast_data, args.contrast_samples, args.contrast_skip)
 
 
 def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:

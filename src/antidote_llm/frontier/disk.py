@@ -60,6 +60,15 @@ class ProbeSpec:
                           template=template)
 
 
+def user_rows(task: str | None, source: str, samples: int | None = None, skip: int = 0) -> PairSet:
+    """The user's own fine-tuning rows (what --score refusal weighs against): `task`'s training rows when a task is
+    named, else prompt/response rows."""
+    if task is None:
+        return DataSpec(source=source, samples=samples, skip=skip).load("all")
+    rows = load_task_pairs(task, source, "train", limit=samples, skip=skip)
+    return PairSet(pairs=tuple(rows), source=source, indices=tuple(range(skip, skip + len(rows))))
+
+
 class FrontierReport(RunRecord):
     """report.json of a frontier run: the selection at every ratio, every evaluated point, the choice."""
 
