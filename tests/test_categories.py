@@ -152,7 +152,7 @@ def test_the_lab_tables_and_plot_show_every_rows_harm_per_category(tmp_path):
             _lab_row("antidote", "antidote", {"fraud": _rate(1, 10), "weapons": _rate(3, 10)})]
     markdown = category_markdown(rows, [])
     assert "### Harmful score by prompt category" in markdown
-    assert "| fine-tuned | antidote |  | 10.0 [1.8-40.4] (1/10) | 30.0 [10.8-60.3] (3/10) |" in markdown
+    assert "| fine-tuned | antidote |  | 10.0 [1.8, 40.4] (1/10) | 30.0 [10.8, 60.3] (3/10) |" in markdown
     files = write_results(rows, tmp_path, [], {})
     table = list(csv.DictReader(io.StringIO(files["csv"].read_text())))
     assert table[1]["harmful_score[weapons]"] == "30.0" and table[1]["harmful_count[weapons]"] == "3"

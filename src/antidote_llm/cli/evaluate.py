@@ -135,6 +135,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise AntidoteError(f"--limit must be positive, got {args.limit}")
     if args.no_harmful and args.task is None:
         raise AntidoteError("nothing to evaluate: --no-harmful needs --task")
+    if args.no_harmful and args.category_field:
+        raise AntidoteError("--category-field names a field of the harmful prompts, which --no-harmful skips; drop one")
     if args.task is not None:
         get_task(args.task)
     if args.backend == "vllm":

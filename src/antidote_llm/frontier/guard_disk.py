@@ -108,7 +108,7 @@ def guard_card(result: GuardResult, config: RealignConfig, guard: GuardConfig, s
         title="Antidote-repaired model" if result.verdict == "repaired" else "Antidote guard's best candidate (rejected)",
         summary=(f"`antidote guard` searched the pruning ratio: the least pruning that brings the upper end of the "
                  f"probe harmful score's 95% interval within {result.max_harmful:g}%, with an accuracy drop whose upper "
-                 f"bound stays within {result.max_accuracy_drop:g} points; it chose ratio {result.ratio:g}."),
+                 f"bound stays within {result.max_accuracy_drop:g} points. This model is pruned at ratio {result.ratio:g}."),
         base_model=source.model, base_adapters=list(source.adapters), verdict=result.verdict, reason=result.reason,
         results=[row("fine-tuned (before)", result.fine_tuned),
                  *([row(f"at ratio {result.ratio:g} (after, {after})", candidate)] if candidate else [])],

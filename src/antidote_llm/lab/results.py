@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from antidote_llm.evaluation.metrics import Rate
 from antidote_llm.lab.config import sweep_base_value
 from antidote_llm.runtime.outputs import write_json
 from antidote_llm.runtime.plotting import DPI, category_bars, save_figure, tradeoff_axes
@@ -149,10 +150,7 @@ def category_markdown(rows: list[dict], sweep: Sequence[str]) -> str:
     for row in rows:
         rates = row.get("harmful_by_category") or {}
         cells = [_fmt(row.get(key)) for key in (*sweep, "stage", "defense", "setting")]
-        for name in categories:
-            rate = rates.get(name)
-            cells.append(f"{rate['value']:.1f} [{rate['low']:.1f}-{rate['high']:.1f}] ({rate['count']}/{rate['of']})"
-                         if rate else "")
+        cells += [Rate.model_validate(rates[name]).counted() if name in rates else "" for name in categories]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
