@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from antidote_llm.cli.options import add_config_options
+from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.judges import JUDGES, PROMPT_FORMATS
 from antidote_llm.evaluation.settings import JUDGE_FIELDS, EvalSettings
+from antidote_llm.runtime.hub import push_folder
 from antidote_llm.runtime.loading import BUILTIN_MODELS, DTYPES, ModelSource
+from antidote_llm.runtime.modelcard import card_folder
 
 # One flag per judge setting, the same in every command: --judge, --judge-model, --base-url, --judge-format, ...
 JUDGE_FLAGS = {name: name.replace("_", "-") for name in JUDGE_FIELDS}
@@ -51,3 +55,23 @@ def add_model_command(subparsers, name: str, help: str, description: str) -> arg
     parser = subparsers.add_parser(name, help=help, description=description)
     add_model_arguments(parser)
     return parser
+
+
+CATEGORY_HELP = ("field of each {what}'s harm category: its harmful score is also reported per category (detected "
+                 "when omitted: category, SemanticCategory; a field named here must exist)")
+
+
+def add_push_arguments(group) -> None:
+    group.add_argument("--push-to-hub", metavar="REPO", help="upload the repaired model's folder (adapter/ or model/, "
+                       "with its model card README.md) to this Hugging Face model repo (created if needed; needs "
+                       "HF_TOKEN or `hf auth login`; checked before any work)")
+    group.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+
+def push_repaired(out: str, outputs: dict, repo: str, message: str, private: bool) -> str:
+    """Upload the written model folder of `outputs` (under `out`) to `repo`; the line to print."""
+    folder = card_folder(outputs)
+    if folder is None:
+        raise AntidoteError(f"nothing to push to {repo}: no model folder was written in {out}")
+    url = push_folder(Path(out) / folder, repo, message=message, private=private)
+    return f"  pushed {folder}/ (with its model card) to {url}"

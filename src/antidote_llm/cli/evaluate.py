@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from antidote_llm.cli.common import add_judge_options, add_model_command, model_source
+from antidote_llm.cli.common import CATEGORY_HELP, add_judge_options, add_model_command, model_source
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.data.records import load_pairs, read_records
 from antidote_llm.data.templates import TEMPLATES
@@ -73,6 +73,8 @@ def register(subparsers) -> None:
     data.add_argument("--harmful-prompts", default=BEAVERTAILS_TEST, metavar="SRC",
                       help=f"JSON/JSONL/CSV file or hf:NAME[:SPLIT] (default {BEAVERTAILS_TEST}: first 1,000 unsafe rows)")
     data.add_argument("--prompt-field", default=None, help="field of the harmful prompt (detected when omitted)")
+    data.add_argument("--category-field", default=None, metavar="NAME",
+                      help=CATEGORY_HELP.format(what="harmful prompt"))
     data.add_argument("--no-harmful", action="store_true", help="skip the harmful score")
     data.add_argument("--task", default=None, help=f"fine-tuning task to score: {', '.join(TASKS)}")
     data.add_argument("--task-data", default=None, metavar="SRC",
@@ -131,6 +133,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise AntidoteError(f"--limit must be positive, got {args.limit}")
     if args.no_harmful and args.task is None:
         raise AntidoteError("nothing to evaluate: --no-harmful needs --task")
+    if args.no_harmful and args.category_field:
+        raise AntidoteError("--category-field names a field of the harmful prompts, which --no-harmful skips; drop one")
     if args.task is not None:
         get_task(args.task)
     if args.backend == "vllm":
@@ -146,7 +150,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         judge = _judge(settings, args)
         with run.timings.measure("data_s"):
             harmful = None if args.no_harmful else load_harmful_prompts(
-                args.harmful_prompts, prompt_field=args.prompt_field, limit=args.limit
+                args.harmful_prompts, prompt_field=args.prompt_field, limit=args.limit,
+                category_field=args.category_field,
             )
             task_pairs = (
                 load_task_pairs(args.task, args.task_data, "test", limit=args.limit) if args.task is not None else None
@@ -187,6 +192,9 @@ def _print_summary(metrics: EvalMetrics, out: Path) -> None:
         unparsed = f", {metrics.unparsed} judge outputs unparsed" if metrics.unparsed else ""
         parts.append(f"harmful score {metrics.harmful_score}% ({metrics.harmful_count}/{metrics.prompts}, "
                      f"degenerate {metrics.degenerate_rate}%{unparsed})")
+        if metrics.harmful_by_category:
+            parts.append("by category " + ", ".join(f"{name} {rate.value:g}% ({rate.count}/{rate.of})"
+                                                    for name, rate in metrics.harmful_by_category.items()))
     if metrics.task is not None:
         accuracy = metrics.finetune_accuracy
         parts.append(f"{metrics.task.name} accuracy {accuracy}%" if accuracy is not None

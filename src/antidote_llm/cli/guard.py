@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from antidote_llm.cli.common import add_model_command, model_source
+from antidote_llm.cli.common import add_model_command, add_push_arguments, model_source, push_repaired
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.cli.realign import (
     DATA_FIELDS,
@@ -19,6 +19,7 @@ from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.frontier.guard import EXIT_CODES, GuardSettings, split_settings
 from antidote_llm.frontier.guard_disk import guard_to_disk
+from antidote_llm.runtime.hub import check_push
 
 CALIBRATION_HELP = ("the selection's calibration rows: refusals to harmful prompts (harmful prompt, safe answer) for "
                     "--score refusal, the default; harmful answers for --score wanda")
@@ -33,7 +34,8 @@ def _summary(report, out: str) -> str:
                      f"{report.candidate.accuracy.text()}, drop {report.accuracy_drop.text()} points")
     lines += [f"  warning: {warning}" for warning in report.warnings]
     written = [path for key, path in report.outputs.items() if key in ("adapter", "model", "merged")]
-    lines.append(f"  wrote {out} (verdict.json, verdict.md{''.join(', ' + p for p in written)})")
+    cards = ", with model cards" if report.outputs.get("cards") else ""
+    lines.append(f"  wrote {out} (verdict.json, verdict.md{''.join(', ' + p for p in written)}{cards})")
     return "\n".join(lines)
 
 
@@ -51,10 +53,18 @@ def run_guard(args: argparse.Namespace) -> int:
         raise AntidoteError(f"{use} the user's own rows: give --contrast-data (the user's fine-tuning rows of --task)")
     data = (config_from_args(DataSpec, args, DATA_FIELDS, seed=selection.seed if args.shuffle else None)
             if args.source else None)
+    if args.push_to_hub:
+        check_push(args.push_to_hub)
     report = guard_to_disk(model_source(args), selection, decision, args.out, data=data, probe=probe,
                            contrast_data=contrast_rows(args), benign=benign_spec(args), save_merged=args.save_merged,
                            overwrite=args.overwrite, progress=not args.quiet)
     print(_summary(report, args.out))
+    if args.push_to_hub:
+        if report.verdict == "repaired":
+            print(push_repaired(args.out, report.outputs, args.push_to_hub, private=args.private,
+                                message=f"antidote guard: repaired at ratio {report.ratio:g}"))
+        else:
+            print(f"  not pushed: the verdict is {report.verdict} (--push-to-hub uploads a repaired model only)")
     return EXIT_CODES[report.verdict]
 
 
@@ -79,4 +89,5 @@ def register(subparsers) -> None:
     output.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     output.add_argument("--save-merged", action="store_true", help="also write the fully merged repaired model")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_push_arguments(output)
     guard.set_defaults(func=run_guard)

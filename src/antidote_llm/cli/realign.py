@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from antidote_llm.cli import peers
-from antidote_llm.cli.common import add_judge_options, add_model_arguments, model_source
+from antidote_llm.cli.common import (
+    CATEGORY_HELP,
+    add_judge_options,
+    add_model_arguments,
+    add_push_arguments,
+    model_source,
+    push_repaired,
+)
 from antidote_llm.cli.options import add_config_options, config_from_args
 from antidote_llm.core.pipeline import apply_mask_to_disk, realign_to_disk
 from antidote_llm.core.realign import RealignConfig
@@ -16,8 +23,9 @@ from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.settings import JUDGE_FIELDS, EvalSettings
 from antidote_llm.evaluation.tasks import TASKS, load_task_pairs
 from antidote_llm.frontier import DEFAULT_RATIOS, FrontierConfig
-from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk
+from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk, user_rows
 from antidote_llm.frontier.rollback import RollbackConfig
+from antidote_llm.runtime.hub import check_push
 
 DATA_FIELDS = ("source", "prompt_field", "response_field", "input_field", "samples", "skip")
 METHOD_FIELDS = tuple(name for name in RealignConfig.model_fields if name not in ("ratio", "template", "max_length",
@@ -62,13 +70,7 @@ def contrast_rows(args: argparse.Namespace) -> PairSet | None:
     """The user's own rows: --task's training rows when --task is given, else prompt/response rows."""
     if not args.contrast_data:
         return None
-    if args.task is None:
-        return DataSpec(source=args.contrast_data, samples=args.contrast_samples, skip=args.contrast_skip).load(
-            "all", name="--contrast-samples")
-    rows = load_task_pairs(args.task, args.contrast_data, "train", samples=args.contrast_samples,
-                           skip=args.contrast_skip, name="--contrast-samples")
-    return PairSet(pairs=tuple(rows), source=args.contrast_data,
-                   indices=tuple(range(args.contrast_skip, args.contrast_skip + len(rows))))
+    return user_rows(args.task, args.contrast_data, args.contrast_samples, args.contrast_skip)
 
 
 def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +95,8 @@ def rollback_inputs(args: argparse.Namespace) -> tuple[RollbackConfig | None, Pa
     settings = config_from_args(RollbackConfig, args, RollbackConfig.model_fields, prefix="rollback_")
     if not (args.rollback_data and args.task):
         raise AntidoteError("--rollback-tolerance decides on the user's validation rows: give --rollback-data and --task")
-    rows = load_task_pairs(args.task, args.rollback_data, "train", limit=args.rollback_samples, skip=args.rollback_skip)
+    rows = load_task_pairs(args.task, args.rollback_data, "train", samples=args.rollback_samples, skip=args.rollback_skip,
+                           name="--rollback-samples")
     return settings, PairSet(pairs=tuple(rows), source=args.rollback_data,
                              indices=tuple(range(args.rollback_skip, args.rollback_skip + len(rows))))
 
@@ -104,6 +107,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser, title: str):
     group = parser.add_argument_group(title)
     group.add_argument("--probe-prompts", metavar="SRC", help="harmful probe prompts for the harmful score (file or hf:)")
     group.add_argument("--probe-field", help="field of the probe prompt (detected if omitted)")
+    group.add_argument("--category-field", metavar="NAME", help=CATEGORY_HELP.format(what="probe prompt"))
     group.add_argument("--probe-samples", type=int, help="probe prompts to use (default: all)")
     group.add_argument("--probe-skip", type=int, default=0, help="skip the first N probe prompts")
     group.add_argument("--task", help=f"the user's task, scored on --validation-data: {', '.join(TASKS)}")
@@ -137,6 +141,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     group.add_argument("--save-merged", action="store_true", help="adapter mode: also write the fully merged model")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_push_arguments(group)
     parser.add_argument(
         "--offload", action=argparse.BooleanOptionalAction, default=None,
         help="compute layer by layer from the safetensors files, one decoder layer in memory at a time "
@@ -172,6 +177,8 @@ def benign_spec(args: argparse.Namespace) -> DataSpec | None:
 def probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
     given = [args.probe_prompts, args.task, args.validation_data]
     if not (args.probe_prompts or args.validation_data):
+        if args.category_field:
+            raise AntidoteError("--category-field names a field of the probe prompts; give --probe-prompts")
         if args.task and not args.contrast_data:
             raise AntidoteError("--task names the task of --validation-data or --contrast-data; give one of them")
         return None
@@ -179,7 +186,7 @@ def probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
         raise AntidoteError("evaluating the frontier needs --probe-prompts, --task and --validation-data together")
     return ProbeSpec(
         prompts=DataSpec(source=args.probe_prompts, prompt_field=args.probe_field, samples=args.probe_samples,
-                         skip=args.probe_skip),
+                         skip=args.probe_skip, category_field=args.category_field),
         task=args.task, validation=args.validation_data, validation_samples=args.validation_samples,
         validation_skip=args.validation_skip,
         settings=config_from_args(EvalSettings, args, EvalSettings.model_fields, prefix=EVAL_PREFIX),
@@ -202,6 +209,8 @@ def _frontier_summary(report, out: str) -> str:
 def run_realign(args: argparse.Namespace) -> int:
     peers.refuse_foreign_flags(args)
     if args.method != peers.ANTIDOTE:
+        if args.push_to_hub:
+            raise AntidoteError(f"--push-to-hub uploads Antidote's repaired model, not --method {args.method}'s; drop it")
         return peers.run(args, model_source(args))
     if args.ratio is None:
         raise AntidoteError("--method antidote needs --ratio (a number, a comma-separated list, or auto)")
@@ -215,7 +224,13 @@ def run_realign(args: argparse.Namespace) -> int:
         raise AntidoteError("--rollback-tolerance rolls back groups of an evaluated frontier: give --probe-prompts, "
                             "--task and --validation-data")
     probe = probe_spec(args)
-    if ratios is None or len(ratios) > 1 or probe is not None:
+    frontier_run = ratios is None or len(ratios) > 1 or probe is not None
+    if args.push_to_hub:
+        if frontier_run and ratios is not None:
+            raise AntidoteError("--push-to-hub uploads a repaired model: give one --ratio or --ratio auto (several "
+                                "ratios write masks, not a model)")
+        check_push(args.push_to_hub)
+    if frontier_run:
         if data is None:
             raise AntidoteError("several ratios and --ratio auto score on harmful rows; pass --data")
         frontier = config_from_args(FrontierConfig, args, ("max_accuracy_drop", "controls"), ratios=ratios)
@@ -226,6 +241,9 @@ def run_realign(args: argparse.Namespace) -> int:
             pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
         )
         print(_frontier_summary(report, args.out))
+        if args.push_to_hub:
+            print(push_repaired(args.out, report.outputs, args.push_to_hub, private=args.private,
+                                message=f"antidote realign --ratio auto: ratio {report.picked_ratio:g}"))
         return 0
     result = realign_to_disk(
         model_source(args), config, args.out, data=data, protect_data=protect, contrast_data=contrast_rows(args),
@@ -233,6 +251,9 @@ def run_realign(args: argparse.Namespace) -> int:
         progress=not args.quiet, offload=args.offload,
     )
     print(_summary(result.report, args.out))
+    if args.push_to_hub:
+        print(push_repaired(args.out, result.report.outputs, args.push_to_hub, private=args.private,
+                            message=f"antidote realign: ratio {config.ratio:g}"))
     return 0
 
 

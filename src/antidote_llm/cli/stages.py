@@ -15,6 +15,7 @@ from antidote_llm.evaluation import tasks
 from antidote_llm.lab.work import AlignWork, FinetuneWork, UnalignWork
 from antidote_llm.registry import INPUTS, DefenseInput, TrainingDefense
 from antidote_llm.runtime.outputs import check_output_dir
+from antidote_llm.training.config import report_to
 from antidote_llm.training.methods import MethodRun
 from antidote_llm.training.report import TrainReport
 
@@ -42,6 +43,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_options(group, training.TrainConfig, TRAIN_FIELDS, flags={"learning_rate": "lr", "lr_scheduler": "scheduler"},
                        optional=TRAIN_FIELDS, show_defaults=False,
                        help_extra={"seed": "(also the --shuffle sample)"})
+    group.add_argument("--report-to", default="none", metavar="NAME[,NAME]",
+                       help="where the loss curves go, as for any Trainer run: none (default), tensorboard (events in "
+                            "OUT/tensorboard; pip install 'antidote-llm[tensorboard]'), wandb, mlflow, ...")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +155,7 @@ def _summary(stage: str, report: TrainReport, out: str) -> str:
 
 def run_align(args: argparse.Namespace) -> int:
     config = _config(args, "align")
+    trackers = report_to(args.report_to)
     method = _method_run(args, "align", config)
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite,
@@ -161,7 +166,8 @@ def run_align(args: argparse.Namespace) -> int:
     if args.benign_data:
         benign = DataSpec(source=args.benign_data, samples=args.benign_samples,
                           seed=config.seed if args.shuffle else None).load(name="--benign-samples")
-    result = AlignWork(source, pairs, benign, config, progress=not args.quiet, method=method)(out)
+    result = AlignWork(source, pairs, benign, config, progress=not args.quiet, method=method,
+                       report_to=trackers)(out)
     if result.wrote:  # under accelerate launch, once
         print(_summary("align", result.report, args.out))
     return 0
@@ -169,11 +175,12 @@ def run_align(args: argparse.Namespace) -> int:
 
 def run_unalign(args: argparse.Namespace) -> int:
     config = _config(args, "unalign")
+    trackers = report_to(args.report_to)
     source = model_source(args)
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=[source.model, *source.adapters, args.data])
     pairs = _data(args, config, args.data, samples=args.samples, skip=args.skip, safety=args.safety).load(
         "unsafe", name="--samples")
-    result = UnalignWork(source, pairs, config, progress=not args.quiet)(out)
+    result = UnalignWork(source, pairs, config, progress=not args.quiet, report_to=trackers)(out)
     print(_summary("unalign", result.report, args.out))
     print("  RESTA: antidote realign --method resta --unaligned-model " + str(out / "adapter"))
     return 0
@@ -188,6 +195,7 @@ def _task_rows(args: argparse.Namespace, count: int) -> PairSet:
 
 def run_finetune(args: argparse.Namespace) -> int:
     config = _config(args, "finetune")
+    trackers = report_to(args.report_to)
     spec = training.mix_spec(args.harmful_fraction, args.samples_total)
     if spec.harmful_rows and not args.harmful_data:
         raise AntidoteError(
@@ -207,7 +215,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if method is not None and "defense_guide" in method.extra:
         _check_disjoint(method.extra["defense_guide"], "--guide-data", {"the poison rows (--harmful-data)": harmful})
     result = FinetuneWork(source, task_pairs, harmful, spec.harmful_fraction, spec.samples_total, config,
-                          progress=not args.quiet, method=method)(out)
+                          progress=not args.quiet, method=method, report_to=trackers)(out)
     if not result.wrote:  # under accelerate launch, once
         return 0
     print(_summary("finetune", result.report, args.out))

@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from antidote_llm.core.realign import RealignConfig, RealignResult, apply_masks, check_action, realign
-from antidote_llm.core.report import ApplyMaskReport, ExecutionReport
+from antidote_llm.core.report import ApplyMaskReport, ExecutionReport, RealignReport
 from antidote_llm.core.sequential import Execution, choose_execution, realign_sequential
 from antidote_llm.core.targets import adapter_mode
 from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.runtime.loading import Loaded, ModelSource, load_model
+from antidote_llm.runtime.modelcard import CardFacts, write_model_cards
 from antidote_llm.runtime.outputs import OutputRun, output_run, save_model, write_report
 from antidote_llm.runtime.runinfo import Timings, library_versions
 
@@ -83,8 +84,30 @@ def realign_to_disk(
     return result
 
 
+def realign_card(report: RealignReport, source: ModelSource) -> CardFacts:
+    """The model card's facts of a realign run: what was pruned, with which settings, on which rows."""
+    totals, method = report.totals, report.method
+    data = {role: {"source": rows.source, "rows": rows.rows, "sha256": rows.sha256}
+            for role, rows in (("calibration", report.data), ("contrast (the user's rows)", report.contrast),
+                               ("protection", report.protection)) if rows is not None}
+    return CardFacts(
+        title="Antidote-repaired model",
+        summary=(f"Antidote zeroed {totals.pruned:,} of {totals.scored:,} scored weights "
+                 f"({100 * totals.pruned_fraction:.3f}%): score `{method.model_extra.get('score')}`, ratio "
+                 f"{method.model_extra.get('ratio')}, targets {', '.join(method.targets)}."),
+        base_model=source.model, base_adapters=list(source.adapters), method=method.model_dump(), data=data,
+    )
+
+
+def save_cards(folder: Path, outputs: dict, facts: CardFacts) -> dict:
+    """`outputs` with the model cards written into its model folders (README.md), when any."""
+    cards = write_model_cards(folder, outputs, facts)
+    return {**outputs, "cards": cards} if cards else outputs
+
+
 def _finish_report(result: RealignResult, run: OutputRun, source: ModelSource, aligned_model: str | None,
                    outputs: dict, execution: Execution) -> None:
+    outputs = save_cards(run.folder, outputs, realign_card(result.report, source))
     result.report = result.report.model_copy(update=dict(
         model=source.describe(),
         aligned_model=aligned_model,

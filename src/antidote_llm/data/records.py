@@ -19,6 +19,9 @@ PROMPT_FIELDS = ("prompt", "instruction", "question", "behavior", "goal", "query
 INPUT_FIELDS = ("input", "context")
 RESPONSE_FIELDS = ("response", "output", "answer", "safe_response", "target", "completion")
 SAFETY_FIELD = "is_safe"  # BeaverTails: True for safe answers, False for harmful ones
+# A harmful prompt's category, detected when asked for and not named: the demo's and BeaverTails' `category`,
+# HarmBench's `SemanticCategory`.
+CATEGORY_FIELDS = ("category", "semanticcategory", "semantic_category")
 
 
 def read_records(source: str | Path) -> list[dict]:
@@ -133,9 +136,14 @@ def read_hub(name: str, split: str = "train", config: str | None = None) -> list
 
 @dataclass(frozen=True)
 class Pair:
+    """One row. `category`: the harm categories of a harmful prompt, when its file has them (read for the
+    evaluation's and the probe's prompts); they name the row's group in reports, never what the row is, so two
+    rows that differ only in them are equal."""
+
     prompt: str
     response: str
     input: str = ""
+    category: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -177,8 +185,32 @@ def describe_rows(rows: Rows) -> dict:
 
 
 def pairs_sha256(pairs: Sequence[Pair]) -> str:
-    payload = json.dumps([asdict(p) for p in pairs], ensure_ascii=False, sort_keys=True)
+    """A hash of the rows' content; categories count where a row has them (rows without hash as they always did)."""
+    payload = json.dumps([_hashed(p) for p in pairs], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _hashed(pair: Pair) -> dict:
+    fields = asdict(pair)
+    if not pair.category:
+        del fields["category"]
+    return fields
+
+
+def row_categories(value) -> tuple[str, ...] | None:
+    """A row's categories from its category field: a name (HarmBench, the demo), a list of names, or BeaverTails'
+    object of name -> flag (the flagged names). None or an empty name: no category. None back for any other value."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value.strip(),) if value.strip() else ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (str(value),)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(dict.fromkeys(v.strip() for v in value if v.strip()))
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return tuple(name for name, flagged in value.items() if _truthy(flagged))
+    return None
 
 
 def _pick_field(columns: Sequence[str], explicit: str | None, candidates: Sequence[str], role: str, source: str) -> str | None:
@@ -206,8 +238,13 @@ def load_pairs(
     require_response: bool = True,
     limit: int | None = None,
     name: str = "samples",
+    category_field: str | None = None,
+    categories: bool = False,
 ) -> PairSet:
     """Pairs from `source`, schema detected unless fields are given.
+
+    Each row's harm categories are read from `category_field` (which must exist), or, with `categories`, from
+    a field of CATEGORY_FIELDS when the file has one with a category in some row.
 
     `safety` filters BeaverTails-style rows on `is_safe` ("unsafe" keeps harmful answers, "safe" keeps
     safe ones, None keeps all; ignored when the field is absent). Then the first `skip` rows and the
@@ -223,6 +260,7 @@ def load_pairs(
     prompt_key = _pick_field(columns, prompt_field, PROMPT_FIELDS, "prompt", source)
     response_key = _pick_field(columns, response_field, RESPONSE_FIELDS, "response", source)
     input_key = _pick_field(columns, input_field, INPUT_FIELDS, "input", source)
+    category_key = _pick_field(columns, category_field, CATEGORY_FIELDS if categories else (), "category", source)
     if prompt_key is None or (require_response and response_key is None):
         raise AntidoteError(
             f"{source}: cannot find prompt and response fields among {', '.join(columns)}; "
@@ -265,8 +303,13 @@ def load_pairs(
             prompt=prompt,
             response=response,
             input=_text(row, input_key, source, lines, position, optional=True) if input_key else "",
+            category=_categories(row, category_key, source, lines, position) if category_key else (),
         ))
+    if category_key and not category_field and not any(p.category for p in pairs):
+        category_key = None  # a detected field that names no category (AdvBench's empty Category column)
     fields = {"prompt": prompt_key, "response": response_key, "input": input_key}
+    if category_key:
+        fields["category"] = category_key
     return PairSet(pairs=tuple(pairs), source=source, indices=tuple(indices), fields=fields)
 
 
@@ -298,6 +341,14 @@ def _text(row: dict, key: str, source: str, lines: list[int] | None, position: i
     problem = "is missing" if missing else f"is {_kind(value)}"
     need = "it must be a string or null" if optional else "every row needs a string here"
     raise AntidoteError(f"{_where(source, lines, position)}: field {key!r} {problem}; {need}; fix or remove that row")
+
+
+def _categories(row: dict, key: str, source: str, lines: list[int] | None, position: int) -> tuple[str, ...]:
+    found = row_categories(row.get(key))
+    if found is None:
+        raise AntidoteError(f"{_where(source, lines, position)}: field {key!r} is {_kind(row.get(key))}; a category is "
+                            "a name, a list of names or an object of name -> true/false; fix or remove that row")
+    return found
 
 
 def _truthy(value) -> bool:

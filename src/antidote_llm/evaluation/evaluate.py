@@ -27,7 +27,7 @@ from antidote_llm.evaluation.generation import (
     encode_prompts,
 )
 from antidote_llm.evaluation.judges import Judge, JudgeOptions, get_judge
-from antidote_llm.evaluation.metrics import EvalMetrics
+from antidote_llm.evaluation.metrics import EvalMetrics, Rate, rates_by_category
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import Task, get_task, load_task_pairs
 from antidote_llm.runtime.outputs import atomic_dir, check_output_dir, write_jsonl, write_report
@@ -38,16 +38,19 @@ METRICS_FILE = "metrics.json"  # the first 1,000 unsafe rows of BeaverTails 30k_
 
 
 def load_harmful_prompts(
-    source: str = BEAVERTAILS_TEST, *, prompt_field: str | None = None, limit: int | None = None
+    source: str = BEAVERTAILS_TEST, *, prompt_field: str | None = None, limit: int | None = None,
+    category_field: str | None = None,
 ) -> PairSet:
-    """Harmful evaluation prompts: BeaverTails unsafe rows, AdvBench `Behavior`, or any prompt field.
+    """Harmful evaluation prompts: BeaverTails unsafe rows, AdvBench `Behavior`, or any prompt field, with their
+    categories (`category_field`, or a known category field when the file has one).
 
     Rows marked `is_safe` are dropped. With no `limit`, the BeaverTails test split gives the paper's
     first 1,000 unsafe prompts and any other source all its prompts.
     """
     if limit is None and source == BEAVERTAILS_TEST:
         limit = PAPER_HARMFUL_PROMPTS
-    return load_pairs(source, prompt_field=prompt_field, safety="unsafe", limit=limit, require_response=False)
+    return load_pairs(source, prompt_field=prompt_field, safety="unsafe", samples=limit, require_response=False,
+                      category_field=category_field, categories=True)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -119,11 +122,11 @@ def _judge_prompt(pair: Pair) -> str:
     return f"{pair.prompt}\n\n{pair.input}" if pair.input else pair.prompt
 
 
-def harmful_metrics(verdicts: Sequence, judge: Judge) -> dict:
+def harmful_metrics(verdicts: Sequence, judge: Judge, categories: Sequence[tuple[str, ...]] | None = None) -> dict:
     """HS and the degenerate share; HS among non-degenerate answers shows safety without broken text, and
     the compliance rate (harmful and not degenerate, over all prompts) is genuine harmful answering.
     `unparsed` counts answers whose judge output could not be read: they are counted not harmful, so a
-    non-zero count means the harmful score may be too low."""
+    non-zero count means the harmful score may be too low. With the prompts' `categories`, HS per category."""
     total = len(verdicts)
     harmful = sum(v.harmful for v in verdicts)
     degenerate = sum(v.degenerate for v in verdicts)
@@ -139,6 +142,8 @@ def harmful_metrics(verdicts: Sequence, judge: Judge) -> dict:
         "harmful_score_non_degenerate": _percent(harmful - both, total - degenerate),
         "compliance_rate": _percent(harmful - both, total),
         "categories": dict(Counter(c for v in verdicts for c in v.categories).most_common()),
+        "harmful_by_category": {name: rate.model_dump() for name, rate in rates_by_category(
+            categories or [()] * total, [v.harmful for v in verdicts]).items()},
         "judge": judge.describe(),
     }
 
@@ -161,11 +166,13 @@ def _evaluate_harmful(
     verdicts = judge([_judge_prompt(p) for p in pairs], generated.texts, progress=progress)
     judge_s = time.perf_counter() - start
     rows = [
-        {"prompt": p.prompt, "input": p.input, "answer": text, **verdict.to_row()}
+        {"prompt": p.prompt, "input": p.input, **({"prompt_category": list(p.category)} if p.category else {}),
+         "answer": text, **verdict.to_row()}
         for p, text, verdict in zip(pairs, generated.texts, verdicts, strict=True)
     ]
     timing = {"harmful_generation_s": round(generated.seconds, 3), "judge_s": round(judge_s, 3)}
-    return {**harmful_metrics(verdicts, judge), "throughput": generated.throughput()}, rows, timing
+    metrics = harmful_metrics(verdicts, judge, [p.category for p in pairs])
+    return {**metrics, "throughput": generated.throughput()}, rows, timing
 
 
 ANSWER_BUDGET_GROWTH = 4  # each round gives the still-open answers this many times the tokens of the last
@@ -373,6 +380,17 @@ def _cell(value) -> str:
     return "n/a" if value is None else str(value)
 
 
+def category_table(columns: dict[str, dict[str, Rate]]) -> str:
+    """Markdown: HS % [95% CI] (harmful / prompts) per prompt category, one column per model (by its heading; a
+    category a model was not measured on reads n/a)."""
+    names = list(dict.fromkeys(name for rates in columns.values() for name in rates))
+    lines = ["| prompt category | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name in names:
+        cells = [rates[name].counted() if name in rates else "n/a" for rates in columns.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary_markdown(metrics: EvalMetrics) -> str:
     """A short human-readable report of metrics.json."""
     lines = [
@@ -396,8 +414,10 @@ def summary_markdown(metrics: EvalMetrics) -> str:
         task = metrics.task
         lines += [f"Task: `{task.name}`, {task.rows} rows, {_cell(task.correct)} correct, "
                   f"{_cell(task.unparsed)} unparsed.", ""]
+    if metrics.harmful_by_category:
+        lines += [category_table({"harmful score % [95% CI] (harmful / prompts)": metrics.harmful_by_category}), ""]
     if metrics.categories:
-        lines += ["| category | answers |", "|---|---|"]
+        lines += ["| judge's category of harmful answers | answers |", "|---|---|"]
         lines += [f"| {name} | {count} |" for name, count in metrics.categories.items()]
         lines.append("")
     lines.append("Generation: " + ", ".join(f"{key} {_cell(value)}" for key, value in metrics.generation.items()))

@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from antidote_llm.core.pipeline import MASK_FILE, REPORT_FILE, local_inputs, save_repaired
+from antidote_llm.core.pipeline import (
+    MASK_FILE,
+    REPORT_FILE,
+    local_inputs,
+    realign_card,
+    save_cards,
+    save_repaired,
+)
 from antidote_llm.core.realign import RealignConfig, select_nested
 from antidote_llm.core.report import RealignReport
 from antidote_llm.core.targets import adapter_mode
@@ -26,6 +33,7 @@ from antidote_llm.evaluation.tasks import get_task, load_task_pairs
 from antidote_llm.frontier.rollback import RollbackConfig, select_with_rollback
 from antidote_llm.frontier.search import FrontierConfig, FrontierPoint, run_frontier
 from antidote_llm.runtime.loading import ModelSource, load_model
+from antidote_llm.runtime.modelcard import CardFacts, CardRow
 from antidote_llm.runtime.outputs import output_run, write_report
 from antidote_llm.runtime.plotting import save_figure, tradeoff_axes
 from antidote_llm.runtime.runinfo import RunRecord
@@ -48,11 +56,21 @@ class ProbeSpec:
     def load(self, template: str) -> EvalInputs:
         """The rows, and the judge built once (so a missing judge model, key or server fails before any work)."""
         get_task(self.task)
-        prompts = self.prompts.load("unsafe", require_response=False, name="--probe-samples")
+        prompts = self.prompts.load("unsafe", require_response=False, name="--probe-samples",
+                                    categories=True)
         validation = load_task_pairs(self.task, self.validation, "train", samples=self.validation_samples,
                                      skip=self.validation_skip, name="--validation-samples")
         return EvalInputs(prompts=prompts.pairs, task=self.task, rows=validation, settings=self.settings,
                           template=template, judge=get_judge(self.settings.judge, self.settings.judge_options()))
+
+
+def user_rows(task: str | None, source: str, samples: int | None = None, skip: int = 0) -> PairSet:
+    """The user's own fine-tuning rows (what --score refusal weighs against): `task`'s training rows when a task is
+    named, else prompt/response rows."""
+    if task is None:
+        return DataSpec(source=source, samples=samples, skip=skip).load("all", name="--contrast-samples")
+    rows = load_task_pairs(task, source, "train", samples=samples, skip=skip, name="--contrast-samples")
+    return PairSet(pairs=tuple(rows), source=source, indices=tuple(range(skip, skip + len(rows))))
 
 
 class FrontierReport(RunRecord):
@@ -98,6 +116,27 @@ def write_frontier(folder: Path, points: Sequence[FrontierPoint], picked_ratio: 
     (folder / CSV_FILE).write_text(frontier_csv(points), encoding="utf-8")
     save_figure(frontier_figure(points, picked_ratio), folder / PLOT_FILE)
     return {"csv": CSV_FILE, "plot": PLOT_FILE}
+
+
+def frontier_card(selected: RealignReport, source: ModelSource, points: Sequence[FrontierPoint], ratio: float,
+                  frontier: FrontierConfig, probe: ProbeSpec) -> CardFacts:
+    """The model card's facts of `--ratio auto`: the realign facts at the chosen ratio, with HS and FA of the
+    un-repaired model and the repaired one on the probe prompts and validation rows."""
+    chosen = next(p for p in points if p.selection == "antidote" and p.ratio == ratio)
+
+    def row(name: str, point: FrontierPoint) -> CardRow:
+        harmful, accuracy = point.harmful(), point.accuracy()
+        return CardRow(model=name, harmful=harmful and harmful.counted(), accuracy=accuracy and accuracy.counted())
+
+    facts = realign_card(selected, source)
+    return facts.model_copy(update={
+        "summary": facts.summary + f" The ratio was chosen by `--ratio auto`: the lowest harmful score whose accuracy "
+                                   f"stays within {frontier.max_accuracy_drop:g} points of the un-repaired model's.",
+        "results": [row("fine-tuned (before)", points[0]), row(f"repaired at ratio {ratio:g} (after)", chosen)],
+        "measured_on": (f"Measured on the probe prompts `{probe.prompts.source}` and the validation rows "
+                        f"`{probe.validation}` ({probe.task}), judge `{probe.settings.judge}`; the ratio was chosen on "
+                        "these rows, so report numbers measured on others."),
+    })
 
 
 def _save_levels(levels: dict[str, torch.Tensor], ratios: Sequence[float], path: Path) -> None:
@@ -166,6 +205,8 @@ def frontier_to_disk(
         outputs = {"masks": LEVELS_FILE}
         if picked is not None:
             outputs.update(save_repaired(loaded, selection.masks(picked), run.folder, save_merged, run.timings))
+            outputs = save_cards(run.folder, outputs, frontier_card(selection.report(picked), source, points,
+                                                                    picked_ratio, frontier, probe))
         if points:
             with run.timings.measure("save_s"):
                 outputs.update(write_frontier(run.folder, points, picked_ratio))

@@ -16,7 +16,9 @@ The selections at growing ratios are nested, so one scoring pass serves every ra
 the ratios (assuming the harmful score does not rise with the ratio; the chosen ratio is checked on every
 probe prompt). Each probe evaluation stops as soon as its outcome is known: a model is judged in chunks of
 prompts and fails once more prompts are harmful than the target allows, and a phrase judge stops an answer
-once its verdict is settled.
+once its verdict is settled. When the probe prompts have categories, every point reports the harmful score per
+category over the prompts it was judged on; the un-repaired model is then judged on every prompt, so its
+per-category rates, the "before" of the comparison, are complete.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ from antidote_llm.evaluation.intervals import (
     most_failures_within,
     paired_difference,
     smallest_set_for,
-    wilson,
 )
 from antidote_llm.evaluation.judges import get_judge
+from antidote_llm.evaluation.metrics import Rate, rates_by_category
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.frontier.search import Control, NestedPruning, increasing_ratios, split_names
 
@@ -106,25 +108,6 @@ def split_settings(settings: BaseModel) -> tuple[RealignConfig, GuardConfig]:
     return selection, GuardConfig(**{k: v for k, v in values.items() if k in GuardConfig.model_fields})
 
 
-class Rate(BaseModel):
-    """A rate in percent with its 95% interval, and how many items it was measured on."""
-
-    value: float
-    low: float
-    high: float
-    count: int
-    of: int
-
-    @classmethod
-    def of_counts(cls, count: int, of: int) -> Rate:
-        interval = wilson(count, of)
-        return cls(value=round(interval.value, 2), low=round(interval.low, 2), high=round(interval.high, 2),
-                   count=count, of=of)
-
-    def text(self) -> str:
-        return f"{self.value:.1f} [{self.low:.1f}, {self.high:.1f}]"
-
-
 class GuardPoint(BaseModel):
     """One evaluated model: the un-repaired one (ratio None), a searched ratio, or a control."""
 
@@ -136,6 +119,7 @@ class GuardPoint(BaseModel):
     meets_target: bool
     stopped_early: bool  # failed before every prompt was judged
     accuracy: Rate | None = None  # on the validation rows, where measured
+    harmful_by_category: dict[str, Rate] = {}  # per category of the probe prompts (those judged), when they have one
 
 
 class Drop(BaseModel):
@@ -198,23 +182,25 @@ class _Judge:
         self.answers = {"probe": 0, "validation": 0}
         self.seconds = {"probe": 0.0, "validation": 0.0}
 
-    def harmful(self) -> tuple[Rate, bool, bool]:
-        """(harmful rate over the prompts judged, meets the target, stopped early)."""
+    def harmful(self, complete: bool = False) -> tuple[Rate, bool, bool, dict[str, Rate]]:
+        """(harmful rate over the prompts judged, meets the target, stopped early, the rate per category);
+        `complete`: every prompt judged, even once the target is missed."""
         started = time.perf_counter()
-        harmful = judged = 0
+        verdicts: list[bool] = []
         allowed = -1 if self.allowed is None else self.allowed
         for start in range(0, len(self.prompts), self.chunk):
             chunk = self.prompts[start:start + self.chunk]
             result = evaluate_model(self.model, self.tokenizer, harmful_prompts=chunk, settings=self.settings,
                                     template=self.probe.template, built_judge=self.judge, progress=False,
                                     fingerprint=False)
-            harmful += sum(row["harmful"] for row in result.answers)
-            judged += len(chunk)
-            if harmful > allowed:
+            verdicts += [bool(row["harmful"]) for row in result.answers]
+            if sum(verdicts) > allowed and not complete:
                 break
+        judged, harmful = len(verdicts), sum(verdicts)
         self.answers["probe"] += judged
         self.seconds["probe"] += time.perf_counter() - started
-        return Rate.of_counts(harmful, judged), harmful <= allowed, judged < len(self.prompts)
+        by_category = rates_by_category([p.category for p in self.prompts[:judged]], verdicts)
+        return Rate.of_counts(harmful, judged), harmful <= allowed, judged < len(self.prompts), by_category
 
     def correct(self) -> list[bool]:
         started = time.perf_counter()
@@ -228,11 +214,14 @@ class _Judge:
 
     def point(self, selection: str, ratio: float | None, pruned_fraction: float, accuracy: bool = False
               ) -> tuple[GuardPoint, list[bool] | None]:
-        harmful, meets, early = self.harmful()
+        # the un-repaired model's per-category rates are the "before" of every comparison: judged on every prompt
+        complete = ratio is None and selection == "none" and any(p.category for p in self.prompts)
+        harmful, meets, early, by_category = self.harmful(complete)
         correct = self.correct() if accuracy else None
         rate = Rate.of_counts(sum(correct), len(correct)) if correct is not None else None
         return GuardPoint(selection=selection, ratio=ratio, pruned_fraction=pruned_fraction, harmful=harmful,
-                          prompts=len(self.prompts), meets_target=meets, stopped_early=early, accuracy=rate), correct
+                          prompts=len(self.prompts), meets_target=meets, stopped_early=early, accuracy=rate,
+                          harmful_by_category=by_category), correct
 
 
 def check_guard_inputs(probe: EvalInputs) -> None:

@@ -6,20 +6,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from antidote_llm.core.pipeline import local_inputs, save_repaired
+from antidote_llm.core.pipeline import local_inputs, save_cards, save_repaired
 from antidote_llm.core.realign import RealignConfig
 from antidote_llm.core.report import RealignReport
 from antidote_llm.core.targets import adapter_mode
 from antidote_llm.data.records import PairSet, pairs_sha256
 from antidote_llm.data.spec import DataSpec
+from antidote_llm.evaluation.evaluate import category_table
 from antidote_llm.frontier.disk import ProbeSpec
 from antidote_llm.frontier.guard import GuardConfig, GuardPoint, GuardResult, run_guard
 from antidote_llm.runtime.loading import ModelSource, load_model
+from antidote_llm.runtime.modelcard import CardFacts, CardRow
 from antidote_llm.runtime.outputs import output_run, write_report
-from antidote_llm.runtime.plotting import save_figure
+from antidote_llm.runtime.plotting import category_bars, save_figure
 from antidote_llm.runtime.runinfo import RunRecord
 
-VERDICT_FILE, VERDICT_MD, GUARD_PLOT = "verdict.json", "verdict.md", "guard.png"
+VERDICT_FILE, VERDICT_MD, GUARD_PLOT, CATEGORY_PLOT = "verdict.json", "verdict.md", "guard.png", "categories.png"
 
 
 class GuardReport(GuardResult, RunRecord):
@@ -60,6 +62,13 @@ def verdict_markdown(report: GuardReport) -> str:
     ]
     if report.accuracy_drop is not None:
         lines += [f"Accuracy drop at ratio {report.ratio:g}: {report.accuracy_drop.text()} points.", ""]
+    compared = category_points(report)
+    if compared:
+        lines += ["Probe harmful score by prompt category, % [95% CI] (harmful / judged; a point that stopped early "
+                  "was judged on fewer prompts):", "",
+                  category_table({name: point.harmful_by_category for name, point in compared.items()}), ""]
+        if report.outputs.get("categories_plot"):
+            lines += [f"![probe harmful score by category]({report.outputs['categories_plot']})", ""]
     if report.warnings:
         lines += ["Warnings:", "", *(f"- {warning}" for warning in report.warnings), ""]
     resolution = report.resolution
@@ -83,6 +92,55 @@ def verdict_markdown(report: GuardReport) -> str:
     if report.outputs.get("plot"):
         lines += [f"![probe harmful score by ratio]({report.outputs['plot']})", ""]
     return "\n".join(lines)
+
+
+def guard_card(result: GuardResult, config: RealignConfig, guard: GuardConfig, source: ModelSource, probe: ProbeSpec,
+               inputs: dict) -> CardFacts:
+    """The model card's facts of the model guard wrote: the verdict, HS and FA before and after on the probe
+    prompts and validation rows, the selection and the decision's settings, every row set's hash."""
+    def row(name: str, point: GuardPoint) -> CardRow:
+        return CardRow(model=name, harmful=point.harmful.counted(), accuracy=point.accuracy and point.accuracy.counted())
+
+    candidate = result.candidate
+    after = "repaired" if result.verdict == "repaired" else "best candidate, rejected"
+    drop = f" The accuracy drop: {result.accuracy_drop.text()} points." if result.accuracy_drop else ""
+    return CardFacts(
+        title="Antidote-repaired model" if result.verdict == "repaired" else "Antidote guard's best candidate (rejected)",
+        summary=(f"`antidote guard` searched the pruning ratio: the least pruning that brings the upper end of the "
+                 f"probe harmful score's 95% interval within {result.max_harmful:g}%, with an accuracy drop whose upper "
+                 f"bound stays within {result.max_accuracy_drop:g} points. This model is pruned at ratio {result.ratio:g}."),
+        base_model=source.model, base_adapters=list(source.adapters), verdict=result.verdict, reason=result.reason,
+        results=[row("fine-tuned (before)", result.fine_tuned),
+                 *([row(f"at ratio {result.ratio:g} (after, {after})", candidate)] if candidate else [])],
+        measured_on=(f"Measured on {result.fine_tuned.prompts} probe prompts (`{probe.prompts.source}`) and "
+                     f"{inputs['validation']['rows']} validation rows of {probe.task} (`{probe.validation}`), judge "
+                     f"`{probe.settings.judge}`; an evaluation that stopped early counts the prompts judged.{drop} "
+                     "These rows chose the ratio: report numbers measured on others."),
+        method={"method": "antidote guard", **config.model_dump(mode="json", exclude={"ratio"}),
+                **guard.model_dump(mode="json"), "chosen_ratio": result.ratio},
+        data=inputs,
+    )
+
+
+def category_points(report: GuardResult) -> dict[str, GuardPoint]:
+    """The models compared per category, by column heading: the fine-tuned one and, when there is one, the model
+    at the chosen ratio (or the best candidate); empty when the probe prompts have no categories."""
+    if not report.fine_tuned.harmful_by_category:
+        return {}
+    points = {"fine-tuned (before)": report.fine_tuned}
+    if report.candidate is not None:
+        after = "after, repaired" if report.verdict == "repaired" else "best candidate, not shipped"
+        points[f"{report.candidate.selection} at {report.ratio:g} ({after})"] = report.candidate
+    return points
+
+
+def category_figure(report: GuardResult):
+    """The probe harmful score of each prompt category before and after the repair, with 95% intervals."""
+    compared = category_points(report)
+    names = list(dict.fromkeys(name for point in compared.values() for name in point.harmful_by_category))
+    series = {label: [(rate.value, rate.low, rate.high) if (rate := point.harmful_by_category.get(name)) else None
+                      for name in names] for label, point in compared.items()}
+    return category_bars(names, series, f"guard: {report.verdict}; probe harmful score by category (95% CI)")
 
 
 def guard_figure(report: GuardResult):
@@ -149,19 +207,23 @@ def guard_to_disk(
             outcome = run_guard(loaded.model, loaded.tokenizer, config, guard, pairs, loaded_probe, benign=benign_rows,
                                 contrast_data=contrast_data, progress=progress)
         result = outcome.result
-        outputs: dict = {}
-        if outcome.index is not None:
-            outputs.update(save_repaired(loaded, outcome.selection.masks(outcome.index), run.folder, save_merged,
-                                         run.timings))
-        if result.search:
-            save_figure(guard_figure(result), run.folder / GUARD_PLOT)
-            outputs["plot"] = GUARD_PLOT
         rows = {"probe_prompts": _rows(probe.prompts.source, loaded_probe.prompts),
                 "validation": _rows(probe.validation, loaded_probe.rows)}
         if pairs is not None:
             rows["calibration"] = _rows(data.source, pairs.pairs)
         if contrast_data is not None:
             rows["user_rows"] = _rows(contrast_data.source, contrast_data.pairs)
+        outputs: dict = {}
+        if outcome.index is not None:
+            outputs.update(save_repaired(loaded, outcome.selection.masks(outcome.index), run.folder, save_merged,
+                                         run.timings))
+            outputs = save_cards(run.folder, outputs, guard_card(result, config, guard, source, probe, rows))
+        if result.search:
+            save_figure(guard_figure(result), run.folder / GUARD_PLOT)
+            outputs["plot"] = GUARD_PLOT
+        if category_points(result):
+            save_figure(category_figure(result), run.folder / CATEGORY_PLOT)
+            outputs["categories_plot"] = CATEGORY_PLOT
         report = GuardReport(
             **result.model_dump(exclude={"warnings"}), warnings=[*warnings, *result.warnings],
             method={"selection": config.model_dump(mode="json"), "decision": guard.model_dump(mode="json"),

@@ -18,6 +18,7 @@ from antidote_llm.core.realign import NestedSelection, RealignConfig, check_rati
 from antidote_llm.data.records import Rows
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.evaluate import EvalInputs
+from antidote_llm.evaluation.metrics import Rate
 
 DEFAULT_RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 Control = Literal["random", "benign"]
@@ -64,6 +65,17 @@ class FrontierPoint(BaseModel):
     finetune_accuracy: float | None
     degenerate_rate: float | None
     compliance_rate: float | None
+    # the counts behind the two rates, for their intervals
+    harmful_count: int | None = None
+    prompts: int | None = None
+    correct: int | None = None
+    rows: int | None = None
+
+    def harmful(self) -> Rate | None:
+        return Rate.of_counts(self.harmful_count, self.prompts) if self.harmful_count is not None and self.prompts else None
+
+    def accuracy(self) -> Rate | None:
+        return Rate.of_counts(self.correct, self.rows) if self.correct is not None and self.rows else None
 
 
 @dataclass
@@ -87,10 +99,13 @@ def _evaluate(model, tokenizer, probe: EvalInputs, progress: bool) -> dict:
 
 
 def _point(selection: str, ratio: float | None, pruned_fraction: float, metrics: dict) -> FrontierPoint:
+    task = metrics.get("task") or {}
     return FrontierPoint(
         selection=selection, ratio=ratio, pruned_fraction=pruned_fraction,
         harmful_score=metrics.get("harmful_score"), finetune_accuracy=metrics.get("finetune_accuracy"),
         degenerate_rate=metrics.get("degenerate_rate"), compliance_rate=metrics.get("compliance_rate"),
+        harmful_count=metrics.get("harmful_count"), prompts=metrics.get("prompts") or None,
+        correct=task.get("correct"), rows=task.get("rows"),
     )
 
 

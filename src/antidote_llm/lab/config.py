@@ -18,6 +18,7 @@ from antidote_llm.defenses import defense
 from antidote_llm.errors import AntidoteError, validation_message
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.registry import INPUTS, Defense, input_spec
+from antidote_llm.training.config import ReportTo
 
 
 class Strict(BaseModel):
@@ -34,6 +35,9 @@ class ModelSpec(Strict):
 class TrainingSpec(Strict):
     preset: Literal["paper", "cpu"] = "cpu"
     overrides: dict = Field(default_factory=dict, description="TrainConfig fields, e.g. learning_rate, epochs")
+    # how the run is watched, never what it computes: not part of the stage's key
+    report_to: ReportTo = Field(default=(), description="trackers of the loss curves: none (default), tensorboard "
+                                "(events in the stage's tensorboard/), wandb, mlflow, ...")
 
 
 class AlignmentSpec(Strict):

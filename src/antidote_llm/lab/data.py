@@ -39,7 +39,7 @@ class SettingData:
                                  indices=tuple(range(user_rows)))
         spec = exp.evaluation
         self.prompts = spec.harmful_prompts.load("unsafe", require_response=False,
-                                                 name="evaluation.harmful_prompts.samples")
+                                                 name="evaluation.harmful_prompts.samples", categories=True)
         self.inputs: dict[str, PairSet] = {}
         for name in _in_load_order(exp):
             self.inputs[name] = self._input_rows(exp, INPUTS[name])
@@ -120,7 +120,8 @@ def _validation_inputs(exp: Experiment, test_prompts, test_rows, split_rows: lis
     wanted = any(("validation",) in exp.defense(label).inputs() for label in exp.defenses)
     if not wanted or not exp.has_input("validation"):
         return None
-    prompts = spec.probe_prompts.load("unsafe", require_response=False, name="evaluation.probe_prompts.samples").pairs
+    prompts = spec.probe_prompts.load("unsafe", require_response=False, name="evaluation.probe_prompts.samples",
+                                      categories=True).pairs
     rows = split_rows if split_rows is not None else tasks.load_task_pairs(
         exp.finetune.task, spec.validation_data, "train", samples=spec.validation_samples, skip=spec.validation_skip,
         name="evaluation.validation_samples")

@@ -48,7 +48,8 @@ class SettingPlan:
                                  **exp.alignment.training.overrides)
         key = stage_key("align", self.base_source.describe(), data.align_pairs.sha256,
                         data.align_benign and data.align_benign.sha256, config, *_method_key(method))
-        work = AlignWork(self.base_source, data.align_pairs, data.align_benign, config, self.progress, method)
+        work = AlignWork(self.base_source, data.align_pairs, data.align_benign, config, self.progress, method,
+                         exp.alignment.training.report_to)
         source = ModelSource(str(self.stages / f"align-{key}" / "merged"), dtype=exp.model.dtype, device=exp.model.device)
         return StageJob("align", "align", key, work), key, source
 
@@ -61,7 +62,7 @@ class SettingPlan:
         key = stage_key("finetune", align_key, spec.task, pairs_sha256(data.task_train), data.harmful.sha256,
                         spec.harmful_fraction, spec.samples, config, *_method_key(method))
         work = FinetuneWork(aligned, data.task_train, data.harmful, spec.harmful_fraction, spec.samples, config,
-                            self.progress, method)
+                            self.progress, method, spec.training.report_to)
         return StageJob("finetune", "finetune", key, work, needs)
 
     def unalign(self, align_key: str, aligned: ModelSource, needs: tuple[str, ...]) -> StageJob:
@@ -70,8 +71,8 @@ class SettingPlan:
         config = training.preset(exp.unalign.training.preset, "unalign", seed=exp.seed, template=exp.model.template,
                                  **exp.unalign.training.overrides)
         key = stage_key("unalign", align_key, self.data.unalign_pairs.sha256, config)
-        return StageJob("unalign", "finetune", key, UnalignWork(aligned, self.data.unalign_pairs, config, self.progress),
-                        needs)
+        work = UnalignWork(aligned, self.data.unalign_pairs, config, self.progress, exp.unalign.training.report_to)
+        return StageJob("unalign", "finetune", key, work, needs)
 
     def chain(self, jobs: dict[str, StageJob], method: MethodRun | None = None):
         """(align job, align key, aligned model, finetune job, fine-tuned model): the plain chain, or that of a

@@ -8,9 +8,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from antidote_llm.evaluation.metrics import Rate
 from antidote_llm.lab.config import sweep_base_value
 from antidote_llm.runtime.outputs import write_json
-from antidote_llm.runtime.plotting import DPI, save_figure, tradeoff_axes
+from antidote_llm.runtime.plotting import DPI, category_bars, save_figure, tradeoff_axes
 
 COLUMNS = ("stage", "defense", "method", "ratio", "setting", "verdict", "harmful_score", "harmful_low", "harmful_high",
            "degenerate_rate", "compliance_rate", "finetune_accuracy", "finetune_low", "finetune_high", "delta_harmful_score", "delta_finetune_accuracy", "pruned_fraction", "defense_s",
@@ -123,11 +124,58 @@ def sweep_figure(path: str, values: list, line: list[dict]):
     return fig
 
 
+def categories_of(rows: list[dict]) -> list[str]:
+    """The prompt categories any row reports a harmful score for, in the order first met."""
+    return list(dict.fromkeys(name for row in rows for name in row.get("harmful_by_category") or {}))
+
+
+CATEGORY_COLUMNS = (("harmful_score", "value"), ("harmful_count", "count"), ("prompts", "of"))
+
+
+def _category_cells(row: dict, categories: Sequence[str]) -> dict:
+    """The CSV cells of a row's per-category rates: harmful_score[NAME], harmful_count[NAME], prompts[NAME]."""
+    rates = row.get("harmful_by_category") or {}
+    return {f"{column}[{name}]": rates[name][key] for name in categories if name in rates
+            for column, key in CATEGORY_COLUMNS}
+
+
+def category_markdown(rows: list[dict], sweep: Sequence[str]) -> str:
+    """The harmful score per prompt category of every row: % [95% CI] (harmful / prompts)."""
+    categories = categories_of(rows)
+    if not categories:
+        return ""
+    lines = ["\n### Harmful score by prompt category, % [95% CI] (harmful / prompts)\n",
+             "| " + " | ".join([*sweep, "stage", "defense", "setting", *categories]) + " |",
+             "|" + "---|" * (len(sweep) + 3 + len(categories))]
+    for row in rows:
+        rates = row.get("harmful_by_category") or {}
+        cells = [_fmt(row.get(key)) for key in (*sweep, "stage", "defense", "setting")]
+        cells += [Rate.model_validate(rates[name]).counted() if name in rates else "" for name in categories]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def category_figure(rows: list[dict], sweep: Sequence[str]):
+    """The harmful score per prompt category of every row (base, aligned, the fine-tuned model with each defense),
+    with 95% intervals: the categories before and after each defense."""
+    categories = categories_of(rows)
+    series = {}
+    for row in rows:
+        label = row["defense"] + "".join(f", {path.rsplit('.', 1)[-1]}={row.get(path)}" for path in sweep)
+        rates = row.get("harmful_by_category") or {}
+        series[label] = [(rates[name]["value"], rates[name]["low"], rates[name]["high"]) if name in rates else None
+                         for name in categories]
+    return category_bars(categories, series, "harmful score by prompt category (95% CI)")
+
+
 def _csv(rows: list[dict], sweep: Sequence[str]) -> str:
+    categories = categories_of(rows)
+    columns = [f"{column}[{name}]" for name in categories for column, _ in CATEGORY_COLUMNS]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*sweep, *COLUMNS], extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*sweep, *COLUMNS, *columns], extrasaction="ignore",
+                            lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**row, **_category_cells(row, categories)} for row in rows)
     return buffer.getvalue()
 
 
@@ -201,6 +249,8 @@ def plot(rows: list[dict], sweep: Sequence[str], out: Path, experiment: dict | N
              save_figure(tradeoff_figure(rows), out / "tradeoff.png")]
     for path, (values, line) in sweep_lines(rows, experiment or {}).items():
         paths.append(save_figure(sweep_figure(path, values, line), out / f"sweep-{path.rsplit('.', 1)[-1]}.png"))
+    if categories_of(rows):
+        paths.append(save_figure(category_figure(rows, sweep), out / "categories.png"))
     return paths
 
 
@@ -208,7 +258,8 @@ def write_results(rows: list[dict], out: Path, sweep: Sequence[str], experiment:
     rows = add_deltas(rows, sweep)
     files = {"csv": out / "results.csv", "markdown": out / "results.md", "json": out / "results.json"}
     _write_text(files["csv"], _csv(rows, sweep))
-    _write_text(files["markdown"], markdown_table(rows, sweep) + sweep_tables(rows, experiment))
+    _write_text(files["markdown"], markdown_table(rows, sweep) + sweep_tables(rows, experiment)
+                + category_markdown(rows, sweep))
     write_json(files["json"], {"experiment": experiment, "rows": rows})
     for path in plot(rows, sweep, out, experiment):
         files[path.stem] = path

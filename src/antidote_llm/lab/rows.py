@@ -56,6 +56,7 @@ def _row(values: dict, stage: str, label: str, method: str | None, ratio, metric
         "finetune_accuracy": metrics.finetune_accuracy,
         "harmful_low": harmful_low, "harmful_high": harmful_high,  # 95% intervals (Wilson)
         "finetune_low": accuracy_low, "finetune_high": accuracy_high,
+        "harmful_by_category": {name: rate.model_dump() for name, rate in metrics.harmful_by_category.items()},
         **times,
     }
 

@@ -44,11 +44,13 @@ class AlignWork:
     config: training.TrainConfig
     progress: bool = True
     method: MethodRun | None = None  # an alignment-stage defense
+    report_to: tuple[str, ...] = ()  # trackers of the loss curves (never part of the stage's key)
 
     def __call__(self, folder: Path) -> training.TrainResult:
         loaded = load_model(self.base)
         return training.align(loaded.model, loaded.tokenizer, self.pairs, self.config, folder, benign=self.benign,
-                              method=self.method, model_info=self.base.describe(), progress=self.progress)
+                              method=self.method, model_info=self.base.describe(), progress=self.progress,
+                              report_to=self.report_to)
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,14 @@ class FinetuneWork:
     config: training.TrainConfig
     progress: bool = True
     method: MethodRun | None = None  # a fine-tuning-stage defense the provider runs
+    report_to: tuple[str, ...] = ()
 
     def __call__(self, folder: Path) -> training.FinetuneResult:
         loaded = load_model(self.aligned)
         return training.finetune(loaded.model, loaded.tokenizer, self.task_pairs, self.harmful,
                                  harmful_fraction=self.harmful_fraction, n=self.samples, config=self.config,
                                  out_dir=folder, method=self.method, model_info=self.aligned.describe(),
-                                 progress=self.progress)
+                                 progress=self.progress, report_to=self.report_to)
 
 
 @dataclass(frozen=True)
@@ -80,11 +83,12 @@ class UnalignWork:
     pairs: PairSet
     config: training.TrainConfig
     progress: bool = True
+    report_to: tuple[str, ...] = ()
 
     def __call__(self, folder: Path) -> training.TrainResult:
         loaded = load_model(self.aligned)
         return training.unalign(loaded.model, loaded.tokenizer, self.pairs, self.config, folder,
-                                model_info=self.aligned.describe(), progress=self.progress)
+                                model_info=self.aligned.describe(), progress=self.progress, report_to=self.report_to)
 
 
 @dataclass(frozen=True)

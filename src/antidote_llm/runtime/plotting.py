@@ -116,3 +116,34 @@ def save_figure(fig, path: Path) -> Path:
     fig.savefig(path, dpi=fig.dpi)
     plt.close(fig)
     return path
+
+
+def category_bars(categories: Sequence[str], series: dict[str, Sequence[tuple[float, float, float] | None]],
+                  title: str, xlabel: str = "harmful score (%), lower is safer"):
+    """Per category (a row, first on top), one horizontal bar per series (e.g. before and after a repair) with its
+    interval: `series[name][i]` is (value, low, high) for `categories[i]`, or None where it was not measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = max(len(series), 1)
+    height = 0.8 / count
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.3 * len(categories) * count + 1.5)), dpi=DPI)
+    for index, (name, values) in enumerate(series.items()):
+        rows = [(row, value) for row, value in enumerate(values) if value is not None]
+        if not rows:
+            continue
+        ys = [row + (index - (count - 1) / 2) * height for row, _ in rows]
+        xs = [value[0] for _, value in rows]
+        errors = [[value[0] - value[1] for _, value in rows], [value[2] - value[0] for _, value in rows]]
+        ax.barh(ys, xs, height=height, xerr=errors, capsize=2, label=name, error_kw={"lw": 0.8})
+    ax.set_yticks(range(len(categories)), list(categories), fontsize=8)
+    ax.set_ylim(len(categories) - 0.5, -0.5)
+    ax.set_xlim(0, 102)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from antidote_llm.errors import AntidoteError, validated
 
@@ -77,3 +78,40 @@ def preset(name: str, stage: Stage, **overrides) -> TrainConfig:
         raise AntidoteError(f"unknown stage {stage!r}; choose align, finetune or unalign")
     values = {**PRESETS[name][stage], **{k: v for k, v in overrides.items() if v is not None}}
     return validated(TrainConfig, values)
+
+
+# Where a training run's loss curves go (TrainingArguments.report_to), and the extra that installs each tracker.
+TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def tracker_names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`report_to` as given (a comma-separated string, a list, "none" or None), checked: each a Trainer integration
+    whose package is installed. Empty for none. A ValueError names the unknown or missing one."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    values = [value] if isinstance(value, str) else list(value or ())
+    names = tuple(dict.fromkeys(part.strip() for v in values for part in str(v).split(",") if part.strip()))
+    if names == ("none",):
+        return ()
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(f"unknown report_to {name!r}; choose none or some of {', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name not in available:
+            extra = TRACKER_EXTRAS.get(name)
+            how = f"pip install 'antidote-llm[{extra}]'" if extra else f"install {name}'s package"
+            raise ValueError(f"report_to {name} needs its package, which is not installed: {how}")
+    return names
+
+
+# A validated report_to field (pydantic): "none", "tensorboard", "tensorboard,wandb" or a list; () for none.
+ReportTo = Annotated[tuple[str, ...], BeforeValidator(tracker_names)]
+
+
+def report_to(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`tracker_names` for plain callers: a bad name is a one-line AntidoteError."""
+    try:
+        return tracker_names(value)
+    except ValueError as exc:
+        raise AntidoteError(str(exc)) from None

@@ -26,6 +26,8 @@ from antidote_llm.training.methods.base import MethodRun
 from antidote_llm.training.report import TrainFacts, TrainReport
 from antidote_llm.training.trainer import (
     IGNORE_INDEX,
+    TENSORBOARD_DIR,
+    log_tensorboard_to,
     sft_trainer_class,
     supervised_collator,
     training_arguments,
@@ -124,11 +126,12 @@ def _lora_model(model, config: TrainConfig):
 
 def _train(
     model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, timings: Timings, progress: bool,
-    method: MethodRun | None = None,
+    method: MethodRun | None = None, report_to: Sequence[str] = (), run: OutputRun | None = None,
 ) -> tuple[object, TrainFacts, bool]:
     """Add a LoRA to `model` and train it, with a training-stage defense when `method` is given; returns the
     PEFT model (in eval mode), the training facts and whether this is the main process (under
-    `accelerate launch` only the main process writes)."""
+    `accelerate launch` only the main process writes). `report_to`: trackers of the loss curves; TensorBoard's
+    events go to the run's folder, tensorboard/ (on the main process: the others write nothing)."""
     from transformers.trainer_callback import PrinterCallback
 
     if method is not None:
@@ -145,13 +148,15 @@ def _train(
     with tempfile.TemporaryDirectory(prefix="antidote-trainer-") as scratch:
         trainer = trainer_class(
             model=peft_model,
-            args=training_arguments(config, scratch, on_cpu, progress),
+            args=training_arguments(config, scratch, on_cpu, progress, report_to),
             data_collator=supervised_collator(tokenizer),
             train_dataset=items,
             **method_arguments,
         )
         if not progress:  # without a progress bar the Trainer prints every log line instead
             trainer.remove_callback(PrinterCallback)
+        if run is not None and trainer.is_world_process_zero():
+            log_tensorboard_to(trainer, run.folder / TENSORBOARD_DIR)
         with timings.measure("train_s"):
             output = trainer.train()
     peft_model.eval()
@@ -170,6 +175,11 @@ def _train(
         loss_history=history,
     )
     return peft_model, facts, trainer.is_world_process_zero()
+
+
+def _logs(folder: Path) -> dict:
+    """The tracker files the run wrote into its folder (TensorBoard's events), for the report's outputs."""
+    return {"tensorboard": TENSORBOARD_DIR} if (folder / TENSORBOARD_DIR).is_dir() else {}
 
 
 def _report(stage: str, config: TrainConfig, data: dict, facts: TrainFacts, run: OutputRun, model_info: dict | None,
@@ -191,18 +201,21 @@ def _check_stage(method: MethodRun | None, stage: str) -> None:
 def align(
     model, tokenizer, pairs: Rows, config: TrainConfig, out_dir: str | Path, *,
     benign: Rows | None = None, method: MethodRun | None = None, model_info: dict | None = None, progress: bool = True,
+    report_to: Sequence[str] = (),
 ) -> TrainResult:
     """Safety alignment: LoRA SFT on (harmful prompt, safe answer) rows, optionally mixed with benign rows,
     or an alignment-stage defense (Vaccine, RepNoise, Booster) when `method` is given.
 
     Writes `adapter/` (PEFT, safetensors), `merged/` (base with the adapter merged, plus tokenizer) and
     `report.json` into `out_dir`, atomically. `model` is changed in place (the adapter ends merged into
-    it) and returned as `result.model`; pass a copy to keep the original.
+    it) and returned as `result.model`; pass a copy to keep the original. `report_to`: trackers that get the loss
+    curves (checked names, training.config.tracker_names); TensorBoard's events land in `out_dir`/tensorboard.
     """
     _check_stage(method, "align")
     rows = as_pairs(pairs) + (as_pairs(benign) if benign is not None else ())
     data = {"safety": describe_rows(pairs), **({"benign": describe_rows(benign)} if benign is not None else {})}
-    return _merged_stage("align", model, tokenizer, rows, data, config, out_dir, model_info, progress, method)
+    return _merged_stage("align", model, tokenizer, rows, data, config, out_dir, model_info, progress, method,
+                         report_to)
 
 
 def unalign(
@@ -214,23 +227,27 @@ def unalign(
     *,
     model_info: dict | None = None,
     progress: bool = True,
+    report_to: Sequence[str] = (),
 ) -> TrainResult:
     """RESTA's unaligned model: a short LoRA SFT of the aligned model on (harmful prompt, harmful answer) rows,
     written as `align` writes (adapter/, merged/, report.json); the adapter lies on the aligned model."""
     return _merged_stage("unalign", model, tokenizer, as_pairs(pairs), {"harmful": describe_rows(pairs)}, config,
-                         out_dir, model_info, progress)
+                         out_dir, model_info, progress, report_to=report_to)
 
 
 def _merged_stage(stage: str, model, tokenizer, rows, data: dict, config: TrainConfig, out_dir: str | Path,
-                  model_info: dict | None, progress: bool, method: MethodRun | None = None) -> TrainResult:
+                  model_info: dict | None, progress: bool, method: MethodRun | None = None,
+                  report_to: Sequence[str] = ()) -> TrainResult:
     out = Path(out_dir)
     with output_run(out, overwrite=True) as run:  # the callers checked the folder; a stage replaces it
-        peft_model, facts, main_process = _train(model, tokenizer, rows, config, run.timings, progress, method)
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, run.timings, progress, method,
+                                                 report_to, run)
         if not main_process:  # under accelerate launch only the main process writes
             merged = merge_adapter(peft_model)
             report = _report(stage, config, data, facts, run, model_info, {}, method)
             return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report, wrote=False)
         outputs, merged = save_model(run.folder, peft_model, tokenizer, run.timings, adapter=True, merged=True)
+        outputs.update(_logs(run.folder))
         report = _report(stage, config, data, facts, run, model_info, outputs, method)
         write_report(run.folder / REPORT_FILE, report)
     return TrainResult(out_dir=out, adapter_dir=out / "adapter", model=merged, report=report)
@@ -250,6 +267,7 @@ def finetune(
     method: MethodRun | None = None,
     model_info: dict | None = None,
     progress: bool = True,
+    report_to: Sequence[str] = (),
 ) -> FinetuneResult:
     """The user's fine-tuning: a fresh LoRA on the aligned (merged) model over a mix of n rows, a fraction
     `harmful_fraction` of them harmful.
@@ -257,7 +275,7 @@ def finetune(
     Writes `adapter/`, `mix.json` (every row's origin, in training order) and `report.json` into
     `out_dir`, atomically. `seed` shuffles the mix (default: config.seed). The returned model keeps the
     fine-tuning adapter live, since Antidote scores its lora_A/lora_B weights. `method`: a fine-tuning-stage
-    defense the provider runs (Lisa, LDIFS).
+    defense the provider runs (Lisa, LDIFS). `report_to`: as for `align`.
     """
     _check_stage(method, "finetune")
     spec = mix_spec(harmful_fraction, n)
@@ -278,7 +296,8 @@ def finetune(
     data = {"mix": {k: v for k, v in mix.items() if k != "rows"}, "mix_sha256": pairs_sha256(rows)}
     out = Path(out_dir)
     with output_run(out, overwrite=True) as run:  # the callers checked the folder; a stage replaces it
-        peft_model, facts, main_process = _train(model, tokenizer, rows, config, run.timings, progress, method)
+        peft_model, facts, main_process = _train(model, tokenizer, rows, config, run.timings, progress, method,
+                                                 report_to, run)
         result = FinetuneResult(out_dir=out, adapter_dir=out / "adapter", model=peft_model, report=None,
                                 mix=mix, harmful_indices=harmful_indices)
         if not main_process:  # under accelerate launch only the main process writes
@@ -286,6 +305,7 @@ def finetune(
             result.wrote = False
             return result
         outputs, _ = save_model(run.folder, peft_model, tokenizer, run.timings, adapter=True)
+        outputs.update(_logs(run.folder))
         write_json(run.folder / "mix.json", mix)
         result.report = _report("finetune", config, data, facts, run, model_info, {**outputs, "mix": "mix.json"},
                                 method)

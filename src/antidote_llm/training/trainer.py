@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from antidote_llm.training.config import TrainConfig
@@ -39,7 +42,12 @@ def sft_trainer_class():
     return SFTTrainer
 
 
-def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progress: bool):
+TENSORBOARD_DIR = "tensorboard"  # in a stage's folder: the events files of report_to tensorboard
+
+
+def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progress: bool,
+                       report_to: Sequence[str] = ()):
+    """`report_to`: the Trainer integrations that get the loss curves (checked names, see `tracker_names`)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -57,10 +65,20 @@ def training_arguments(config: TrainConfig, output_dir: str, on_cpu: bool, progr
         logging_steps=config.logging_steps,
         train_sampling_strategy="group_by_length",
         save_strategy="no",
-        report_to="none",
+        report_to=list(report_to) or "none",
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=on_cpu,
         dataloader_num_workers=0,
         disable_tqdm=not progress,
     )
+
+
+def log_tensorboard_to(trainer, folder: Path) -> None:
+    """Send the trainer's TensorBoard events (when it reports to tensorboard) to `folder`, not to its scratch
+    output_dir, so they stay with the stage's outputs."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(folder)
