@@ -49,6 +49,24 @@ def test_compensation_equals_a_brute_force_least_squares_solve_per_row():
     assert torch.equal(result[1], weight[1]) and not result[pruned].any()
 
 
+def test_an_anchored_compensation_equals_the_stacked_least_squares_solve():
+    """min ||X (w' - w)||^2 + lambda ||Y (w' - w_zeroed)||^2 with w'_P = 0: X's rows and sqrt(lambda) Y's stacked."""
+    weight, x, pruned = _problem(seed=3)
+    y = torch.randn(30, x.shape[1], generator=torch.Generator().manual_seed(4))
+    anchor = 0.7
+    result = scoring.compensate(weight, pruned, x.T @ x, damping=0.0, anchor=anchor * (y.T @ y))
+    for row in range(weight.shape[0]):
+        keep, drop = ~pruned[row], pruned[row]
+        expected = weight[row].masked_fill(drop, 0)
+        if drop.any():
+            lhs = torch.cat([x[:, keep], anchor ** 0.5 * y[:, keep]]).double()
+            rhs = torch.cat([x[:, drop] @ weight[row, drop], torch.zeros(len(y))]).double().unsqueeze(1)
+            expected[keep] += torch.linalg.lstsq(lhs, rhs).solution.squeeze(1).float()
+        torch.testing.assert_close(result[row], expected, rtol=1e-4, atol=1e-4)
+    heavy = scoring.compensate(weight, pruned, x.T @ x, damping=0.0, anchor=1e8 * (y.T @ y))
+    torch.testing.assert_close(heavy, weight.masked_fill(pruned, 0), rtol=1e-3, atol=1e-3)  # y spans every input
+
+
 def test_compensation_changes_the_outputs_less_than_zeroing_and_damping_moves_it_toward_zeroing():
     weight, x, pruned = _problem(seed=1)
     x = x[:, :6] @ torch.randn(6, x.shape[1], generator=torch.Generator().manual_seed(2))  # correlated channels
@@ -160,6 +178,7 @@ def test_two_rounds_score_the_pruned_model_again_and_leave_it_as_it_was():
     ({"compensate": True}, None, "--compensate re-fits the kept weights on the user's own rows"),
     ({"compensate": True, "action": "revert"}, USER_ROWS, "does not combine with --action revert"),
     ({"score": "magnitude", "steps": 2}, None, "use --steps 1"),
+    ({"compensation_anchor": 1.0}, None, "add --compensate or drop it"),
     ({"score": "refusal", "steps": 2, "protect_ratio": 0.1}, USER_ROWS, "--steps does not combine with --protect-ratio"),
 ])
 def test_missing_or_unsupported_inputs_are_refused(settings, contrast, message):

@@ -84,6 +84,10 @@ class RealignConfig(BaseModel):
     compensate: bool = Field(
         default=False, description="beyond the paper (IRR's recipe): after zeroing, re-fit the kept weights of every "
         "pruned row by least squares so the module's outputs on the user's own rows (--contrast-data) change least")
+    compensation_anchor: float = Field(
+        default=0.0, ge=0, description="with --compensate: lambda, how strongly the re-fit also keeps the zeroing's "
+        "effect on the calibration rows (--data): min ||X_user (W' - W)||^2 + lambda ||X_data (W' - W_zeroed)||^2, "
+        "each over a per-token mean; 0 re-fits on the user's rows alone")
     steps: int = Field(
         default=1, ge=1, le=64, description="beyond the paper: score and prune in this many rounds up to the largest "
         "ratio, scoring again the model as pruned so far (a first-order score is accurate for small changes only); "
@@ -119,6 +123,8 @@ class RealignConfig(BaseModel):
         if self.compensate and not has_contrast:
             raise AntidoteError("--compensate re-fits the kept weights on the user's own rows: give them with "
                                 "--contrast-data")
+        if self.compensation_anchor and not self.compensate:
+            raise AntidoteError("--compensation-anchor weighs the re-fit of --compensate; add --compensate or drop it")
         if self.compensate and self.action != "zero":
             raise AntidoteError("--compensate re-fits the weights left after zeroing; it does not combine with --action "
                                 "revert")
@@ -264,21 +270,42 @@ def _iterated_levels(model, tokenizer, targets: Sequence[Target], pairs, contras
     return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in per_ratio[0]}, tokens
 
 
-def compensation_grams(model, tokenizer, targets: Sequence[Target], pairs: Sequence[Pair], config: RealignConfig,
-                       progress: bool) -> dict[str, torch.Tensor]:
-    """The Gram matrix of every target's inputs over all tokens of the user's rows, what `compensate` fits on."""
+@dataclass
+class Refit:
+    """What the compensation of one target fits on: the mean Gram matrix of its inputs on the user's rows, and the
+    anchor (lambda times that of the calibration rows) or None."""
+
+    gram: torch.Tensor
+    anchor: torch.Tensor | None
+
+
+def _mean_grams(model, tokenizer, targets, pairs, config, progress, desc) -> dict[str, torch.Tensor]:
+    batches = calibration_batches(tokenizer, pairs, config.model_copy(update={"tokens": "all"}))
+    tokens = sum(batch.tokens for batch in batches)
+    return {name: gram / tokens for name, gram in collect_grams(model, batches, targets, progress=progress, desc=desc).items()}
+
+
+def compensation_refits(model, tokenizer, targets: Sequence[Target], pairs: Sequence[Pair], anchor_pairs: Sequence[Pair],
+                        config: RealignConfig, progress: bool) -> dict[str, Refit]:
+    """Per target, what `compensate` fits on: the user's rows (every token), and with an anchor the calibration
+    rows' Gram matrices weighted by `config.compensation_anchor`."""
     if not pairs:
         raise AntidoteError("--compensate needs the user's own rows and --contrast-data has none")
-    batches = calibration_batches(tokenizer, pairs, config.model_copy(update={"tokens": "all"}))
-    return collect_grams(model, batches, targets, progress=progress, desc="compensation statistics")
+    grams = _mean_grams(model, tokenizer, targets, pairs, config, progress, "compensation statistics")
+    anchors = {}
+    if config.compensation_anchor:
+        anchors = {name: config.compensation_anchor * gram for name, gram in _mean_grams(
+            model, tokenizer, targets, anchor_pairs, config, progress, "anchor statistics").items()}
+    return {name: Refit(gram, anchors.get(name)) for name, gram in grams.items()}
 
 
-def pruned_weight(target: Target, original: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
-    """The target's weight (its own layout) with `mask` zeroed; with the user's rows' `gram`, the kept weights of
-    each pruned row re-fitted by least squares (scoring.compensate)."""
-    if gram is None:
+def pruned_weight(target: Target, original: torch.Tensor, mask: torch.Tensor, refit: Refit | None) -> torch.Tensor:
+    """The target's weight (its own layout) with `mask` zeroed; with a `refit`, the kept weights of each pruned
+    row re-fitted by least squares (scoring.compensate)."""
+    if refit is None:
         return original.masked_fill(mask.to(original.device), 0)
-    return target.from_linear(scoring.compensate(target.to_linear(original), target.to_linear(mask), gram))
+    return target.from_linear(scoring.compensate(target.to_linear(original), target.to_linear(mask), refit.gram,
+                                                 anchor=refit.anchor))
 
 
 def prune_targets(
@@ -329,8 +356,8 @@ class NestedSelection:
     method: MethodReport
     contrast: DataReport | None
     timings: dict[str, float]
-    # per parameter, the Gram matrix of its inputs on the user's rows when the kept weights are re-fitted
-    compensation: dict[str, torch.Tensor] | None = None
+    # per parameter, what the kept weights are re-fitted on, when they are
+    compensation: dict[str, Refit] | None = None
 
     def masks(self, index: int) -> dict[str, torch.Tensor]:
         """Bool masks (True = pruned) at `ratios[index]`."""
@@ -338,11 +365,11 @@ class NestedSelection:
 
     def prune(self, index: int) -> None:
         """Prune the targets, in place, as selected at `ratios[index]`: zeroed, and re-fitted when compensating."""
-        masks, grams = self.masks(index), self.compensation or {}
+        masks, refits = self.masks(index), self.compensation or {}
         with torch.no_grad():
             for target in self.targets:
                 name = target.param_name
-                target.weight.copy_(pruned_weight(target, target.weight.detach(), masks[name], grams.get(name)))
+                target.weight.copy_(pruned_weight(target, target.weight.detach(), masks[name], refits.get(name)))
 
     def report(self, index: int) -> RealignReport:
         return realign_report(
@@ -391,7 +418,7 @@ def select_nested(
     compensation = None
     if config.compensate:
         with timings.measure("compensation_s"):
-            compensation = compensation_grams(model, tokenizer, targets, contrast_pairs, config, progress)
+            compensation = compensation_refits(model, tokenizer, targets, contrast_pairs, pairs, config, progress)
     protection = None
     if config.protect_ratio is not None:
         with timings.measure("protection_s"):

@@ -78,17 +78,20 @@ COMPENSATION_CHUNK_ELEMENTS = 1 << 25  # rows solved at once: their [rows, in, i
 
 
 def compensate(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor,
-               damping: float = COMPENSATION_DAMPING) -> torch.Tensor:
+               damping: float = COMPENSATION_DAMPING, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """The weight with `pruned` zeroed and every kept weight of a pruned row re-fitted so the row's outputs on the
     rows behind `gram` change least: per row w, with P its pruned and K its kept columns and H = sum_x x x^T
     (+ `damping` times H's mean diagonal on the diagonal), the least-squares fit min ||X (w' - w)||^2 subject to
     w'_P = 0 gives w'_K = w_K + H_KK^-1 H_KP w_P (SparseGPT's update, solved exactly per row; IRR's recipe).
+    `anchor` (A, a Gram matrix already weighted) adds the penalty (w' - w_zeroed)^T A (w' - w_zeroed): the re-fit
+    then also keeps the zeroing's effect on A's rows, w'_K = w_K + (H + A)_KK^-1 H_KP w_P.
     Linear layout [out, in]; fp32 math, the weight's dtype back. Cost: one [in, in] solve per pruned row."""
     weight32 = weight.detach().float()
     pruned = pruned.to(weight.device)
     gram = gram.to(weight.device).float()
     ridge = damping * gram.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
     damped = gram + ridge * torch.eye(gram.shape[0], device=gram.device)
+    lhs = damped if anchor is None else damped + anchor.to(weight.device).float()
     result = weight32.masked_fill(pruned, 0)
     rows = pruned.any(1).nonzero().squeeze(1)
     chunk = max(1, COMPENSATION_CHUNK_ELEMENTS // gram.numel())
@@ -98,7 +101,7 @@ def compensate(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor,
         keep = 1 - drop
         # the pruned columns' equations become delta_P = 0 (identity rows, zero right-hand side), so they
         # neither move nor enter the kept columns' solve
-        system = damped * keep.unsqueeze(2) * keep.unsqueeze(1) + torch.diag_embed(drop)
+        system = lhs * keep.unsqueeze(2) * keep.unsqueeze(1) + torch.diag_embed(drop)
         rhs = (weight32[index] * drop) @ damped * keep  # H_KP w_P in the kept columns (H symmetric)
         result[index] += torch.linalg.solve(system, rhs) * keep
     return result.to(weight.dtype)
