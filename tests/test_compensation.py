@@ -178,7 +178,6 @@ def test_two_rounds_score_the_pruned_model_again_and_leave_it_as_it_was():
     ({"compensate": True}, None, "--compensate re-fits the kept weights on the user's own rows"),
     ({"compensate": True, "action": "revert"}, USER_ROWS, "does not combine with --action revert"),
     ({"score": "magnitude", "steps": 2}, None, "use --steps 1"),
-    ({"compensation_anchor": 1.0}, None, "add --compensate or drop it"),
     ({"score": "refusal", "steps": 2, "protect_ratio": 0.1}, USER_ROWS, "--steps does not combine with --protect-ratio"),
 ])
 def test_missing_or_unsupported_inputs_are_refused(settings, contrast, message):
@@ -215,5 +214,5 @@ def test_compensation_refuses_an_embedding_target():
 def test_a_compensating_defense_reads_the_user_rows(name, options):
     from antidote_llm.defenses import defense
 
-    plain, compensating = (defense(name).configure({**options, **extra}) for extra in ({}, {"compensate": True}))
+    plain, compensating = (defense(name).configure({**options, "compensate": flag}) for flag in (False, True))
     assert ("user_rows",) in compensating.inputs() and ("user_rows",) not in plain.inputs()

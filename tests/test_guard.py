@@ -146,7 +146,7 @@ def lineage(tmp_path):
 
 def _cli(lineage, out, *extra):
     return main(["guard", "--model", str(lineage / "aligned"), "--adapter", str(lineage / "ft"), "--device", "cpu",
-                 "--data", str(lineage / "calibration.jsonl"), "--score", "wanda", "--template", "plain",
+                 "--data", str(lineage / "calibration.jsonl"), "--score", "wanda", "--no-compensate", "--template", "plain",
                  "--probe-prompts", str(lineage / "probe.jsonl"), "--task", "sst2",
                  "--validation-data", str(lineage / "validation.tsv"), "--out", str(out), "--quiet", *map(str, extra)])
 

@@ -20,7 +20,8 @@ ROWS = [f"Review: film number {i} was good. Sentiment: positive" for i in range(
 
 def _callback(lineage, **extra) -> GuardCallback:  # noqa: F811
     inputs = {"probe_prompts": str(lineage / "probe.jsonl"), "task": "sst2", "data": str(lineage / "calibration.jsonl"),
-              "validation_data": str(lineage / "validation.tsv"), "score": "wanda", "template": "plain"}
+              "validation_data": str(lineage / "validation.tsv"), "score": "wanda", "compensate": False,
+              "template": "plain"}
     return GuardCallback(**{**inputs, **extra})
 
 

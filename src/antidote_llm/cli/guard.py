@@ -50,7 +50,9 @@ def run_guard(args: argparse.Namespace) -> int:
         raise AntidoteError(f"--score {selection.score} scores on calibration rows: give --data ({CALIBRATION_HELP})")
     if selection.uses_user_rows and not args.contrast_data:
         use = "--score refusal weighs the refusals against" if selection.score == "refusal" else "--compensate re-fits on"
-        raise AntidoteError(f"{use} the user's own rows: give --contrast-data (the user's fine-tuning rows of --task)")
+        plain = "" if selection.score == "refusal" else " (or --no-compensate: zero without a re-fit)"
+        raise AntidoteError(f"{use} the user's own rows: give --contrast-data (the user's fine-tuning rows of --task)"
+                            f"{plain}")
     data = (config_from_args(DataSpec, args, DATA_FIELDS, seed=selection.seed if args.shuffle else None)
             if args.source else None)
     if args.push_to_hub:

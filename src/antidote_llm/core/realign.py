@@ -87,7 +87,7 @@ class RealignConfig(BaseModel):
     compensation_anchor: float = Field(
         default=0.0, ge=0, description="with --compensate: lambda, how strongly the re-fit also keeps the zeroing's "
         "effect on the calibration rows (--data): min ||X_user (W' - W)||^2 + lambda ||X_data (W' - W_zeroed)||^2, "
-        "each over a per-token mean; 0 re-fits on the user's rows alone")
+        "each over a per-token mean; 0 re-fits on the user's rows alone; read only with --compensate")
     steps: int = Field(
         default=1, ge=1, le=64, description="beyond the paper: score and prune in this many rounds up to the largest "
         "ratio, scoring again the model as pruned so far (a first-order score is accurate for small changes only); "
@@ -123,8 +123,6 @@ class RealignConfig(BaseModel):
         if self.compensate and not has_contrast:
             raise AntidoteError("--compensate re-fits the kept weights on the user's own rows: give them with "
                                 "--contrast-data")
-        if self.compensation_anchor and not self.compensate:
-            raise AntidoteError("--compensation-anchor weighs the re-fit of --compensate; add --compensate or drop it")
         if self.compensate and self.action != "zero":
             raise AntidoteError("--compensate re-fits the weights left after zeroing; it does not combine with --action "
                                 "revert")
