@@ -2,7 +2,7 @@
 
 The unit is one forward pass (no gradient, logits computed) of the fine-tuned model over the 64 refusal rows the
 selections score on. Each repair is timed on the same loaded model and rows: the Wanda selection (Antidote's),
-the refusal score with k = 1, 2, 4, 8 rounds, the compensation's statistics and solves, one validation evaluation
+the refusal score with k = 1, 2, 4, 8 rounds, the anchored compensation's statistics and solves, one validation evaluation
 (what restore-with-rollback pays per group), and SafeMERGE. Run from the repository root with ../shared/data
 beside it, on an aligned model and a fine-tuned adapter (e.g. examples/smollm2-frontier.sh's):
 
@@ -72,10 +72,10 @@ def main() -> None:
         costs[f"refusal score, k = {steps}"] = _timed(lambda steps=steps: select_nested(
             model, tokenizer, refusal.model_copy(update={"steps": steps}), refusals, ratios=RATIOS, contrast_data=user,
             progress=False))
-    compensated = select_nested(model, tokenizer, refusal.model_copy(update={"compensate": True}), refusals,
-                                ratios=RATIOS, contrast_data=user, progress=False)
-    costs["refusal score + compensation (statistics)"] = compensated.timings["scoring_s"] + compensated.timings[
-        "compensation_s"]
+    compensated = select_nested(model, tokenizer, refusal.model_copy(update={"compensate": True, "compensation_anchor": 10}),
+                                refusals, ratios=RATIOS, contrast_data=user, progress=False)
+    costs["refusal score + anchored compensation's statistics (guard's default)"] = (
+        compensated.timings["scoring_s"] + compensated.timings["compensation_s"])
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     costs["compensation's solves at one ratio"] = _timed(lambda: compensated.prune(len(RATIOS) - 1))
     model.load_state_dict(state, strict=False)
