@@ -190,7 +190,7 @@ def test_guard_reports_the_probe_harm_per_category_before_and_after_with_a_plot(
                     for i in range(64)])
     out = lineage / "decision"
     argv = ["guard", "--model", lineage / "aligned", "--adapter", lineage / "ft", "--device", "cpu", "--data",
-            lineage / "calibration.jsonl", "--score", "wanda", "--template", "plain", "--probe-prompts", probe,
+            lineage / "calibration.jsonl", "--score", "wanda", "--no-compensate", "--template", "plain", "--probe-prompts", probe,
             "--task", "sst2", "--validation-data", lineage / "validation.tsv", "--out", out, "--quiet"]
     assert main(list(map(str, argv))) == 0
     verdict = json.loads((out / "verdict.json").read_text())

@@ -377,7 +377,7 @@ def lineage(tmp_path):
 
 def _guard_cli(lineage, out, base_url):
     return main(["guard", "--model", str(lineage / "aligned"), "--adapter", str(lineage / "ft"), "--device", "cpu",
-                 "--data", str(lineage / "calibration.jsonl"), "--score", "wanda", "--template", "plain",
+                 "--data", str(lineage / "calibration.jsonl"), "--score", "wanda", "--no-compensate", "--template", "plain",
                  "--probe-prompts", str(lineage / "probe.jsonl"), "--task", "sst2", "--validation-data",
                  str(lineage / "validation.tsv"), "--max-harmful", "50", "--max-new-tokens", "3",
                  "--task-max-new-tokens", "2", "--judge", "endpoint", "--judge-model", "served-guard",
