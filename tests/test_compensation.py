@@ -216,3 +216,14 @@ def test_a_compensating_defense_reads_the_user_rows(name, options):
 
     plain, compensating = (defense(name).configure({**options, "compensate": flag}) for flag in (False, True))
     assert ("user_rows",) in compensating.inputs() and ("user_rows",) not in plain.inputs()
+
+
+def test_guards_random_control_keeps_the_anchored_refit_on_the_refusal_rows():
+    """The demo's guard-random: random scores read no rows, but the default anchored re-fit reads the refusals."""
+    from antidote_llm.defenses import defense
+
+    assert ("safe",) in defense("guard").configure({"score": "random"}).inputs()
+    assert ("safe",) not in defense("guard").configure({"score": "random", "compensate": False}).inputs()
+    with pytest.raises(AntidoteError, match="--compensation-anchor 0"):
+        RealignConfig(ratio=0.1, score="random", compensate=True, compensation_anchor=10).check_inputs(
+            has_data=False, has_protect_data=False, has_aligned=False, has_contrast=True)

@@ -123,6 +123,9 @@ class RealignConfig(BaseModel):
         if self.compensate and not has_contrast:
             raise AntidoteError("--compensate re-fits the kept weights on the user's own rows: give them with "
                                 "--contrast-data")
+        if self.compensate and self.compensation_anchor and not has_data:
+            raise AntidoteError("--compensation-anchor keeps the zeroing's effect on the calibration rows: give them "
+                                "with --data, or use --compensation-anchor 0")
         if self.compensate and self.action != "zero":
             raise AntidoteError("--compensate re-fits the weights left after zeroing; it does not combine with --action "
                                 "revert")

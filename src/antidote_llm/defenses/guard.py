@@ -20,10 +20,9 @@ class Guard(Defense, GuardSettings):
     def inputs(self) -> tuple[tuple[str, ...], ...]:
         selection, _ = split_settings(self)
         needed = [("validation",)]
-        if selection.score == "refusal":
-            needed.append(("safe",))
-        elif selection.needs_data:
-            needed.append(("harmful",))
+        calibration = _calibration(selection)
+        if calibration is not None:
+            needed.append((calibration,))
         if selection.uses_user_rows:
             needed.append(("user_rows",))
         if "benign" in self.controls:
@@ -38,11 +37,23 @@ class Guard(Defense, GuardSettings):
 
     def apply(self, model, context: DefenseContext) -> DefenseOutcome:
         selection, decision = split_settings(self)
-        refusal = selection.score == "refusal"
-        outcome = run_guard(model, context.tokenizer, selection, decision, context.safe if refusal else context.harmful,
+        calibration = _calibration(selection)
+        outcome = run_guard(model, context.tokenizer, selection, decision,
+                            getattr(context, calibration) if calibration else None,
                             context.validation, benign=context.benign,
                             contrast_data=context.user_rows if selection.uses_user_rows else None)
         result = outcome.result
         changed = outcome.selection.report(outcome.index).totals.pruned_fraction if outcome.index is not None else 0.0
         return DefenseOutcome(report=result.model_dump(mode="json"), changed_fraction=changed,
                               ratio=result.ratio if outcome.index is not None else None, verdict=result.verdict)
+
+
+def _calibration(selection) -> str | None:
+    """The input the selection reads its calibration rows from: the harmful rows for Wanda; the refusals (safe) for
+    the refusal score, and for an anchored re-fit of a selection that reads no rows (the random control), so the
+    control keeps the same re-fit."""
+    if selection.score == "wanda":
+        return "harmful"
+    if selection.score == "refusal" or (selection.compensate and selection.compensation_anchor):
+        return "safe"
+    return None
