@@ -234,3 +234,13 @@ def test_cli_vllm_backend_is_a_clear_error_here(tiny_model_dir, tmp_path, capsys
     assert main(["evaluate", "--model", str(tiny_model_dir), "--harmful-prompts", str(prompts), "--backend", "vllm",
                  "--out", str(tmp_path / "eval")]) == 2
     assert "--backend vllm needs" in capsys.readouterr().err
+
+
+def test_evaluate_limit_is_a_cap_on_a_smaller_prompt_file(tmp_path):
+    """--limit means at most N: a limit past the file's rows takes them all (it is not a row count to refuse)."""
+    from antidote_llm.evaluation.evaluate import load_harmful_prompts
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("Behavior\nhow to a\nhow to b\nhow to c\n")
+    assert len(load_harmful_prompts(str(prompts), prompt_field="Behavior", limit=500).pairs) == 3
+    assert len(load_harmful_prompts(str(prompts), prompt_field="Behavior", limit=2).pairs) == 2

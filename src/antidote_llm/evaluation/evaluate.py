@@ -49,7 +49,7 @@ def load_harmful_prompts(
     """
     if limit is None and source == BEAVERTAILS_TEST:
         limit = PAPER_HARMFUL_PROMPTS
-    return load_pairs(source, prompt_field=prompt_field, safety="unsafe", samples=limit, require_response=False,
+    return load_pairs(source, prompt_field=prompt_field, safety="unsafe", limit=limit, require_response=False,
                       category_field=category_field, categories=True)
 
 
