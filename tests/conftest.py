@@ -98,7 +98,8 @@ def save_model(path: Path, seed: int = 0, **kwargs) -> Path:
     return path
 
 
-def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_proj"), scale: float = 0.5):
+def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_proj"), scale: float = 0.5,
+             alpha: float | None = None):
     """A LoRA adapter with non-zero B (fresh LoRA has B = 0, which would make every test trivial).
 
     On a real model keep `scale` small: large random updates in all 30 layers make activations chaotic,
@@ -106,7 +107,8 @@ def add_lora(model, seed: int = 1, r: int = 4, targets=("q_proj", "k_proj", "v_p
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0)
+        model, LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, target_modules=list(targets),
+                          lora_dropout=0.0)
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

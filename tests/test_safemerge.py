@@ -22,15 +22,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 def _lora(model, seed, r, alpha, scale, targets=QKV):
     """A LoRA adapter with non-zero factors of rank r and scaling alpha / r."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return peft_model.eval()
+    return add_lora(model, seed=seed, r=r, targets=targets, scale=scale, alpha=alpha)
 
 
 @pytest.fixture
