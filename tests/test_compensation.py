@@ -67,12 +67,21 @@ def test_an_anchored_compensation_equals_the_stacked_least_squares_solve():
     torch.testing.assert_close(heavy, weight.masked_fill(pruned, 0), rtol=1e-3, atol=1e-3)  # y spans every input
 
 
+def test_compensation_in_chunks_of_rows_equals_one_chunk(monkeypatch):
+    """Rows with different numbers of pruned columns, solved a few at a time, give what one batch gives."""
+    weight, x, pruned = _problem(seed=5, rows=9)
+    whole = scoring.compensate(weight, pruned, x.T @ x, anchor=0.5 * (x.T @ x))
+    monkeypatch.setattr(scoring, "COMPENSATION_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(scoring.compensate(weight, pruned, x.T @ x, anchor=0.5 * (x.T @ x)), whole)
+
+
 def test_compensation_changes_the_outputs_less_than_zeroing_and_damping_moves_it_toward_zeroing():
     weight, x, pruned = _problem(seed=1)
     x = x[:, :6] @ torch.randn(6, x.shape[1], generator=torch.Generator().manual_seed(2))  # correlated channels
     zeroed = weight.masked_fill(pruned, 0)
     change = {name: torch.linalg.norm((w - weight) @ x.T) for name, w in {
-        "zeroed": zeroed, "exact": scoring.compensate(weight, pruned, x.T @ x, damping=0.0),
+        # rank 6 of 12: the Gram matrix is singular, so the nearly exact fit keeps a tiny damping
+        "zeroed": zeroed, "exact": scoring.compensate(weight, pruned, x.T @ x, damping=1e-6),
         "damped": scoring.compensate(weight, pruned, x.T @ x), "heavy": scoring.compensate(weight, pruned, x.T @ x, 1e6)}.items()}
     assert change["exact"] <= change["damped"] < change["zeroed"] * 0.5
     torch.testing.assert_close(change["heavy"], change["zeroed"], rtol=1e-3, atol=1e-3)
@@ -116,6 +125,22 @@ def test_a_compensated_realign_keeps_the_user_rows_outputs_closer_and_the_pruned
         change = {"compensated": params[name].detach() - before, "zeroed": before.masked_fill(mask, 0) - before}
         energy = {k: float(torch.einsum("oi,ij,oj->", d, grams[name], d)) for k, d in change.items()}
         assert energy["compensated"] < energy["zeroed"], name
+
+
+def test_compensation_is_anchored_on_the_calibration_rows_by_default():
+    """--compensate alone is the anchored re-fit (lambda 10): the plain re-fit on the user's rows undid the repair."""
+    config = RealignConfig(ratio=0.2, targets="adapter-a", score="refusal", compensate=True)
+
+    def repaired(**update):
+        model = add_lora(make_model())
+        realign(model, make_tokenizer(), config.model_copy(update=update), REFUSALS, contrast_data=USER_ROWS,
+                progress=False)
+        return {n: p.detach() for n, p in model.named_parameters() if "lora_A" in n}
+
+    default, explicit, plain = repaired(), repaired(compensation_anchor=10.0), repaired(compensation_anchor=0.0)
+    for name, weight in default.items():
+        assert torch.equal(weight, explicit[name])
+        assert not torch.allclose(weight, plain[name]), name
 
 
 def test_nested_pruning_of_a_compensated_selection_walks_the_ratios_and_restores_the_model():

@@ -85,9 +85,10 @@ class RealignConfig(BaseModel):
         default=False, description="beyond the paper (IRR's recipe): after zeroing, re-fit the kept weights of every "
         "pruned row by least squares so the module's outputs on the user's own rows (--contrast-data) change least")
     compensation_anchor: float = Field(
-        default=0.0, ge=0, description="with --compensate: lambda, how strongly the re-fit also keeps the zeroing's "
+        default=10.0, ge=0, description="with --compensate: lambda, how strongly the re-fit also keeps the zeroing's "
         "effect on the calibration rows (--data): min ||X_user (W' - W)||^2 + lambda ||X_data (W' - W_zeroed)||^2, "
-        "each over a per-token mean; 0 re-fits on the user's rows alone; read only with --compensate")
+        "each over a per-token mean; 10 was chosen on probe rows; 0 re-fits on the user's rows alone (IRR's recipe, "
+        "which undid the repair on held-back rows); read only with --compensate")
     steps: int = Field(
         default=1, ge=1, le=64, description="beyond the paper: score and prune in this many rounds up to the largest "
         "ratio, scoring again the model as pruned so far (a first-order score is accurate for small changes only); "

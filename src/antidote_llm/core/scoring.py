@@ -74,7 +74,7 @@ def first_order_scores(weight: torch.Tensor, loss_grad: torch.Tensor) -> torch.T
 
 
 COMPENSATION_DAMPING = 0.01  # SparseGPT's percdamp: 1% of the mean diagonal keeps H_KK invertible
-COMPENSATION_CHUNK_ELEMENTS = 1 << 25  # rows solved at once: their [rows, in, in] systems stay near 128 MB
+COMPENSATION_CHUNK_ELEMENTS = 1 << 24  # pruned rows solved at once: their [rows, |P|, |P|] systems stay near 64 MB
 
 
 def compensate(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor,
@@ -82,28 +82,41 @@ def compensate(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor,
     """The weight with `pruned` zeroed and every kept weight of a pruned row re-fitted so the row's outputs on the
     rows behind `gram` change least: per row w, with P its pruned and K its kept columns and H = sum_x x x^T
     (+ `damping` times H's mean diagonal on the diagonal), the least-squares fit min ||X (w' - w)||^2 subject to
-    w'_P = 0 gives w'_K = w_K + H_KK^-1 H_KP w_P (SparseGPT's update, solved exactly per row; IRR's recipe).
-    `anchor` (A, a Gram matrix already weighted) adds the penalty (w' - w_zeroed)^T A (w' - w_zeroed): the re-fit
-    then also keeps the zeroing's effect on A's rows, w'_K = w_K + (H + A)_KK^-1 H_KP w_P.
-    Linear layout [out, in]; fp32 math, the weight's dtype back. Cost: one [in, in] solve per pruned row."""
+    w'_P = 0 (SparseGPT's update, exact per row; IRR's recipe). `anchor` (A, a Gram matrix already weighted) adds
+    the penalty (w' - w_zeroed)^T A (w' - w_zeroed), which keeps the zeroing's effect on A's rows.
+    Solved in OBS form: with M = H + A and G = M^-1, the unconstrained optimum is w* = G (H w + A w_zeroed) (w without A) and the
+    constraint w'_P = 0 moves it by w' = w* - G_:P G_PP^-1 w*_P; one [in, in] inverse per weight, then one small
+    [|P|, |P|] solve per pruned row (the same as solving (H + A)_KK per row, in |P|^3 instead of |K|^3).
+    M must be positive definite: a positive `damping` makes it so. Linear layout [out, in]; the inverse in fp64,
+    the rest in fp32, the weight's dtype back."""
     weight32 = weight.detach().float()
     pruned = pruned.to(weight.device)
     gram = gram.to(weight.device).float()
     ridge = damping * gram.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
     damped = gram + ridge * torch.eye(gram.shape[0], device=gram.device)
-    lhs = damped if anchor is None else damped + anchor.to(weight.device).float()
-    result = weight32.masked_fill(pruned, 0)
+    system = damped if anchor is None else damped + anchor.to(weight.device).float()
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(system.double())).float()
+    zeroed = weight32.masked_fill(pruned, 0)
+    result = zeroed.clone()
     rows = pruned.any(1).nonzero().squeeze(1)
-    chunk = max(1, COMPENSATION_CHUNK_ELEMENTS // gram.numel())
+    counts = pruned[rows].sum(1)
+    width = int(counts.max()) if rows.numel() else 0
+    chunk = max(1, COMPENSATION_CHUNK_ELEMENTS // max(width * width, weight.shape[1]))
     for start in range(0, rows.numel(), chunk):
         index = rows[start:start + chunk]
-        drop = pruned[index].float()
-        keep = 1 - drop
-        # the pruned columns' equations become delta_P = 0 (identity rows, zero right-hand side), so they
-        # neither move nor enter the kept columns' solve
-        system = lhs * keep.unsqueeze(2) * keep.unsqueeze(1) + torch.diag_embed(drop)
-        rhs = (weight32[index] * drop) @ damped * keep  # H_KP w_P in the kept columns (H symmetric)
-        result[index] += torch.linalg.solve(system, rhs) * keep
+        # w* = G (H w + A w_zeroed) = w - G A (w - w_zeroed): w itself without an anchor (rows as row vectors)
+        optimum = weight32[index]
+        if anchor is not None:
+            optimum = optimum - ((weight32[index] - zeroed[index]) @ (system - damped)) @ inverse
+        # each row's pruned columns first (stable), padded to `width` by identity equations with zero right-hand side
+        columns = torch.argsort(pruned[index].to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+        valid = torch.arange(width, device=weight.device) < counts[start:start + chunk, None]
+        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+        block = torch.where(pair, inverse[columns.unsqueeze(2), columns.unsqueeze(1)],
+                            torch.eye(width, device=weight.device).expand_as(pair))
+        multipliers = torch.linalg.solve(block, optimum.gather(1, columns) * valid)
+        spread = torch.zeros_like(optimum).scatter_(1, columns, multipliers * valid)
+        result[index] = (optimum - spread @ inverse).masked_fill(pruned[index], 0)
     return result.to(weight.dtype)
 
 

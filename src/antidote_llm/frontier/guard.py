@@ -81,8 +81,8 @@ class GuardConfig(BaseModel):
 
 # The selection guard uses unless told otherwise: the one measured best on held-back rows (docs/results.md,
 # "repairs that keep the task"): the refusal score on the adapter's lora_A, the kept entries re-fitted on the
-# user's rows with the zeroing's effect on the refusal rows anchored (lambda 10, chosen on probe rows).
-GUARD_SELECTION = {"score": "refusal", "targets": ("adapter-a",), "compensate": True, "compensation_anchor": 10.0}
+# user's rows with the zeroing's effect on the refusal rows anchored (realign's default lambda, chosen on probe rows).
+GUARD_SELECTION = {"score": "refusal", "targets": ("adapter-a",), "compensate": True}
 
 
 def _with_default(name: str, default):
