@@ -1,9 +1,8 @@
-"""What each repair of issue 19 costs, in bare forward passes of the same model over the same rows, in one run.
+"""What each repair kept from issue 19 costs, in bare forward passes of the same model over the same rows, in one run.
 
 The unit is one forward pass (no gradient, logits computed) of the fine-tuned model over the 64 refusal rows the
 selections score on. Each repair is timed on the same loaded model and rows: the Wanda selection (Antidote's),
-the refusal score with k = 1, 2, 4, 8 rounds, the anchored compensation's statistics and solves, one validation evaluation
-(what restore-with-rollback pays per group), and SafeMERGE. Run from the repository root with ../shared/data
+the refusal score, the anchored compensation's statistics and solves, and SafeMERGE. Run from the repository root with ../shared/data
 beside it, on an aligned model and a fine-tuned adapter (e.g. examples/smollm2-frontier.sh's):
 
     python benchmarks/bench_repairs.py --aligned runs/f/aligned --adapter runs/f/sst2-p0.2/finetuned/adapter
@@ -24,8 +23,6 @@ from antidote_llm.core.realign import RealignConfig, calibration_batches, select
 from antidote_llm.core.statistics import input_device  # noqa: E402
 from antidote_llm.data.spec import DataSpec  # noqa: E402
 from antidote_llm.defenses import defense  # noqa: E402
-from antidote_llm.evaluation.evaluate import evaluate_model  # noqa: E402
-from antidote_llm.evaluation.settings import EvalSettings  # noqa: E402
 from antidote_llm.evaluation.tasks import load_task_pairs  # noqa: E402
 from antidote_llm.registry import DefenseContext  # noqa: E402
 from antidote_llm.runtime.loading import ModelSource, load_model  # noqa: E402
@@ -52,7 +49,6 @@ def main() -> None:
                         response_field="Safe_Response", samples=64).load("all").pairs
     harmful = DataSpec(source=str(shared / "harmful/beavertails_unsafe_pairs.json"), skip=100, samples=64).load("unsafe").pairs
     user = load_task_pairs("sst2", str(shared / "tasks/sst2_train.tsv"), limit=64)
-    validation = load_task_pairs("sst2", str(shared / "tasks/sst2_train.tsv"), limit=100, skip=1000)
     loaded = load_model(ModelSource(str(aligned / "merged"), adapters=(args.adapter,), dtype="float32", device="cpu"),
                         keep_adapter=True)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -68,10 +64,8 @@ def main() -> None:
     refusal = base.model_copy(update={"score": "refusal"})
     costs = {"Wanda (Antidote), 64 harmful rows": _timed(
         lambda: select_nested(model, tokenizer, base, harmful, ratios=RATIOS, progress=False))}
-    for steps in (1, 2, 4, 8):
-        costs[f"refusal score, k = {steps}"] = _timed(lambda steps=steps: select_nested(
-            model, tokenizer, refusal.model_copy(update={"steps": steps}), refusals, ratios=RATIOS, contrast_data=user,
-            progress=False))
+    costs["refusal score, 64 refusal rows against 64 user rows"] = _timed(lambda: select_nested(
+        model, tokenizer, refusal, refusals, ratios=RATIOS, contrast_data=user, progress=False))
     compensated = select_nested(model, tokenizer, refusal.model_copy(update={"compensate": True, "compensation_anchor": 10}),
                                 refusals, ratios=RATIOS, contrast_data=user, progress=False)
     costs["refusal score + anchored compensation's statistics (guard's default)"] = (
@@ -79,10 +73,6 @@ def main() -> None:
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     costs["compensation's solves at one ratio"] = _timed(lambda: compensated.prune(len(RATIOS) - 1))
     model.load_state_dict(state, strict=False)
-    settings = EvalSettings(max_new_tokens=32)
-    costs["one validation evaluation (rollback pays one per group)"] = _timed(lambda: evaluate_model(
-        model, tokenizer, harmful_prompts=None, task="sst2", task_pairs=validation, settings=settings,
-        template="alpaca", progress=False, fingerprint=False))
     safemerge = defense("safemerge").configure({}, {})
     costs["SafeMERGE"] = _timed(lambda: safemerge.apply(model, DefenseContext(
         tokenizer, alignment_adapter=str(aligned / "adapter"))))

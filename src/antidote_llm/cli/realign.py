@@ -21,10 +21,9 @@ from antidote_llm.data.records import PairSet
 from antidote_llm.data.spec import DataSpec
 from antidote_llm.errors import AntidoteError
 from antidote_llm.evaluation.settings import JUDGE_FIELDS, EvalSettings
-from antidote_llm.evaluation.tasks import TASKS, load_task_pairs
+from antidote_llm.evaluation.tasks import TASKS
 from antidote_llm.frontier import DEFAULT_RATIOS, FrontierConfig
 from antidote_llm.frontier.disk import ProbeSpec, frontier_to_disk, user_rows
-from antidote_llm.frontier.rollback import RollbackConfig
 from antidote_llm.runtime.hub import check_push
 
 DATA_FIELDS = ("source", "prompt_field", "response_field", "input_field", "samples", "skip")
@@ -76,29 +75,6 @@ def contrast_rows(args: argparse.Namespace) -> PairSet | None:
 def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
     group = add_probe_arguments(parser, "frontier (several ratios or --ratio auto): where each point is evaluated")
     add_config_options(group, FrontierConfig, ("max_accuracy_drop", "controls"))
-    rollback = parser.add_argument_group("rollback (beyond the paper): prune in groups, roll back those that cost "
-                                         "validation accuracy")
-    add_config_options(rollback, RollbackConfig, tuple(RollbackConfig.model_fields), prefix="rollback_",
-                       optional=("tolerance",))
-    rollback.add_argument("--rollback-data", metavar="SRC", help="the user's validation rows of --task the rollback "
-                          "decides on (kept apart from --validation-data, where the points are evaluated)")
-    rollback.add_argument("--rollback-samples", type=int, help="rows of --rollback-data to use (default: all)")
-    rollback.add_argument("--rollback-skip", type=int, default=0, help="skip the first N rows of --rollback-data")
-
-
-def rollback_inputs(args: argparse.Namespace) -> tuple[RollbackConfig | None, PairSet | None]:
-    """The rollback's settings and its validation rows (--task's rows), or (None, None) without a tolerance."""
-    if args.rollback_tolerance is None:
-        if args.rollback_data:
-            raise AntidoteError("--rollback-data is read by --rollback-tolerance only; add it or drop --rollback-data")
-        return None, None
-    settings = config_from_args(RollbackConfig, args, RollbackConfig.model_fields, prefix="rollback_")
-    if not (args.rollback_data and args.task):
-        raise AntidoteError("--rollback-tolerance decides on the user's validation rows: give --rollback-data and --task")
-    rows = load_task_pairs(args.task, args.rollback_data, "train", samples=args.rollback_samples, skip=args.rollback_skip,
-                           name="--rollback-samples")
-    return settings, PairSet(pairs=tuple(rows), source=args.rollback_data,
-                             indices=tuple(range(args.rollback_skip, args.rollback_skip + len(rows))))
 
 
 def add_probe_arguments(parser: argparse.ArgumentParser, title: str):
@@ -220,9 +196,6 @@ def run_realign(args: argparse.Namespace) -> int:
     if args.source:
         data = config_from_args(DataSpec, args, DATA_FIELDS, seed=config.seed if args.shuffle else None)
     protect = DataSpec(source=args.protect_data, samples=args.protect_samples) if args.protect_data else None
-    if args.rollback_tolerance is not None and not args.probe_prompts:
-        raise AntidoteError("--rollback-tolerance rolls back groups of an evaluated frontier: give --probe-prompts, "
-                            "--task and --validation-data")
     probe = probe_spec(args)
     frontier_run = ratios is None or len(ratios) > 1 or probe is not None
     if args.push_to_hub:
@@ -234,10 +207,9 @@ def run_realign(args: argparse.Namespace) -> int:
         if data is None:
             raise AntidoteError("several ratios and --ratio auto score on harmful rows; pass --data")
         frontier = config_from_args(FrontierConfig, args, ("max_accuracy_drop", "controls"), ratios=ratios)
-        rollback, rollback_rows = rollback_inputs(args)
         report = frontier_to_disk(
             model_source(args), config, frontier, args.out, data=data, probe=probe, benign=benign_spec(args),
-            protect_data=protect, contrast_data=contrast_rows(args), rollback=rollback, rollback_rows=rollback_rows,
+            protect_data=protect, contrast_data=contrast_rows(args),
             pick=ratios is None, save_merged=args.save_merged, overwrite=args.overwrite, progress=not args.quiet,
         )
         print(_frontier_summary(report, args.out))

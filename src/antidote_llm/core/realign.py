@@ -89,10 +89,6 @@ class RealignConfig(BaseModel):
         "effect on the calibration rows (--data): min ||X_user (W' - W)||^2 + lambda ||X_data (W' - W_zeroed)||^2, "
         "each over a per-token mean; 10 was chosen on probe rows; 0 re-fits on the user's rows alone (IRR's recipe, "
         "which undid the repair on held-back rows); read only with --compensate")
-    steps: int = Field(
-        default=1, ge=1, le=64, description="beyond the paper: score and prune in this many rounds up to the largest "
-        "ratio, scoring again the model as pruned so far (a first-order score is accurate for small changes only); "
-        "each round costs one more scoring pass")
 
     _split_targets = field_validator("targets", mode="before")(split_targets)
 
@@ -130,11 +126,6 @@ class RealignConfig(BaseModel):
         if self.compensate and self.action != "zero":
             raise AntidoteError("--compensate re-fits the weights left after zeroing; it does not combine with --action "
                                 "revert")
-        if self.steps > 1 and not self.needs_data:
-            raise AntidoteError(f"--steps scores again the model as pruned so far; score {self.score!r} does not "
-                                "change with pruning: use --steps 1")
-        if self.steps > 1 and self.protect_ratio is not None:
-            raise AntidoteError("--steps does not combine with --protect-ratio yet; drop one of them")
         if self.protect_ratio is not None and not has_protect_data:
             raise AntidoteError("--protect-ratio needs --protect-data (benign rows)")
         if has_protect_data and self.protect_ratio is None:
@@ -239,37 +230,6 @@ def compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, pr
             contrast, _ = _loss_gradients(model, tokenizer, targets, contrast_pairs, config, progress, "contrast gradients")
             signals.gradients = {name: grad + contrast[name] for name, grad in signals.gradients.items()}
     return signals, tokens
-
-
-def _iterated_levels(model, tokenizer, targets: Sequence[Target], pairs, contrast_pairs, config: RealignConfig,
-                     ratios: Sequence[float], progress: bool) -> tuple[dict[str, torch.Tensor], int]:
-    """Nested levels (Linear layout) from `config.steps` rounds up to the largest ratio. Each round scores the model
-    as pruned so far, counts every weight selected before as selected (so selections stay nested), selects the
-    ratios that fall in the round from its scores, and zeroes the selection at the round's end for the next one.
-    The model's weights are restored before returning. All scores live at once (one per target weight)."""
-    bounds = [ratios[-1] * (step + 1) / config.steps for step in range(config.steps)]
-    bounds[-1] = ratios[-1]
-    original = {t.param_name: t.weight.detach().clone() for t in targets}
-    generator = torch.Generator().manual_seed(config.seed)
-    chosen: dict[str, torch.Tensor] = {}
-    per_ratio: list[dict[str, torch.Tensor]] = []
-    tokens = 0
-    try:
-        for step, bound in enumerate(bounds):
-            signals, tokens = compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
-            scores = {t.param_name: score_target(t, signals, config, generator) for t in targets}
-            for name, mask in chosen.items():
-                scores[name].masked_fill_(mask.to(scores[name].device), float("inf"))
-            low = bounds[step - 1] if step else 0.0
-            per_ratio += [scoring.select(scores, ratio, config.granularity) for ratio in ratios if low < ratio <= bound]
-            if step + 1 < config.steps:
-                chosen = scoring.select(scores, bound, config.granularity)
-                prune_targets(targets, {t.param_name: t.from_linear(chosen[t.param_name]) for t in targets}, "zero", None)
-    finally:
-        with torch.no_grad():
-            for target in targets:
-                target.weight.copy_(original[target.param_name])
-    return {name: scoring.nested_levels([masks[name] for masks in per_ratio]) for name in per_ratio[0]}, tokens
 
 
 @dataclass
@@ -408,14 +368,10 @@ def select_nested(
     check_finite(targets)
     pairs, data_info = _pairs(data) if data is not None else ((), None)
     contrast_pairs, contrast_info = _pairs(contrast_data) if contrast_data is not None else ((), None)
-    if config.steps == 1:
-        with timings.measure("scoring_s"):
-            signals, tokens = compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
-        with timings.measure("selection_s"):
-            levels = select_levels(targets, signals, config, ratios)
-    else:
-        with timings.measure("scoring_s"):
-            levels, tokens = _iterated_levels(model, tokenizer, targets, pairs, contrast_pairs, config, ratios, progress)
+    with timings.measure("scoring_s"):
+        signals, tokens = compute_signals(model, tokenizer, targets, pairs, contrast_pairs, config, progress)
+    with timings.measure("selection_s"):
+        levels = select_levels(targets, signals, config, ratios)
     selected = {name: scoring.selected_counts(level, len(ratios)) for name, level in levels.items()}
     compensation = None
     if config.compensate:

@@ -108,8 +108,8 @@ def _check_supported(config: RealignConfig) -> None:
     if config.score == "refusal":
         raise AntidoteError(f"--offload supports the scores wanda, magnitude and random, not {config.score!r}; "
                             "run without --offload")
-    if config.compensate or config.steps > 1:
-        raise AntidoteError("--offload does not support --compensate or --steps yet; run without --offload")
+    if config.compensate:
+        raise AntidoteError("--offload does not support --compensate yet; run without --offload")
 
 
 def _skeleton(folder: str, source: ModelSource, dtype: torch.dtype, live_adapter: str | None):

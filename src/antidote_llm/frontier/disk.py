@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,6 @@ from antidote_llm.evaluation.evaluate import EvalInputs
 from antidote_llm.evaluation.judges import get_judge
 from antidote_llm.evaluation.settings import EvalSettings
 from antidote_llm.evaluation.tasks import get_task, load_task_pairs
-from antidote_llm.frontier.rollback import RollbackConfig, select_with_rollback
 from antidote_llm.frontier.search import FrontierConfig, FrontierPoint, run_frontier
 from antidote_llm.runtime.loading import ModelSource, load_model
 from antidote_llm.runtime.modelcard import CardFacts, CardRow
@@ -155,27 +154,20 @@ def frontier_to_disk(
     benign: DataSpec | None = None,
     protect_data: DataSpec | None = None,
     contrast_data: PairSet | None = None,
-    rollback: RollbackConfig | None = None,
-    rollback_rows: PairSet | None = None,
     pick: bool = False,
     save_merged: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> FrontierReport:
     """Score once at every ratio of `frontier`; evaluate the points when `probe` is given; with `pick`, choose
-    the ratio and save the model repaired at it. With `rollback`, the selection rolls back the groups that cost
-    more than its tolerance on `rollback_rows` (the user's validation rows of the probe's task, kept apart from
-    the rows the points are evaluated on). Every input is checked before the model is loaded."""
-    if rollback is not None and (rollback_rows is None or probe is None):
-        raise AntidoteError("--rollback-tolerance decides on the user's validation rows: give --rollback-data (and "
-                            "--task, --probe-prompts and --validation-data for the points)")
+    the ratio and save the model repaired at it. Every input is checked before the model is loaded."""
     if pick and probe is None:
         raise AntidoteError("--ratio auto needs --probe-prompts, --task and --validation-data to evaluate the ratios")
     if frontier.controls and probe is None:
         raise AntidoteError("--controls draw evaluated points; give --probe-prompts, --task and --validation-data")
     inputs = local_inputs(source, data.source, probe and probe.prompts.source, probe and probe.validation,
                           benign and benign.source, protect_data and protect_data.source,
-                          contrast_data and contrast_data.source, rollback_rows and rollback_rows.source)
+                          contrast_data and contrast_data.source)
     with output_run(out, overwrite=overwrite, inputs=inputs) as run:
         config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False,
                             has_contrast=contrast_data is not None)
@@ -191,13 +183,9 @@ def frontier_to_disk(
                                           protect_data=protect_rows, contrast_data=contrast_data, progress=progress)
                 points, picked = [], None
             else:
-                rolled = None if rollback is None else select_with_rollback(
-                    loaded.model, loaded.tokenizer, config, pairs, replace(loaded_probe, prompts=(),
-                                                                          rows=rollback_rows.pairs),
-                    rollback, ratios=frontier.ratios, contrast_data=contrast_data, progress=progress)
                 result = run_frontier(loaded.model, loaded.tokenizer, config, frontier, pairs, loaded_probe,
                                       benign=benign_rows, protect_data=protect_rows, contrast_data=contrast_data,
-                                      pick=pick, progress=progress, selection=rolled)
+                                      pick=pick, progress=progress)
                 selection, points, picked = result.selection, result.points, result.picked
         picked_ratio = selection.ratios[picked] if picked is not None else None
         with run.timings.measure("save_s"):

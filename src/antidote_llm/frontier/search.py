@@ -183,11 +183,9 @@ def run_frontier(
     contrast_data: Rows | None = None,
     pick: bool = False,
     progress: bool = True,
-    selection: NestedSelection | None = None,
 ) -> FrontierResult:
     """Evaluate the un-repaired model, Antidote at every ratio and the asked controls; with `pick`, choose
-    the ratio (see pick_operating_point) and leave the model pruned at it, else leave it un-repaired.
-    `selection`: one made already at the frontier's ratios (e.g. with rollback), instead of scoring here."""
+    the ratio (see pick_operating_point) and leave the model pruned at it, else leave it un-repaired."""
     if config.action != "zero":
         raise AntidoteError("the frontier zeroes weights; --action revert takes one --ratio")
     if "benign" in frontier.controls and benign is None:
@@ -195,9 +193,8 @@ def run_frontier(
     config.check_inputs(has_data=True, has_protect_data=protect_data is not None, has_aligned=False,
                         has_contrast=contrast_data is not None)
     baseline = _point("none", None, 0.0, _evaluate(model, tokenizer, probe, progress))
-    if selection is None:
-        selection = select_nested(model, tokenizer, config, data, ratios=frontier.ratios, protect_data=protect_data,
-                                  contrast_data=contrast_data, progress=progress)
+    selection = select_nested(model, tokenizer, config, data, ratios=frontier.ratios, protect_data=protect_data,
+                              contrast_data=contrast_data, progress=progress)
     points = [baseline, *_walk(model, tokenizer, "antidote", selection, probe, progress)]
     control_data = {"random": (config.model_copy(update={"score": "random"}), data),
                     "benign": (config, benign)}
