@@ -66,7 +66,7 @@ def main() -> None:
         lambda: select_nested(model, tokenizer, base, harmful, ratios=RATIOS, progress=False))}
     costs["refusal score, 64 refusal rows against 64 user rows"] = _timed(lambda: select_nested(
         model, tokenizer, refusal, refusals, ratios=RATIOS, contrast_data=user, progress=False))
-    compensated = select_nested(model, tokenizer, refusal.model_copy(update={"compensate": True, "compensation_anchor": 10}),
+    compensated = select_nested(model, tokenizer, refusal.model_copy(update={"compensate": True}),
                                 refusals, ratios=RATIOS, contrast_data=user, progress=False)
     costs["refusal score + anchored compensation's statistics (guard's default)"] = (
         compensated.timings["scoring_s"] + compensated.timings["compensation_s"])

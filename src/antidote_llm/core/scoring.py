@@ -84,30 +84,31 @@ def compensate(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor,
     (+ `damping` times H's mean diagonal on the diagonal), the least-squares fit min ||X (w' - w)||^2 subject to
     w'_P = 0 (SparseGPT's update, exact per row; IRR's recipe). `anchor` (A, a Gram matrix already weighted) adds
     the penalty (w' - w_zeroed)^T A (w' - w_zeroed), which keeps the zeroing's effect on A's rows.
-    Solved in OBS form: with M = H + A and G = M^-1, the unconstrained optimum is w* = G (H w + A w_zeroed) (w without A) and the
-    constraint w'_P = 0 moves it by w' = w* - G_:P G_PP^-1 w*_P; one [in, in] inverse per weight, then one small
-    [|P|, |P|] solve per pruned row (the same as solving (H + A)_KK per row, in |P|^3 instead of |K|^3).
-    M must be positive definite: a positive `damping` makes it so. Linear layout [out, in]; the inverse in fp64,
-    the rest in fp32, the weight's dtype back."""
+    Solved in OBS form: with G = (H + A)^-1, the unconstrained optimum is w* = G (H w + A w_zeroed) (w itself
+    without A), and the constraint w'_P = 0 moves it to w' = w* - G_:P G_PP^-1 w*_P: one [in, in] inverse per
+    weight, then one [|P|, |P|] solve per pruned row (the same as solving (H + A)_KK per row, in |P|^3, not |K|^3).
+    H + A must be positive definite: a positive `damping` makes it so. Linear layout [out, in]; the inverse in
+    fp64, the rest in fp32, the weight's dtype back.
+    """
     weight32 = weight.detach().float()
     pruned = pruned.to(weight.device)
     gram = gram.to(weight.device).float()
     ridge = damping * gram.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
     damped = gram + ridge * torch.eye(gram.shape[0], device=gram.device)
-    system = damped if anchor is None else damped + anchor.to(weight.device).float()
+    anchor = None if anchor is None else anchor.to(weight.device).float()
+    system = damped if anchor is None else damped + anchor
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(system.double())).float()
-    zeroed = weight32.masked_fill(pruned, 0)
-    result = zeroed.clone()
+    result = weight32.masked_fill(pruned, 0)
     rows = pruned.any(1).nonzero().squeeze(1)
     counts = pruned[rows].sum(1)
     width = int(counts.max()) if rows.numel() else 0
     chunk = max(1, COMPENSATION_CHUNK_ELEMENTS // max(width * width, weight.shape[1]))
     for start in range(0, rows.numel(), chunk):
         index = rows[start:start + chunk]
-        # w* = G (H w + A w_zeroed) = w - G A (w - w_zeroed): w itself without an anchor (rows as row vectors)
+        # w* = G (H w + A w_zeroed) = w - G A w_P (w_P: w on the pruned columns, zero elsewhere); rows as row vectors
         optimum = weight32[index]
         if anchor is not None:
-            optimum = optimum - ((weight32[index] - zeroed[index]) @ (system - damped)) @ inverse
+            optimum = optimum - ((optimum * pruned[index]) @ anchor) @ inverse
         # each row's pruned columns first (stable), padded to `width` by identity equations with zero right-hand side
         columns = torch.argsort(pruned[index].to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
         valid = torch.arange(width, device=weight.device) < counts[start:start + chunk, None]
